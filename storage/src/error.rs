@@ -1,0 +1,78 @@
+//! The storage crate's error type.
+use std::{io, path::PathBuf};
+
+/// What can go wrong in the log or the metadata store. Each variant names the file,
+/// position or topic involved so that an operator can act on it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The operating system refused an operation on a file or directory.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Data on disk is damaged somewhere other than a torn tail; rill refuses to skip it.
+    #[error("corrupt log segment {path} at byte {position}: {reason}")]
+    Corruption {
+        /// The segment file.
+        path: PathBuf,
+        /// Byte position of the damaged frame in that file.
+        position: u64,
+        /// What check failed.
+        reason: String,
+    },
+    /// A batch or message exceeds a configured size limit.
+    #[error("{what} of {bytes} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The metadata store failed.
+    #[error("metadata store: {0}")]
+    Meta(String),
+    /// Metadata could not be decoded.
+    #[error("metadata record {key} is unreadable: {reason}")]
+    MetaCorrupt {
+        /// The key of the record.
+        key: String,
+        /// Why decoding failed.
+        reason: String,
+    },
+    /// The log was poisoned by an earlier failed write that could not be undone; the node
+    /// must restart (recovery truncates what was not synced).
+    #[error(
+        "topic log {topic} is unusable after a failed write ({reason}); restart the node to recover"
+    )]
+    Poisoned {
+        /// The topic.
+        topic: String,
+        /// The error that poisoned it.
+        reason: String,
+    },
+}
+
+impl StorageError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        StorageError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the error says the disk (or quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StorageError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull
+            || source.kind() == io::ErrorKind::QuotaExceeded)
+    }
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

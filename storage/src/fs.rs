@@ -1,0 +1,100 @@
+//! The file system under the segment log, behind a trait so that the simulation can run
+//! the same segment code on a disk that loses unsynced writes on a crash.
+//!
+//! Costs and atomicity: `write_at` only reaches the page cache; nothing is durable until
+//! `sync_data` returns (the costly call: one device flush). A new file's directory entry
+//! is durable only after `sync_dir` on its parent.
+use std::{
+    fmt, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+/// An open segment file, shared between the appender, the syncer and readers; all
+/// methods take `&self` and use positional I/O.
+pub trait LogFile: Send + Sync + fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `position`; returns how many were read (0 at end).
+    fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `position` (to the page cache; not durable).
+    fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()>;
+    /// Makes all written data durable (fdatasync). The expensive call.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Truncates or extends the file to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// True when the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// Directory and file operations the log needs.
+pub trait FileSystem: Send + Sync + fmt::Debug {
+    /// Opens a file for reading and writing, creating it if `create`.
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>>;
+    /// Creates a directory and its parents.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Lists the entries of a directory (full paths), in no particular order.
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>>;
+    /// True when `path` is a directory.
+    fn is_dir(&self, path: &Path) -> bool;
+    /// Removes a file.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes a directory's entries durable (fsync on the directory).
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+}
+
+/// The real file system (std::fs).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdFs;
+
+#[derive(Debug)]
+struct StdFile(std::fs::File);
+
+impl LogFile for StdFile {
+    fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(&self.0, buf, position)
+    }
+    fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, position)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+}
+
+impl FileSystem for StdFs {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
+        Ok(Arc::new(StdFile(file)))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        std::fs::read_dir(path)?
+            .map(|e| e.map(|e| e.path()))
+            .collect()
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::File::open(path)?.sync_all()
+    }
+}
