@@ -1,1 +1,18 @@
-//! placeholder
+//! rill-node: the rill node (config, client-facing server, durable topics), the client
+//! library used by the CLI, tests and applications, and the `rill` command line.
+//!
+//! Architecture invariant: the node takes every I/O edge (clock, randomness, files,
+//! metadata store, sockets, TLS clock) from one [`env::Env`]; no code here reads the system
+//! clock or a thread RNG except the production `Env` itself.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod cli;
+pub mod client;
+pub mod config;
+mod consume;
+pub mod env;
+pub mod protocol;
+mod server;
+mod topic;
+
+pub use server::{Node, StartError};

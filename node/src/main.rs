@@ -1,1 +1,4 @@
-fn main() {}
+//! The `rill` binary.
+fn main() -> std::process::ExitCode {
+    rill_node::cli::main()
+}

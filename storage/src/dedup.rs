@@ -41,11 +41,7 @@ impl ProducerDedup {
         if self.recent.len() == RECENT_RUNS_MAX {
             self.recent.pop_front();
         }
-        self.recent.push_back(Run {
-            seq_start: seq,
-            offset_start: offset,
-            len: 1,
-        });
+        self.recent.push_back(Run { seq_start: seq, offset_start: offset, len: 1 });
     }
 
     fn offset_of(&self, seq: u64) -> Option<u64> {
@@ -85,28 +81,26 @@ pub const DEDUP_SNAPSHOT_VERSION: u8 = 1;
 impl DedupIndex {
     /// True when the message is already held.
     pub fn contains(&self, id: &MessageId) -> bool {
-        self.producers
-            .get(&id.producer)
-            .is_some_and(|p| p.seqs.contains(id.seq))
+        self.producers.get(&id.producer).is_some_and(|p| p.seqs.contains(id.seq))
     }
 
     /// The offset a held message was stored at, if it is recent enough to be remembered.
     pub fn offset_of(&self, id: &MessageId) -> Option<u64> {
-        self.producers
-            .get(&id.producer)
-            .and_then(|p| p.offset_of(id.seq))
+        self.producers.get(&id.producer).and_then(|p| p.offset_of(id.seq))
     }
 
     /// Records that `id` is stored at `offset`.
     pub fn record(&mut self, id: &MessageId, offset: u64) {
         match self.producers.get_mut(&id.producer) {
             Some(p) => p.record(id.seq, offset),
-            None => self
-                .producers
-                .entry(id.producer.clone())
-                .or_default()
-                .record(id.seq, offset),
+            None => self.producers.entry(id.producer.clone()).or_default().record(id.seq, offset),
         }
+    }
+
+    /// One past the highest seq held for `producer` (0 for an unknown producer): where a
+    /// reconnecting producer continues.
+    pub fn next_seq(&self, producer: &ProducerId) -> u64 {
+        self.producers.get(producer).and_then(|p| p.seqs.iter().next_back()).map_or(0, |r| r.end)
     }
 
     /// Number of producers tracked.
@@ -124,11 +118,7 @@ impl DedupIndex {
         DedupSnapshot {
             version: DEDUP_SNAPSHOT_VERSION,
             through_offset,
-            producers: self
-                .producers
-                .iter()
-                .map(|(p, d)| (p.clone(), d.seqs.clone()))
-                .collect(),
+            producers: self.producers.iter().map(|(p, d)| (p.clone(), d.seqs.clone())).collect(),
         }
     }
 
@@ -137,15 +127,7 @@ impl DedupIndex {
         let producers = snapshot
             .producers
             .into_iter()
-            .map(|(p, seqs)| {
-                (
-                    p,
-                    ProducerDedup {
-                        seqs,
-                        recent: VecDeque::new(),
-                    },
-                )
-            })
+            .map(|(p, seqs)| (p, ProducerDedup { seqs, recent: VecDeque::new() }))
             .collect();
         DedupIndex { producers }
     }
@@ -156,10 +138,7 @@ mod tests {
     use super::*;
 
     fn id(p: &str, seq: u64) -> MessageId {
-        MessageId {
-            producer: ProducerId(p.into()),
-            seq,
-        }
+        MessageId { producer: ProducerId(p.into()), seq }
     }
 
     #[test]

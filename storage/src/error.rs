@@ -46,11 +46,18 @@ pub enum StorageError {
         /// Why decoding failed.
         reason: String,
     },
+    /// The topic could not be opened at start-up (for example a corrupt segment); the rest
+    /// of the node keeps serving.
+    #[error("topic {topic} is unavailable: {reason}")]
+    Unavailable {
+        /// The topic.
+        topic: String,
+        /// Why it could not be opened.
+        reason: String,
+    },
     /// The log was poisoned by an earlier failed write that could not be undone; the node
     /// must restart (recovery truncates what was not synced).
-    #[error(
-        "topic log {topic} is unusable after a failed write ({reason}); restart the node to recover"
-    )]
+    #[error("topic log {topic} is unusable after a failed write ({reason}); restart the node to recover")]
     Poisoned {
         /// The topic.
         topic: String,
@@ -61,10 +68,7 @@ pub enum StorageError {
 
 impl StorageError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        StorageError::Io {
-            path: path.into(),
-            source,
-        }
+        StorageError::Io { path: path.into(), source }
     }
 
     /// True when the error says the disk (or quota) is full.

@@ -25,29 +25,54 @@ pub const BODY_PREFIX_BYTES: usize = 13;
 /// maximal messages (see the node's `message_bytes_max`) must fit.
 pub const FRAME_BODY_BYTES_MAX: u32 = 64 << 20;
 
-#[derive(Serialize, Deserialize)]
+/// A batch as written: borrows the messages. Byte fields are serialized as postcard
+/// byte strings (length + raw bytes), the same encoding [`BatchBody`] reads.
+#[derive(Serialize)]
+struct BatchBodyRef<'a> {
+    producers: Vec<&'a ProducerId>,
+    origins: Vec<&'a str>,
+    records: Vec<RecordRef<'a>>,
+}
+
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    producer: u32,
+    seq: u64,
+    origin: u32,
+    publish_time_ms: u64,
+    #[serde(with = "serde_bytes")]
+    key: Option<&'a [u8]>,
+    headers: &'a [(String, Vec<u8>)],
+    #[serde(with = "serde_bytes")]
+    payload: &'a [u8],
+}
+
+/// A batch as read.
+#[derive(Deserialize)]
 struct BatchBody {
     producers: Vec<ProducerId>,
     origins: Vec<String>,
     records: Vec<Record>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Record {
     producer: u32,
     seq: u64,
     origin: u32,
     publish_time_ms: u64,
+    #[serde(with = "serde_bytes")]
     key: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
 }
 
 /// Where in a table a value sits, adding it if new. Batches hold few distinct values, so a
 /// linear search beats hashing.
-fn intern<T: PartialEq + Clone>(table: &mut Vec<T>, value: &T) -> u32 {
-    let at = table.iter().position(|v| v == value).unwrap_or_else(|| {
-        table.push(value.clone());
+fn intern<T: PartialEq + Copy>(table: &mut Vec<T>, value: T) -> u32 {
+    let at = table.iter().position(|v| *v == value).unwrap_or_else(|| {
+        table.push(value);
         table.len() - 1
     });
     u32::try_from(at).expect("a batch holds fewer than 2^32 messages")
@@ -56,22 +81,19 @@ fn intern<T: PartialEq + Clone>(table: &mut Vec<T>, value: &T) -> u32 {
 /// Encodes `messages` as one frame whose first message gets `base_offset`, appending it to
 /// `out`.
 pub fn encode_frame(base_offset: u64, messages: &[&Message], out: &mut Vec<u8>) {
-    let mut body = BatchBody {
-        producers: Vec::new(),
-        origins: Vec::new(),
-        records: Vec::with_capacity(messages.len()),
-    };
+    let mut body =
+        BatchBodyRef { producers: Vec::new(), origins: Vec::new(), records: Vec::with_capacity(messages.len()) };
     for m in messages {
         let producer = intern(&mut body.producers, &m.id.producer);
-        let origin = intern(&mut body.origins, &m.origin);
-        body.records.push(Record {
+        let origin = intern(&mut body.origins, m.origin.as_str());
+        body.records.push(RecordRef {
             producer,
             seq: m.id.seq,
             origin,
             publish_time_ms: m.publish_time_ms,
-            key: m.key.clone(),
-            headers: m.headers.clone(),
-            payload: m.payload.clone(),
+            key: m.key.as_deref(),
+            headers: &m.headers,
+            payload: &m.payload,
         });
     }
     let start = out.len();
@@ -81,8 +103,7 @@ pub fn encode_frame(base_offset: u64, messages: &[&Message], out: &mut Vec<u8>) 
     out.extend_from_slice(&base_offset.to_le_bytes());
     let count = u32::try_from(messages.len()).expect("a batch holds fewer than 2^32 messages");
     out.extend_from_slice(&count.to_le_bytes());
-    let encoded =
-        postcard::to_extend(&body, std::mem::take(out)).expect("encoding into a Vec cannot fail");
+    let encoded = postcard::to_extend(&body, std::mem::take(out)).expect("encoding into a Vec cannot fail");
     *out = encoded;
     let body_start = start + FRAME_HEADER_BYTES;
     let body_len = u32::try_from(out.len() - body_start).expect("frame body below 4 GiB");
@@ -117,10 +138,7 @@ pub fn parse_header(bytes: &[u8; FRAME_HEADER_BYTES]) -> Result<FrameHeader, Str
     if (body_len as usize) < BODY_PREFIX_BYTES || body_len > FRAME_BODY_BYTES_MAX {
         return Err(format!("frame body length {body_len} out of range"));
     }
-    Ok(FrameHeader {
-        body_len,
-        crc: word(8),
-    })
+    Ok(FrameHeader { body_len, crc: word(8) })
 }
 
 /// The fixed prefix of a body: version, first offset and message count.
@@ -152,50 +170,30 @@ pub fn parse_prefix(body: &[u8]) -> Result<BodyPrefix, String> {
 pub fn check_body(header: &FrameHeader, body: &[u8]) -> Result<(), String> {
     let crc = crc32c::crc32c(body);
     if crc != header.crc {
-        return Err(format!(
-            "checksum mismatch (stored {:#010x}, computed {crc:#010x})",
-            header.crc
-        ));
+        return Err(format!("checksum mismatch (stored {:#010x}, computed {crc:#010x})", header.crc));
     }
     Ok(())
 }
 
 /// Decodes a checked body into its messages, keeping those with offset >= `from_offset`.
-pub fn decode_body(
-    body: &[u8],
-    from_offset: u64,
-    out: &mut Vec<StoredMessage>,
-) -> Result<(), String> {
+pub fn decode_body(body: &[u8], from_offset: u64, out: &mut Vec<StoredMessage>) -> Result<(), String> {
     let prefix = parse_prefix(body)?;
-    let batch: BatchBody = postcard::from_bytes(&body[BODY_PREFIX_BYTES..])
-        .map_err(|e| format!("undecodable batch: {e}"))?;
+    let batch: BatchBody =
+        postcard::from_bytes(&body[BODY_PREFIX_BYTES..]).map_err(|e| format!("undecodable batch: {e}"))?;
     if batch.records.len() != prefix.count as usize {
-        return Err(format!(
-            "batch says {} messages but holds {}",
-            prefix.count,
-            batch.records.len()
-        ));
+        return Err(format!("batch says {} messages but holds {}", prefix.count, batch.records.len()));
     }
     for (i, r) in batch.records.into_iter().enumerate() {
         let offset = prefix.base_offset + i as u64;
         if offset < from_offset {
             continue;
         }
-        let producer = batch
-            .producers
-            .get(r.producer as usize)
-            .ok_or("record names a missing producer")?;
-        let origin = batch
-            .origins
-            .get(r.origin as usize)
-            .ok_or("record names a missing origin")?;
+        let producer = batch.producers.get(r.producer as usize).ok_or("record names a missing producer")?;
+        let origin = batch.origins.get(r.origin as usize).ok_or("record names a missing origin")?;
         out.push(StoredMessage {
             offset,
             message: Message {
-                id: MessageId {
-                    producer: producer.clone(),
-                    seq: r.seq,
-                },
+                id: MessageId { producer: producer.clone(), seq: r.seq },
                 origin: origin.clone(),
                 publish_time_ms: r.publish_time_ms,
                 key: r.key,
@@ -213,10 +211,7 @@ pub(crate) mod tests {
 
     pub(crate) fn msg(producer: &str, seq: u64, payload: &[u8]) -> Message {
         Message {
-            id: MessageId {
-                producer: ProducerId(producer.into()),
-                seq,
-            },
+            id: MessageId { producer: ProducerId(producer.into()), seq },
             origin: "node-a".into(),
             publish_time_ms: 1_700_000_000_000 + seq,
             key: (seq % 2 == 0).then(|| b"k".to_vec()),
@@ -227,11 +222,7 @@ pub(crate) mod tests {
 
     #[test]
     fn frame_round_trip() {
-        let ms = [
-            msg("p1", 7, b"hello"),
-            msg("p2", 1, b""),
-            msg("p1", 8, &[0xff; 300]),
-        ];
+        let ms = [msg("p1", 7, b"hello"), msg("p2", 1, b""), msg("p1", 8, &[0xff; 300])];
         let refs: Vec<&Message> = ms.iter().collect();
         let mut buf = Vec::new();
         encode_frame(42, &refs, &mut buf);
@@ -239,13 +230,7 @@ pub(crate) mod tests {
         assert_eq!(header.frame_bytes() as usize, buf.len());
         let body = &buf[12..];
         check_body(&header, body).unwrap();
-        assert_eq!(
-            parse_prefix(body).unwrap(),
-            BodyPrefix {
-                base_offset: 42,
-                count: 3
-            }
-        );
+        assert_eq!(parse_prefix(body).unwrap(), BodyPrefix { base_offset: 42, count: 3 });
         let mut out = Vec::new();
         decode_body(body, 43, &mut out).unwrap();
         assert_eq!(out.len(), 2);
@@ -262,11 +247,7 @@ pub(crate) mod tests {
         let last = buf.len() - 1;
         buf[last] ^= 1;
         let header = parse_header(buf[..12].try_into().unwrap()).unwrap();
-        assert!(
-            check_body(&header, &buf[12..])
-                .unwrap_err()
-                .contains("checksum mismatch")
-        );
+        assert!(check_body(&header, &buf[12..]).unwrap_err().contains("checksum mismatch"));
     }
 
     #[test]

@@ -72,21 +72,14 @@ impl LogFile for StdFile {
 
 impl FileSystem for StdFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
         Ok(Arc::new(StdFile(file)))
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         std::fs::create_dir_all(path)
     }
     fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-        std::fs::read_dir(path)?
-            .map(|e| e.map(|e| e.path()))
-            .collect()
+        std::fs::read_dir(path)?.map(|e| e.map(|e| e.path())).collect()
     }
     fn is_dir(&self, path: &Path) -> bool {
         path.is_dir()

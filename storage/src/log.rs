@@ -32,10 +32,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         // 64 MiB keeps retention granular on a small edge disk; 4 KiB index spacing as in Kafka.
-        LogConfig {
-            segment_bytes_max: 64 << 20,
-            index_interval_bytes: 4096,
-        }
+        LogConfig { segment_bytes_max: 64 << 20, index_interval_bytes: 4096 }
     }
 }
 
@@ -75,8 +72,7 @@ pub struct TopicLog {
 impl TopicLog {
     /// Opens (or creates) the log in `dir`, recovering its last segment.
     pub fn open(fs: Arc<dyn FileSystem>, dir: &Path, config: LogConfig) -> Result<Self> {
-        fs.create_dir_all(dir)
-            .map_err(|e| StorageError::io(dir, e))?;
+        fs.create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
         let mut bases: Vec<(u64, PathBuf)> = fs
             .read_dir(dir)
             .map_err(|e| StorageError::io(dir, e))?
@@ -88,30 +84,19 @@ impl TopicLog {
         let mut expected: Option<u64> = None;
         for (i, (base, path)) in bases.iter().enumerate() {
             let is_last = i + 1 == bases.len();
-            let (seg, _) = Segment::open(
-                fs.as_ref(),
-                path,
-                *base,
-                is_last,
-                config.index_interval_bytes,
-            )?;
+            let (seg, _) = Segment::open(fs.as_ref(), path, *base, is_last, config.index_interval_bytes)?;
             if let Some(want) = expected.filter(|&w| w != *base) {
                 return Err(StorageError::Corruption {
                     path: path.clone(),
                     position: 0,
-                    reason: format!(
-                        "segment starts at offset {base} but the previous one ends at {want}"
-                    ),
+                    reason: format!("segment starts at offset {base} but the previous one ends at {want}"),
                 });
             }
             expected = Some(seg.next_offset());
             segments.insert(*base, seg);
         }
         if segments.is_empty() {
-            segments.insert(
-                0,
-                Segment::create(fs.as_ref(), dir, 0, config.index_interval_bytes)?,
-            );
+            segments.insert(0, Segment::create(fs.as_ref(), dir, 0, config.index_interval_bytes)?);
         }
         let mut log = TopicLog {
             dir: dir.to_path_buf(),
@@ -127,10 +112,7 @@ impl TopicLog {
     }
 
     fn active(&mut self) -> &mut Segment {
-        self.segments
-            .values_mut()
-            .next_back()
-            .expect("a log always has a segment")
+        self.segments.values_mut().next_back().expect("a log always has a segment")
     }
 
     /// Appends `messages` as one frame at the end of the log (page cache only) and returns
@@ -148,9 +130,7 @@ impl TopicLog {
             });
         }
         let seg_bytes_max = self.config.segment_bytes_max;
-        if self.active().len_bytes() > 0
-            && self.active().len_bytes() + self.encode_buf.len() as u64 > seg_bytes_max
-        {
+        if self.active().len_bytes() > 0 && self.active().len_bytes() + self.encode_buf.len() as u64 > seg_bytes_max {
             self.roll()?;
         }
         let frame = std::mem::take(&mut self.encode_buf);
@@ -168,19 +148,11 @@ impl TopicLog {
     /// starts a new one at the next offset.
     fn roll(&mut self) -> Result<()> {
         let active = self.active();
-        active
-            .file()
-            .sync_data()
-            .map_err(|e| StorageError::io(active.path(), e))?;
+        active.file().sync_data().map_err(|e| StorageError::io(active.path(), e))?;
         let len = active.len_bytes();
         active.set_synced(len);
         let next = active.next_offset();
-        let seg = Segment::create(
-            self.fs.as_ref(),
-            &self.dir,
-            next,
-            self.config.index_interval_bytes,
-        )?;
+        let seg = Segment::create(self.fs.as_ref(), &self.dir, next, self.config.index_interval_bytes)?;
         self.segments.insert(next, seg);
         Ok(())
     }
@@ -188,21 +160,10 @@ impl TopicLog {
     /// The files to sync for everything appended so far.
     pub fn prepare_sync(&mut self) -> PendingSync {
         let dirty = std::mem::take(&mut self.dirty);
-        let files = dirty
-            .iter()
-            .filter_map(|b| self.segments.get(b))
-            .map(|s| Arc::clone(s.file()))
-            .collect();
-        let segment_lens = dirty
-            .iter()
-            .filter_map(|b| self.segments.get(b))
-            .map(|s| (s.base_offset(), s.len_bytes()))
-            .collect();
-        PendingSync {
-            files,
-            through_offset: self.next_offset(),
-            segment_lens,
-        }
+        let files = dirty.iter().filter_map(|b| self.segments.get(b)).map(|s| Arc::clone(s.file())).collect();
+        let segment_lens =
+            dirty.iter().filter_map(|b| self.segments.get(b)).map(|s| (s.base_offset(), s.len_bytes())).collect();
+        PendingSync { files, through_offset: self.next_offset(), segment_lens }
     }
 
     /// Makes what `pending` synced visible to readers.
@@ -217,36 +178,17 @@ impl TopicLog {
 
     /// Reads durable messages from `from_offset` on (clamped to the first offset held), at
     /// most `max_messages` and about `max_bytes` (whole frames; at least one).
-    pub fn read(
-        &self,
-        from_offset: u64,
-        max_messages: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>> {
+    pub fn read(&self, from_offset: u64, max_messages: usize, max_bytes: usize) -> Result<Vec<StoredMessage>> {
         let from = from_offset.max(self.start_offset());
         let mut out = Vec::new();
         let mut bytes_left = max_bytes;
-        let later = self
-            .segments
-            .range((Bound::Excluded(from), Bound::Unbounded));
-        for seg in self
-            .segments
-            .range(..=from)
-            .next_back()
-            .into_iter()
-            .chain(later)
-            .map(|(_, s)| s)
-        {
+        let later = self.segments.range((Bound::Excluded(from), Bound::Unbounded));
+        for seg in self.segments.range(..=from).next_back().into_iter().chain(later).map(|(_, s)| s) {
             if from >= self.committed_offset || out.len() >= max_messages || bytes_left == 0 {
                 break;
             }
             let before = out.len();
-            seg.read(
-                from.max(seg.base_offset()),
-                max_messages - out.len(),
-                bytes_left,
-                &mut out,
-            )?;
+            seg.read(from.max(seg.base_offset()), max_messages - out.len(), bytes_left, &mut out)?;
             let got: usize = out[before..].iter().map(|m| m.message.size_bytes()).sum();
             bytes_left = bytes_left.saturating_sub(got);
         }
@@ -260,10 +202,7 @@ impl TopicLog {
     }
     /// One past the last offset appended (durable or not).
     pub fn next_offset(&self) -> u64 {
-        self.segments
-            .values()
-            .next_back()
-            .map_or(0, Segment::next_offset)
+        self.segments.values().next_back().map_or(0, Segment::next_offset)
     }
     /// One past the last durable offset.
     pub fn committed_offset(&self) -> u64 {
@@ -289,15 +228,8 @@ mod tests {
     use crate::{format::tests::msg, fs::StdFs};
 
     fn open(dir: &Path, seg_bytes: u64) -> TopicLog {
-        TopicLog::open(
-            Arc::new(StdFs),
-            dir,
-            LogConfig {
-                segment_bytes_max: seg_bytes,
-                index_interval_bytes: 256,
-            },
-        )
-        .unwrap()
+        TopicLog::open(Arc::new(StdFs), dir, LogConfig { segment_bytes_max: seg_bytes, index_interval_bytes: 256 })
+            .unwrap()
     }
 
     fn append_sync(log: &mut TopicLog, ms: &[Message]) -> u64 {
@@ -310,8 +242,7 @@ mod tests {
     }
 
     fn batch(producer: &str, seqs: std::ops::Range<u64>) -> Vec<Message> {
-        seqs.map(|s| msg(producer, s, format!("payload-{s}").as_bytes()))
-            .collect()
+        seqs.map(|s| msg(producer, s, format!("payload-{s}").as_bytes())).collect()
     }
 
     #[test]
@@ -319,24 +250,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = open(dir.path(), 2000);
         for i in 0..20 {
-            assert_eq!(
-                append_sync(&mut log, &batch("p", i * 10..i * 10 + 10)),
-                i * 10
-            );
+            assert_eq!(append_sync(&mut log, &batch("p", i * 10..i * 10 + 10)), i * 10);
         }
         assert!(log.segment_count() > 3, "segments: {}", log.segment_count());
         let all = log.read(0, usize::MAX, usize::MAX).unwrap();
         assert_eq!(all.len(), 200);
-        assert!(
-            all.iter()
-                .enumerate()
-                .all(|(i, m)| m.offset == i as u64 && m.message.id.seq == i as u64)
-        );
+        assert!(all.iter().enumerate().all(|(i, m)| m.offset == i as u64 && m.message.id.seq == i as u64));
         let mid = log.read(137, 5, usize::MAX).unwrap();
-        assert_eq!(
-            mid.iter().map(|m| m.offset).collect::<Vec<_>>(),
-            vec![137, 138, 139, 140, 141]
-        );
+        assert_eq!(mid.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![137, 138, 139, 140, 141]);
         drop(log);
         let log = open(dir.path(), 2000);
         assert_eq!(log.next_offset(), 200);
@@ -358,10 +279,7 @@ mod tests {
     }
 
     fn active_segment(dir: &Path) -> PathBuf {
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         files.pop().unwrap()
     }
@@ -376,21 +294,13 @@ mod tests {
         let path = active_segment(dir.path());
         let len = std::fs::metadata(&path).unwrap().len();
         // Cut the last frame in half, as a crash during an unsynced write would.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 40)
-            .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 40).unwrap();
         let log = open(dir.path(), 1 << 20);
         assert_eq!(log.next_offset(), 10);
         assert_eq!(log.read(0, 100, usize::MAX).unwrap().len(), 10);
         // Garbage appended after the last frame is a torn tail too.
         drop(log);
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         std::io::Write::write_all(&mut f, &[0xAB; 100]).unwrap();
         let log = open(dir.path(), 1 << 20);
         assert_eq!(log.next_offset(), 10);
@@ -411,14 +321,8 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let err = TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default()).unwrap_err();
         let text = err.to_string();
-        assert!(
-            matches!(err, StorageError::Corruption { position, .. } if position == second_frame_at),
-            "{text}"
-        );
-        assert!(
-            text.contains(&path.display().to_string()) && text.contains("valid frames follow"),
-            "{text}"
-        );
+        assert!(matches!(err, StorageError::Corruption { position, .. } if position == second_frame_at), "{text}");
+        assert!(text.contains(&path.display().to_string()) && text.contains("valid frames follow"), "{text}");
     }
 
     #[test]
@@ -429,10 +333,7 @@ mod tests {
             append_sync(&mut log, &batch("p", i * 10..i * 10 + 10));
         }
         drop(log);
-        let mut files: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         let first = &files[0];
         let mut bytes = std::fs::read(first).unwrap();
@@ -440,15 +341,8 @@ mod tests {
         std::fs::write(first, &bytes).unwrap();
         let log = open(dir.path(), 1500);
         let err = log.read(0, 100, usize::MAX).unwrap_err().to_string();
-        assert!(
-            err.contains("checksum mismatch") && err.contains(&first.display().to_string()),
-            "{err}"
-        );
+        assert!(err.contains("checksum mismatch") && err.contains(&first.display().to_string()), "{err}");
         // Data after the damaged segment is still served.
-        assert!(
-            !log.read(log.next_offset() - 5, 100, usize::MAX)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(!log.read(log.next_offset() - 5, 100, usize::MAX).unwrap().is_empty());
     }
 }

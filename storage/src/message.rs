@@ -43,10 +43,12 @@ pub struct Message {
     /// When the origin accepted it, in milliseconds since the Unix epoch (origin's clock).
     pub publish_time_ms: u64,
     /// Optional routing key.
+    #[serde(with = "serde_bytes")]
     pub key: Option<Vec<u8>>,
     /// Application headers.
     pub headers: Vec<(String, Vec<u8>)>,
     /// The payload.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -55,11 +57,7 @@ impl Message {
     pub fn size_bytes(&self) -> usize {
         self.payload.len()
             + self.key.as_ref().map_or(0, Vec::len)
-            + self
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
     }
 }
 

@@ -30,16 +30,12 @@ pub fn get_record<T: DeserializeOwned>(meta: &dyn MetaStore, key: &str) -> Resul
     meta.get(key)?
         .map(|bytes| postcard::from_bytes(&bytes))
         .transpose()
-        .map_err(|e| StorageError::MetaCorrupt {
-            key: key.to_string(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| StorageError::MetaCorrupt { key: key.to_string(), reason: e.to_string() })
 }
 
 /// Encodes and writes a postcard record.
 pub fn put_record<T: Serialize>(meta: &dyn MetaStore, key: &str, value: &T) -> Result<()> {
-    let bytes = postcard::to_stdvec(value)
-        .map_err(|e| StorageError::Meta(format!("encoding {key}: {e}")))?;
+    let bytes = postcard::to_stdvec(value).map_err(|e| StorageError::Meta(format!("encoding {key}: {e}")))?;
     meta.put(key, &bytes)
 }
 
@@ -53,17 +49,10 @@ impl SledMeta {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         // sled flushes by itself every 500 ms as well; the node also flushes at checkpoints.
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(source) => StorageError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                },
-                other => StorageError::Meta(format!("opening {}: {other}", dir.display())),
-            })?;
+        let db = sled::Config::new().path(dir).flush_every_ms(Some(500)).open().map_err(|e| match e {
+            sled::Error::Io(source) => StorageError::Io { path: dir.to_path_buf(), source },
+            other => StorageError::Meta(format!("opening {}: {other}", dir.display())),
+        })?;
         Ok(SledMeta { db })
     }
 }
@@ -113,28 +102,14 @@ impl MemMeta {
 
 impl MetaStore for MemMeta {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .state
-            .lock()
-            .expect("MemMeta lock poisoned")
-            .0
-            .get(key)
-            .cloned())
+        Ok(self.state.lock().expect("MemMeta lock poisoned").0.get(key).cloned())
     }
     fn put(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.state
-            .lock()
-            .expect("MemMeta lock poisoned")
-            .0
-            .insert(key.to_string(), value.to_vec());
+        self.state.lock().expect("MemMeta lock poisoned").0.insert(key.to_string(), value.to_vec());
         Ok(())
     }
     fn delete(&self, key: &str) -> Result<()> {
-        self.state
-            .lock()
-            .expect("MemMeta lock poisoned")
-            .0
-            .remove(key);
+        self.state.lock().expect("MemMeta lock poisoned").0.remove(key);
         Ok(())
     }
     fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
@@ -161,27 +136,14 @@ mod tests {
         m.put("sub/a/y", b"2").unwrap();
         m.put("sub/b/x", b"3").unwrap();
         assert_eq!(m.get("sub/a/x").unwrap().as_deref(), Some(&b"1"[..]));
-        let keys: Vec<String> = m
-            .scan_prefix("sub/a/")
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let keys: Vec<String> = m.scan_prefix("sub/a/").unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, vec!["sub/a/x", "sub/a/y"]);
         m.delete("sub/a/x").unwrap();
         assert_eq!(m.get("sub/a/x").unwrap(), None);
         put_record(m, "rec", &(7u64, "seven".to_string())).unwrap();
-        assert_eq!(
-            get_record::<(u64, String)>(m, "rec").unwrap(),
-            Some((7, "seven".into()))
-        );
+        assert_eq!(get_record::<(u64, String)>(m, "rec").unwrap(), Some((7, "seven".into())));
         m.put("bad", &[0xff]).unwrap();
-        assert!(
-            get_record::<(u64, String)>(m, "bad")
-                .unwrap_err()
-                .to_string()
-                .contains("bad")
-        );
+        assert!(get_record::<(u64, String)>(m, "bad").unwrap_err().to_string().contains("bad"));
         m.flush().unwrap();
     }
 

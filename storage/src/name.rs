@@ -34,30 +34,20 @@ pub enum NameError {
     },
 }
 
-fn check_part(kind: &'static str, part: &str) -> Result<(), NameError> {
-    let bad = |why: String| {
-        Err(NameError::Part {
-            kind,
-            part: part.to_string(),
-            why,
-        })
-    };
+/// Checks one name part (also used for subscription names).
+pub fn check_part(kind: &'static str, part: &str) -> Result<(), NameError> {
+    let bad = |why: String| Err(NameError::Part { kind, part: part.to_string(), why });
     if part.is_empty() {
         return bad("it is empty".into());
     }
     let chars = part.chars().count();
     if chars > NAME_PART_CHARS_MAX {
-        return bad(format!(
-            "it has {chars} characters, the maximum is {NAME_PART_CHARS_MAX}"
-        ));
+        return bad(format!("it has {chars} characters, the maximum is {NAME_PART_CHARS_MAX}"));
     }
     if part == "." || part == ".." {
         return bad("'.' and '..' are reserved".into());
     }
-    if let Some(c) = part
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = part.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return bad(format!("character {c:?} is not one of A-Z a-z 0-9 . _ -"));
     }
     Ok(())
@@ -76,20 +66,12 @@ impl TopicName {
     pub fn parse(name: &str) -> Result<Self, NameError> {
         let parts: Vec<&str> = name.split('/').collect();
         let [tenant, namespace, topic] = parts[..] else {
-            return Err(NameError::Shape {
-                kind: "topic",
-                name: name.to_string(),
-                form: "tenant/namespace/topic",
-            });
+            return Err(NameError::Shape { kind: "topic", name: name.to_string(), form: "tenant/namespace/topic" });
         };
         for part in [tenant, namespace, topic] {
             check_part("topic", part)?;
         }
-        Ok(TopicName {
-            tenant: tenant.into(),
-            namespace: namespace.into(),
-            topic: topic.into(),
-        })
+        Ok(TopicName { tenant: tenant.into(), namespace: namespace.into(), topic: topic.into() })
     }
 
     /// The tenant part.
@@ -109,9 +91,7 @@ impl TopicName {
 
     /// The relative directory that holds this topic's segments.
     pub fn dir(&self) -> std::path::PathBuf {
-        [&self.tenant, &self.namespace, &self.topic]
-            .iter()
-            .collect()
+        [&self.tenant, &self.namespace, &self.topic].iter().collect()
     }
 }
 
@@ -164,10 +144,7 @@ mod tests {
             ("acme/sensors", "must have the form"),
             ("acme/sensors/temp/x", "must have the form"),
             ("acme//temp", "part '' is invalid"),
-            (
-                "acme/sen sors/temp",
-                "part 'sen sors' is invalid: character ' '",
-            ),
+            ("acme/sen sors/temp", "part 'sen sors' is invalid: character ' '"),
             ("acme/../temp", "part '..' is invalid"),
             ("acme/ns/tëmp", "part 'tëmp'"),
         ];
@@ -176,12 +153,7 @@ mod tests {
             assert!(err.contains(want), "{name}: {err}");
         }
         let long = format!("a/b/{}", "x".repeat(65));
-        assert!(
-            TopicName::parse(&long)
-                .unwrap_err()
-                .to_string()
-                .contains("65 characters")
-        );
+        assert!(TopicName::parse(&long).unwrap_err().to_string().contains("65 characters"));
     }
 
     #[test]

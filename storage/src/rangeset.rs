@@ -20,10 +20,7 @@ impl RangeSet {
 
     /// True when `value` is in the set.
     pub fn contains(&self, value: u64) -> bool {
-        self.ranges
-            .range(..=value)
-            .next_back()
-            .is_some_and(|(_, &end)| value < end)
+        self.ranges.range(..=value).next_back().is_some_and(|(_, &end)| value < end)
     }
 
     /// Adds one value.
@@ -71,17 +68,13 @@ impl RangeSet {
     }
 
     /// The ranges in ascending order.
-    pub fn iter(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = Range<u64>> + '_ {
         self.ranges.iter().map(|(&s, &e)| s..e)
     }
 
     /// The range containing `value`, if any.
     pub fn range_containing(&self, value: u64) -> Option<Range<u64>> {
-        self.ranges
-            .range(..=value)
-            .next_back()
-            .filter(|&(_, &end)| value < end)
-            .map(|(&s, &e)| s..e)
+        self.ranges.range(..=value).next_back().filter(|&(_, &end)| value < end).map(|(&s, &e)| s..e)
     }
 
     /// Number of stored ranges (a measure of fragmentation and of size on disk).
@@ -171,9 +164,6 @@ mod tests {
         }
         assert_eq!(set.len(), model.len() as u64);
         let r = ranges(&set);
-        assert!(
-            r.windows(2).all(|w| w[0].end < w[1].start),
-            "ranges must not touch: {r:?}"
-        );
+        assert!(r.windows(2).all(|w| w[0].end < w[1].start), "ranges must not touch: {r:?}");
     }
 }

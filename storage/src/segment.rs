@@ -48,16 +48,9 @@ pub struct Recovered {
 
 impl Segment {
     /// Creates a new empty segment file and makes its directory entry durable.
-    pub fn create(
-        fs: &dyn FileSystem,
-        dir: &Path,
-        base_offset: u64,
-        index_interval_bytes: u64,
-    ) -> Result<Self> {
+    pub fn create(fs: &dyn FileSystem, dir: &Path, base_offset: u64, index_interval_bytes: u64) -> Result<Self> {
         let path = dir.join(file_name(base_offset));
-        let file = fs
-            .open(&path, true)
-            .map_err(|e| StorageError::io(&path, e))?;
+        let file = fs.open(&path, true).map_err(|e| StorageError::io(&path, e))?;
         fs.sync_dir(dir).map_err(|e| StorageError::io(dir, e))?;
         Ok(Segment {
             path,
@@ -82,9 +75,7 @@ impl Segment {
         is_last: bool,
         index_interval_bytes: u64,
     ) -> Result<(Self, Recovered)> {
-        let file = fs
-            .open(path, false)
-            .map_err(|e| StorageError::io(path, e))?;
+        let file = fs.open(path, false).map_err(|e| StorageError::io(path, e))?;
         let file_len = file.len().map_err(|e| StorageError::io(path, e))?;
         let mut seg = Segment {
             path: path.to_path_buf(),
@@ -103,42 +94,22 @@ impl Segment {
                     if prefix.base_offset != seg.next_offset {
                         return Err(seg.corruption(
                             position,
-                            format!(
-                                "frame starts at offset {}, expected {}",
-                                prefix.base_offset, seg.next_offset
-                            ),
+                            format!("frame starts at offset {}, expected {}", prefix.base_offset, seg.next_offset),
                         ));
                     }
-                    seg.note_frame(
-                        prefix.base_offset,
-                        u64::from(prefix.count),
-                        position,
-                        header.frame_bytes(),
-                    );
+                    seg.note_frame(prefix.base_offset, u64::from(prefix.count), position, header.frame_bytes());
                     position += header.frame_bytes();
                 }
                 Err(reason) if is_last => {
                     if seg.valid_frame_after(position, file_len)? {
-                        return Err(seg.corruption(
-                            position,
-                            format!("{reason}, and valid frames follow it"),
-                        ));
+                        return Err(seg.corruption(position, format!("{reason}, and valid frames follow it")));
                     }
                     tracing::warn!(path = %seg.path.display(), position, torn_bytes = file_len - position,
                         %reason, "truncating torn tail of log segment");
-                    seg.file
-                        .set_len(position)
-                        .map_err(|e| StorageError::io(path, e))?;
-                    seg.file
-                        .sync_data()
-                        .map_err(|e| StorageError::io(path, e))?;
+                    seg.file.set_len(position).map_err(|e| StorageError::io(path, e))?;
+                    seg.file.sync_data().map_err(|e| StorageError::io(path, e))?;
                     seg.synced_bytes = seg.len_bytes;
-                    return Ok((
-                        seg,
-                        Recovered {
-                            truncated_bytes: file_len - position,
-                        },
-                    ));
+                    return Ok((seg, Recovered { truncated_bytes: file_len - position }));
                 }
                 Err(reason) => return Err(seg.corruption(position, reason)),
             }
@@ -148,11 +119,7 @@ impl Segment {
     }
 
     fn corruption(&self, position: u64, reason: String) -> StorageError {
-        StorageError::Corruption {
-            path: self.path.clone(),
-            position,
-            reason,
-        }
+        StorageError::Corruption { path: self.path.clone(), position, reason }
     }
 
     fn read_exact_at(&self, buf: &mut [u8], position: u64) -> Result<bool> {
@@ -181,29 +148,17 @@ impl Segment {
     ) -> Result<(FrameHeader, format::BodyPrefix), String> {
         let mut head = [0u8; FRAME_HEADER_BYTES + format::BODY_PREFIX_BYTES];
         if position + head.len() as u64 > file_len {
-            return Err(format!(
-                "incomplete frame header ({} bytes left)",
-                file_len - position
-            ));
+            return Err(format!("incomplete frame header ({} bytes left)", file_len - position));
         }
-        self.read_exact_at(&mut head, position)
-            .map_err(|e| e.to_string())?;
-        let header = format::parse_header(
-            head[..FRAME_HEADER_BYTES]
-                .try_into()
-                .expect("12-byte slice"),
-        )?;
+        self.read_exact_at(&mut head, position).map_err(|e| e.to_string())?;
+        let header = format::parse_header(head[..FRAME_HEADER_BYTES].try_into().expect("12-byte slice"))?;
         if position + header.frame_bytes() > file_len {
-            return Err(format!(
-                "frame of {} bytes runs past the end of the file",
-                header.frame_bytes()
-            ));
+            return Err(format!("frame of {} bytes runs past the end of the file", header.frame_bytes()));
         }
         let prefix = format::parse_prefix(&head[FRAME_HEADER_BYTES..])?;
         if full {
             let mut body = vec![0u8; header.body_len as usize];
-            self.read_exact_at(&mut body, position + FRAME_HEADER_BYTES as u64)
-                .map_err(|e| e.to_string())?;
+            self.read_exact_at(&mut body, position + FRAME_HEADER_BYTES as u64).map_err(|e| e.to_string())?;
             format::check_body(&header, &body)?;
         }
         Ok((header, prefix))
@@ -216,9 +171,7 @@ impl Segment {
         self.read_exact_at(&mut rest, bad)?;
         let magic = format::FRAME_MAGIC.to_le_bytes();
         for at in 1..rest.len().saturating_sub(FRAME_HEADER_BYTES) {
-            if rest[at..at + 4] == magic
-                && self.check_frame_at(bad + at as u64, file_len, true).is_ok()
-            {
+            if rest[at..at + 4] == magic && self.check_frame_at(bad + at as u64, file_len, true).is_ok() {
                 return Ok(true);
             }
         }
@@ -226,10 +179,7 @@ impl Segment {
     }
 
     fn note_frame(&mut self, base_offset: u64, count: u64, position: u64, frame_bytes: u64) {
-        let due = self
-            .index
-            .last()
-            .is_none_or(|&(_, p)| position >= p + self.index_interval_bytes);
+        let due = self.index.last().is_none_or(|&(_, p)| position >= p + self.index_interval_bytes);
         if due {
             self.index.push((base_offset, position));
         }
@@ -271,17 +221,15 @@ impl Segment {
             && out.len() - first < max_messages
             && (bytes < max_bytes || out.len() == first)
         {
-            let (header, prefix) = self
-                .check_frame_at(position, self.synced_bytes, false)
-                .map_err(|r| self.corruption(position, r))?;
+            let (header, prefix) =
+                self.check_frame_at(position, self.synced_bytes, false).map_err(|r| self.corruption(position, r))?;
             if prefix.base_offset + u64::from(prefix.count) > from_offset {
                 let mut body = vec![0u8; header.body_len as usize];
                 if !self.read_exact_at(&mut body, position + FRAME_HEADER_BYTES as u64)? {
                     return Err(self.corruption(position, "frame body cut short".into()));
                 }
                 format::check_body(&header, &body).map_err(|r| self.corruption(position, r))?;
-                format::decode_body(&body, from_offset, out)
-                    .map_err(|r| self.corruption(position, r))?;
+                format::decode_body(&body, from_offset, out).map_err(|r| self.corruption(position, r))?;
                 bytes += body.len();
             }
             position += header.frame_bytes();

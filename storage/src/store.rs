@@ -2,7 +2,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use crate::{
@@ -20,12 +20,8 @@ pub const TOPICS_DIR: &str = "topics";
 /// Finds every topic directory (`tenant/namespace/topic`) under `root`.
 pub fn discover_topics(fs: &dyn FileSystem, root: &Path) -> Result<Vec<TopicName>> {
     let list = |p: &Path| -> Result<Vec<PathBuf>> {
-        let mut v: Vec<PathBuf> = fs
-            .read_dir(p)
-            .map_err(|e| StorageError::io(p, e))?
-            .into_iter()
-            .filter(|p| fs.is_dir(p))
-            .collect();
+        let mut v: Vec<PathBuf> =
+            fs.read_dir(p).map_err(|e| StorageError::io(p, e))?.into_iter().filter(|p| fs.is_dir(p)).collect();
         v.sort();
         Ok(v)
     };
@@ -37,12 +33,7 @@ pub fn discover_topics(fs: &dyn FileSystem, root: &Path) -> Result<Vec<TopicName
         for ns in list(&tenant)? {
             for topic in list(&ns)? {
                 let name = [&tenant, &ns, &topic]
-                    .map(|p| {
-                        p.file_name()
-                            .and_then(|n| n.to_str())
-                            .unwrap_or_default()
-                            .to_string()
-                    })
+                    .map(|p| p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string())
                     .join("/");
                 match TopicName::parse(&name) {
                     Ok(t) => topics.push(t),
@@ -56,17 +47,18 @@ pub fn discover_topics(fs: &dyn FileSystem, root: &Path) -> Result<Vec<TopicName
     Ok(topics)
 }
 
-/// Opens every topic found under `root`.
+/// Opens every topic found under `root`. A topic that fails to open (a corrupt segment,
+/// say) is returned with its error instead of failing the others.
 pub fn open_all(
     fs: &Arc<dyn FileSystem>,
     meta: &dyn MetaStore,
     root: &Path,
     config: LogConfig,
-) -> Result<BTreeMap<TopicName, Arc<Mutex<TopicStore>>>> {
+) -> Result<BTreeMap<TopicName, Result<TopicStore>>> {
     let mut topics = BTreeMap::new();
     for name in discover_topics(fs.as_ref(), root)? {
-        let store = TopicStore::open(Arc::clone(fs), meta, root, name.clone(), config)?;
-        topics.insert(name, Arc::new(Mutex::new(store)));
+        let opened = TopicStore::open(Arc::clone(fs), meta, root, name.clone(), config);
+        topics.insert(name, opened);
     }
     Ok(topics)
 }

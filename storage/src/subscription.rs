@@ -23,11 +23,7 @@ pub struct CursorState {
 impl CursorState {
     /// A cursor positioned at `offset` (nothing from there on acked).
     pub fn at(offset: u64) -> Self {
-        CursorState {
-            version: CURSOR_VERSION,
-            ack_floor: offset,
-            acked: RangeSet::new(),
-        }
+        CursorState { version: CURSOR_VERSION, ack_floor: offset, acked: RangeSet::new() }
     }
 
     /// True when `offset` is acked.

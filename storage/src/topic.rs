@@ -83,9 +83,7 @@ impl TopicStore {
         let log = TopicLog::open(fs, &root.join(name.dir()), config)?;
         let snapshot: Option<DedupSnapshot> = meta::get_record(meta, &dedup_key(&name))?;
         let (mut dedup, from) = match snapshot {
-            Some(s)
-                if s.version == DEDUP_SNAPSHOT_VERSION && s.through_offset <= log.next_offset() =>
-            {
+            Some(s) if s.version == DEDUP_SNAPSHOT_VERSION && s.through_offset <= log.next_offset() => {
                 let from = s.through_offset;
                 (DedupIndex::from_snapshot(s), from)
             }
@@ -106,24 +104,14 @@ impl TopicStore {
             }
         }
         let checkpointed_offset = from;
-        Ok(TopicStore {
-            name,
-            log,
-            dedup,
-            unsynced: BTreeMap::new(),
-            checkpointed_offset,
-            poisoned: None,
-        })
+        Ok(TopicStore { name, log, dedup, unsynced: BTreeMap::new(), checkpointed_offset, poisoned: None })
     }
 
     /// Writes the messages not already held as one frame (page cache only) and says what
     /// happened to each. Nothing is acknowledged until the group's sync completes.
     pub fn write(&mut self, messages: &[Message]) -> Result<Vec<AppendOutcome>> {
         if let Some(reason) = &self.poisoned {
-            return Err(StorageError::Poisoned {
-                topic: self.name.to_string(),
-                reason: reason.clone(),
-            });
+            return Err(StorageError::Poisoned { topic: self.name.to_string(), reason: reason.clone() });
         }
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut fresh: Vec<&Message> = Vec::with_capacity(messages.len());
@@ -133,10 +121,7 @@ impl TopicStore {
             let earlier = if self.dedup.contains(&m.id) {
                 Some(self.dedup.offset_of(&m.id))
             } else {
-                self.unsynced
-                    .get(&m.id)
-                    .or_else(|| fresh_ids.get(&m.id))
-                    .map(|&o| Some(o))
+                self.unsynced.get(&m.id).or_else(|| fresh_ids.get(&m.id)).map(|&o| Some(o))
             };
             match earlier {
                 Some(offset) => outcomes.push(AppendOutcome::Duplicate { offset }),
@@ -150,18 +135,14 @@ impl TopicStore {
         }
         if !fresh.is_empty() {
             self.log.append(&fresh)?;
-            self.unsynced
-                .extend(fresh_ids.into_iter().map(|(id, o)| (id.clone(), o)));
+            self.unsynced.extend(fresh_ids.into_iter().map(|(id, o)| (id.clone(), o)));
         }
         Ok(outcomes)
     }
 
     /// Takes what was written since the last sync, to be synced outside the lock.
     pub fn prepare_sync(&mut self) -> GroupSync {
-        GroupSync {
-            log: self.log.prepare_sync(),
-            ids: std::mem::take(&mut self.unsynced),
-        }
+        GroupSync { log: self.log.prepare_sync(), ids: std::mem::take(&mut self.unsynced) }
     }
 
     /// Publishes a group after its sync. A failed fdatasync poisons the topic: the kernel
@@ -172,10 +153,7 @@ impl TopicStore {
             let reason = format!("fdatasync failed: {e}");
             tracing::error!(topic = %self.name, %reason, "poisoning topic log");
             self.poisoned = Some(reason.clone());
-            return Err(StorageError::Poisoned {
-                topic: self.name.to_string(),
-                reason,
-            });
+            return Err(StorageError::Poisoned { topic: self.name.to_string(), reason });
         }
         self.log.complete_sync(&group.log);
         for (id, offset) in &group.ids {
@@ -185,12 +163,7 @@ impl TopicStore {
     }
 
     /// Reads durable messages (see [`TopicLog::read`]).
-    pub fn read(
-        &self,
-        from_offset: u64,
-        max_messages: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>> {
+    pub fn read(&self, from_offset: u64, max_messages: usize, max_bytes: usize) -> Result<Vec<StoredMessage>> {
         self.log.read(from_offset, max_messages, max_bytes)
     }
 
@@ -232,17 +205,11 @@ pub fn commit_group(store: &Mutex<TopicStore>, requests: &[&[Message]]) -> Vec<G
         (results, topic.prepare_sync())
     };
     let synced = group.run();
-    let done = store
-        .lock()
-        .expect("topic lock poisoned")
-        .complete_sync(group, synced);
+    let done = store.lock().expect("topic lock poisoned").complete_sync(group, synced);
     if let Err(e) = done {
         let reason = e.to_string();
         for r in results.iter_mut().filter(|r| r.is_ok()) {
-            *r = Err(StorageError::Poisoned {
-                topic: String::new(),
-                reason: reason.clone(),
-            });
+            *r = Err(StorageError::Poisoned { topic: String::new(), reason: reason.clone() });
         }
     }
     results
@@ -258,9 +225,7 @@ mod tests {
     }
 
     fn open(root: &Path, meta: &MemMeta) -> Mutex<TopicStore> {
-        Mutex::new(
-            TopicStore::open(Arc::new(StdFs), meta, root, topic(), LogConfig::default()).unwrap(),
-        )
+        Mutex::new(TopicStore::open(Arc::new(StdFs), meta, root, topic(), LogConfig::default()).unwrap())
     }
 
     fn offsets(r: &GroupResult) -> Vec<AppendOutcome> {
@@ -276,41 +241,15 @@ mod tests {
         let b: Vec<Message> = (0..2).map(|s| msg("b", s, b"y")).collect();
         let r = commit_group(&store, &[&a, &b, &a[1..2]]);
         use AppendOutcome::*;
-        assert_eq!(
-            offsets(&r[0]),
-            vec![
-                Appended { offset: 0 },
-                Appended { offset: 1 },
-                Appended { offset: 2 }
-            ]
-        );
-        assert_eq!(
-            offsets(&r[1]),
-            vec![Appended { offset: 3 }, Appended { offset: 4 }]
-        );
-        assert_eq!(
-            offsets(&r[2]),
-            vec![Duplicate { offset: Some(1) }],
-            "duplicate within one group"
-        );
+        assert_eq!(offsets(&r[0]), vec![Appended { offset: 0 }, Appended { offset: 1 }, Appended { offset: 2 }]);
+        assert_eq!(offsets(&r[1]), vec![Appended { offset: 3 }, Appended { offset: 4 }]);
+        assert_eq!(offsets(&r[2]), vec![Duplicate { offset: Some(1) }], "duplicate within one group");
         let r = commit_group(&store, &[&a]);
         assert_eq!(
             offsets(&r[0]),
-            vec![
-                Duplicate { offset: Some(0) },
-                Duplicate { offset: Some(1) },
-                Duplicate { offset: Some(2) }
-            ]
+            vec![Duplicate { offset: Some(0) }, Duplicate { offset: Some(1) }, Duplicate { offset: Some(2) }]
         );
-        assert_eq!(
-            store
-                .lock()
-                .unwrap()
-                .read(0, 100, usize::MAX)
-                .unwrap()
-                .len(),
-            5
-        );
+        assert_eq!(store.lock().unwrap().read(0, 100, usize::MAX).unwrap().len(), 5);
     }
 
     #[test]
@@ -332,12 +271,9 @@ mod tests {
             }
             let store = open(dir.path(), &meta);
             let r = commit_group(&store, &[&first, &second]);
-            assert!(r.iter().all(|r| {
-                r.as_ref()
-                    .unwrap()
-                    .iter()
-                    .all(|o| matches!(o, AppendOutcome::Duplicate { .. }))
-            }));
+            assert!(
+                r.iter().all(|r| { r.as_ref().unwrap().iter().all(|o| matches!(o, AppendOutcome::Duplicate { .. })) })
+            );
             assert_eq!(store.lock().unwrap().log().next_offset(), 20);
         }
     }
@@ -350,10 +286,7 @@ mod tests {
         meta::put_record(&meta, "dedup/t/n/x", &snap).unwrap();
         let store = open(dir.path(), &meta);
         let m = [msg("a", 0, b"x")];
-        assert_eq!(
-            offsets(&commit_group(&store, &[&m])[0]),
-            vec![AppendOutcome::Appended { offset: 0 }]
-        );
+        assert_eq!(offsets(&commit_group(&store, &[&m])[0]), vec![AppendOutcome::Appended { offset: 0 }]);
     }
 
     #[test]
@@ -366,9 +299,8 @@ mod tests {
                 let store = Arc::clone(&store);
                 std::thread::spawn(move || {
                     for chunk in 0..20u64 {
-                        let ms: Vec<Message> = (chunk * 5..chunk * 5 + 5)
-                            .map(|s| msg(&format!("p{t}"), s, b"z"))
-                            .collect();
+                        let ms: Vec<Message> =
+                            (chunk * 5..chunk * 5 + 5).map(|s| msg(&format!("p{t}"), s, b"z")).collect();
                         // Every batch is sent twice, as a client retry would.
                         commit_group(&store, &[&ms]);
                         commit_group(&store, &[&ms]);
@@ -377,23 +309,12 @@ mod tests {
             })
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());
-        let all = store
-            .lock()
-            .unwrap()
-            .read(0, usize::MAX, usize::MAX)
-            .unwrap();
+        let all = store.lock().unwrap().read(0, usize::MAX, usize::MAX).unwrap();
         assert_eq!(all.len(), 400);
         for t in 0..4 {
-            let seqs: Vec<u64> = all
-                .iter()
-                .filter(|m| m.message.id.producer.0 == format!("p{t}"))
-                .map(|m| m.message.id.seq)
-                .collect();
-            assert_eq!(
-                seqs,
-                (0..100).collect::<Vec<_>>(),
-                "producer p{t} in order, exactly once"
-            );
+            let seqs: Vec<u64> =
+                all.iter().filter(|m| m.message.id.producer.0 == format!("p{t}")).map(|m| m.message.id.seq).collect();
+            assert_eq!(seqs, (0..100).collect::<Vec<_>>(), "producer p{t} in order, exactly once");
         }
     }
 }

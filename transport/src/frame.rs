@@ -48,7 +48,11 @@ pub fn encode<T: Serialize>(value: &T, buf: &mut Vec<u8>) -> Result<(), FrameErr
 }
 
 /// Writes `value` as one frame, using `buf` as scratch space.
-pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, value: &T, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    value: &T,
+    buf: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     encode(value, buf)?;
     w.write_all(buf).await?;
     Ok(())

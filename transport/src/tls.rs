@@ -40,7 +40,11 @@ fn roots(id: &LoadedIdentity) -> Result<Arc<RootCertStore>, TlsError> {
 }
 
 /// Server side: requires a client certificate from the mesh CA; offers `alpns`.
-pub fn server_config(id: &LoadedIdentity, time: Arc<dyn TimeProvider>, alpns: &[&[u8]]) -> Result<QuicServerConfig, TlsError> {
+pub fn server_config(
+    id: &LoadedIdentity,
+    time: Arc<dyn TimeProvider>,
+    alpns: &[&[u8]],
+) -> Result<QuicServerConfig, TlsError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(id)?, provider()).build()?;
     let mut tls = rustls::ServerConfig::builder_with_details(provider(), time)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -51,7 +55,11 @@ pub fn server_config(id: &LoadedIdentity, time: Arc<dyn TimeProvider>, alpns: &[
 }
 
 /// Client side: trusts only the mesh CA and presents this identity's certificate.
-pub fn client_config(id: &LoadedIdentity, time: Arc<dyn TimeProvider>, alpn: &[u8]) -> Result<QuicClientConfig, TlsError> {
+pub fn client_config(
+    id: &LoadedIdentity,
+    time: Arc<dyn TimeProvider>,
+    alpn: &[u8],
+) -> Result<QuicClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_details(provider(), time)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(id)?)

@@ -1,0 +1,437 @@
+//! Client commands: produce, consume, topics list, stats.
+use std::{io::Write, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use rill_transport::backoff::Backoff;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    time::Instant,
+};
+
+use super::Conn;
+use crate::{
+    client::{BatchAck, Client, ClientError, ClientOptions, Outgoing, Producer},
+    env::Env,
+    protocol::{Produced, StartPosition},
+};
+
+/// Longest a produce waits for a node to come back before giving up.
+const RECONNECT_GIVE_UP: Duration = Duration::from_secs(60);
+/// A batch of stdin lines is sent when full or this long after its first line.
+const LINGER: Duration = Duration::from_millis(5);
+/// Acks held back before stdout is flushed and they are sent.
+const ACKS_PENDING_MAX: usize = 512;
+
+/// Flags of `rill topics list`.
+#[derive(Debug, Args)]
+pub(crate) struct ConnArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// Flags of `rill stats`.
+#[derive(Debug, Args)]
+pub(crate) struct StatsArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Flags of `rill produce`.
+#[derive(Debug, Args)]
+pub(crate) struct ProduceArgs {
+    /// Topic, `tenant/namespace/topic`.
+    topic: String,
+    #[command(flatten)]
+    conn: Conn,
+    /// Read lines from this file instead of stdin.
+    #[arg(long, conflicts_with = "count")]
+    file: Option<PathBuf>,
+    /// Key for every message.
+    #[arg(long)]
+    key: Option<String>,
+    /// Stable producer name (dedup survives restarts of this command); default: random id.
+    #[arg(long)]
+    producer: Option<String>,
+    /// Send this many synthetic messages instead of reading lines.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Payload bytes of synthetic messages.
+    #[arg(long, default_value_t = 256, requires = "count")]
+    size: usize,
+    /// Messages per second for synthetic load (default: as fast as acks allow).
+    #[arg(long, requires = "count")]
+    rate: Option<u64>,
+    /// Messages per batch.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    batch: u64,
+    /// Batches in flight before waiting for acks.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    window: u64,
+}
+
+/// Produce totals.
+#[derive(Debug, Default)]
+struct Totals {
+    stored: u64,
+    duplicates: u64,
+    latencies_us: Vec<u64>,
+}
+
+impl Totals {
+    fn record(&mut self, ack: &BatchAck) {
+        for r in &ack.results {
+            match r {
+                Produced::Stored(_) => self.stored += 1,
+                Produced::Duplicate(_) => self.duplicates += 1,
+            }
+        }
+        self.latencies_us.push(ack.sent_at.elapsed().as_micros() as u64);
+    }
+}
+
+/// A producer that survives node restarts: on a retriable error it reconnects with
+/// backoff and resends what was not acknowledged (the node's dedup drops repeats).
+struct ResilientProducer {
+    options: ClientOptions,
+    client: Client,
+    producer: Producer,
+    env: Env,
+    window: usize,
+    totals: Totals,
+}
+
+impl ResilientProducer {
+    async fn open(conn: &Conn, topic: &str, name: Option<String>, window: usize) -> anyhow::Result<Self> {
+        let env = Env::production();
+        let options = ClientOptions::new(conn.addr, &conn.certs);
+        let client = connect(&options).await?;
+        let name = name.unwrap_or_else(|| env.random_id());
+        let producer = client.producer(topic, name).await?;
+        Ok(ResilientProducer { options, client, producer, env, window, totals: Totals::default() })
+    }
+
+    async fn send(&mut self, batch: Vec<Outgoing>) -> anyhow::Result<()> {
+        while self.producer.in_flight() >= self.window {
+            self.await_ack().await?;
+        }
+        if let Err(e) = self.producer.send(batch).await {
+            self.recover(e).await?;
+        }
+        Ok(())
+    }
+
+    async fn await_ack(&mut self) -> anyhow::Result<()> {
+        match self.producer.next_ack().await {
+            Ok(ack) => self.totals.record(&ack),
+            Err(e) => self.recover(e).await?,
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        while self.producer.in_flight() > 0 {
+            self.await_ack().await?;
+        }
+        Ok(())
+    }
+
+    async fn recover(&mut self, error: ClientError) -> anyhow::Result<()> {
+        if !error.is_retriable() {
+            return Err(error.into());
+        }
+        eprintln!("produce: {error}; reconnecting to {}", self.options.addr);
+        let deadline = Instant::now() + RECONNECT_GIVE_UP;
+        let mut backoff = Backoff::new(100, 5_000);
+        loop {
+            tokio::time::sleep(Duration::from_millis(backoff.next_delay_ms(self.env.random.next_u64()))).await;
+            let attempt = async {
+                let client = Client::connect(&self.options).await?;
+                self.producer.resume(&client).await?;
+                Ok::<_, ClientError>(client)
+            };
+            match attempt.await {
+                Ok(client) => {
+                    self.client = client;
+                    eprintln!("produce: reconnected; resent {} unacknowledged batch(es)", self.producer.in_flight());
+                    return Ok(());
+                }
+                Err(e) if e.is_retriable() && Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "reconnect failed")
+                }
+                Err(e) => bail!("giving up after {}s: {e}", RECONNECT_GIVE_UP.as_secs()),
+            }
+        }
+    }
+}
+
+async fn connect(options: &ClientOptions) -> anyhow::Result<Client> {
+    Client::connect(options).await.with_context(|| {
+        format!("is a node running at {}, and are its certificates in {}?", options.addr, options.certs_dir.display())
+    })
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+pub(crate) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    let mut p = ResilientProducer::open(&args.conn, &args.topic, args.producer.clone(), args.window as usize).await?;
+    let started = Instant::now();
+    let key = args.key.as_ref().map(|k| k.as_bytes().to_vec());
+    match args.count {
+        Some(count) => produce_synthetic(&mut p, &args, count, key).await?,
+        None => produce_lines(&mut p, &args, key).await?,
+    }
+    p.flush().await?;
+    let secs = started.elapsed().as_secs_f64();
+    let t = &mut p.totals;
+    t.latencies_us.sort_unstable();
+    eprintln!(
+        "produced {} message(s) to {} as producer {} ({} duplicate(s)) in {secs:.2}s: {:.0} msgs/s, batch ack latency p50 {:.1} ms p99 {:.1} ms",
+        t.stored,
+        args.topic,
+        p.producer.id(),
+        t.duplicates,
+        (t.stored + t.duplicates) as f64 / secs.max(1e-9),
+        percentile(&t.latencies_us, 0.5) as f64 / 1000.0,
+        percentile(&t.latencies_us, 0.99) as f64 / 1000.0,
+    );
+    p.client.close().await;
+    Ok(())
+}
+
+async fn produce_lines(p: &mut ResilientProducer, args: &ProduceArgs, key: Option<Vec<u8>>) -> anyhow::Result<()> {
+    let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &args.file {
+        Some(f) => Box::new(tokio::fs::File::open(f).await.with_context(|| format!("opening {}", f.display()))?),
+        None => Box::new(tokio::io::stdin()),
+    };
+    let mut lines = BufReader::new(input).lines();
+    let mut batch = Vec::new();
+    let mut batch_deadline = None;
+    loop {
+        let line = match batch_deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, lines.next_line()).await {
+                Ok(line) => line?,
+                Err(_) => {
+                    p.send(std::mem::take(&mut batch)).await?;
+                    batch_deadline = None;
+                    continue;
+                }
+            },
+            None => lines.next_line().await?,
+        };
+        let Some(line) = line else { break };
+        batch.push(Outgoing { key: key.clone(), headers: Vec::new(), payload: line.into_bytes() });
+        batch_deadline.get_or_insert_with(|| Instant::now() + LINGER);
+        if batch.len() as u64 >= args.batch {
+            p.send(std::mem::take(&mut batch)).await?;
+            batch_deadline = None;
+        }
+    }
+    if !batch.is_empty() {
+        p.send(batch).await?;
+    }
+    Ok(())
+}
+
+async fn produce_synthetic(
+    p: &mut ResilientProducer,
+    args: &ProduceArgs,
+    count: u64,
+    key: Option<Vec<u8>>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut last_report = started;
+    let mut sent = 0u64;
+    while sent < count {
+        let n = args.batch.min(count - sent);
+        if let Some(rate) = args.rate {
+            // Pace by schedule, not by sleeping per batch, so ack latency does not slow the rate.
+            let due = started + Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+            tokio::time::sleep_until(due).await;
+        }
+        let batch = (0..n)
+            .map(|i| {
+                let mut payload = vec![b'x'; args.size];
+                let stamp = (sent + i).to_le_bytes();
+                let k = stamp.len().min(payload.len());
+                payload[..k].copy_from_slice(&stamp[..k]);
+                Outgoing { key: key.clone(), headers: Vec::new(), payload }
+            })
+            .collect();
+        p.send(batch).await?;
+        sent += n;
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            eprintln!("produce: {sent}/{count} sent, {} acknowledged", p.totals.stored + p.totals.duplicates);
+        }
+    }
+    Ok(())
+}
+
+/// Output format of `rill consume`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum Format {
+    /// The payload, one message per line.
+    Text,
+    /// One JSON object per line with offset, id, origin, time, key, headers and payload.
+    Json,
+}
+
+/// Flags of `rill consume`.
+#[derive(Debug, Args)]
+pub(crate) struct ConsumeArgs {
+    /// Topic, `tenant/namespace/topic`.
+    topic: String,
+    #[command(flatten)]
+    conn: Conn,
+    /// Subscription name; its acked position is stored on the node.
+    #[arg(long, short)]
+    subscription: String,
+    /// Where a new subscription starts: earliest, latest or an offset. An existing
+    /// subscription continues after its last ack.
+    #[arg(long, default_value = "earliest", value_parser = parse_start)]
+    from: StartPosition,
+    /// Exit after this many messages.
+    #[arg(short = 'n', long)]
+    count: Option<u64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+fn parse_start(s: &str) -> Result<StartPosition, String> {
+    match s {
+        "earliest" => Ok(StartPosition::Earliest),
+        "latest" => Ok(StartPosition::Latest),
+        n => n.parse().map(StartPosition::Offset).map_err(|_| format!("'{n}' is not earliest, latest or an offset")),
+    }
+}
+
+fn bytes_json(b: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => serde_json::Value::String(s.to_string()),
+        Err(_) => serde_json::json!({ "hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
+    }
+}
+
+fn message_json(m: &rill_storage::StoredMessage) -> serde_json::Value {
+    let msg = &m.message;
+    serde_json::json!({
+        "offset": m.offset,
+        "id": { "producer": msg.id.producer.0, "seq": msg.id.seq },
+        "origin": msg.origin,
+        "publish_time_ms": msg.publish_time_ms,
+        "key": msg.key.as_deref().map(bytes_json),
+        "headers": msg.headers.iter().map(|(k, v)| (k.clone(), bytes_json(v))).collect::<serde_json::Map<_, _>>(),
+        "payload": bytes_json(&msg.payload),
+    })
+}
+
+pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let client = connect(&ClientOptions::new(args.conn.addr, &args.conn.certs)).await?;
+    let mut consumer = client.subscribe(&args.topic, &args.subscription, args.from).await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut seen = 0u64;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    while args.count.is_none_or(|n| seen < n) {
+        let next = tokio::select! {
+            m = consumer.next() => m?,
+            _ = &mut ctrl_c => break,
+        };
+        let Some(m) = next else {
+            eprintln!("consume: the node closed the subscription");
+            break;
+        };
+        match args.format {
+            Format::Text => {
+                out.write_all(&m.message.payload)?;
+                out.write_all(b"\n")?;
+            }
+            Format::Json => writeln!(out, "{}", message_json(&m))?,
+        }
+        consumer.ack(m.offset);
+        seen += 1;
+        // Acks leave only after what they acknowledge has reached stdout: a crash between
+        // printing and acking redelivers rather than loses.
+        if consumer.buffered() == 0 || consumer.pending_acks() >= ACKS_PENDING_MAX {
+            out.flush()?;
+            consumer.flush_acks().await?;
+        }
+    }
+    out.flush()?;
+    consumer.close().await?;
+    client.close().await;
+    Ok(())
+}
+
+pub(crate) async fn topics_list(args: ConnArgs) -> anyhow::Result<()> {
+    let client = connect(&ClientOptions::new(args.conn.addr, &args.conn.certs)).await?;
+    let topics = client.list_topics().await?;
+    println!("{:<48} {:>12} {:>12} {:>14}", "TOPIC", "START", "END", "BYTES");
+    for t in topics {
+        println!("{:<48} {:>12} {:>12} {:>14}", t.topic, t.start_offset, t.end_offset, t.bytes);
+    }
+    client.close().await;
+    Ok(())
+}
+
+pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let client = connect(&ClientOptions::new(args.conn.addr, &args.conn.certs)).await?;
+    let stats = client.stats().await?;
+    client.close().await;
+    if args.json {
+        let topics: Vec<serde_json::Value> = stats
+            .topics
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "topic": t.topic, "start_offset": t.start_offset, "end_offset": t.end_offset,
+                    "messages": t.end_offset - t.start_offset, "bytes": t.bytes, "segments": t.segments,
+                    "producers": t.producers, "messages_in": t.messages_in, "duplicates": t.duplicates,
+                    "subscriptions": t.subscriptions.iter().map(|s| serde_json::json!({
+                        "name": s.name, "ack_floor": s.ack_floor, "backlog_messages": s.backlog_messages, "connected": s.connected,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "node": stats.node, "uptime_ms": stats.uptime_ms, "topics": topics }));
+        return Ok(());
+    }
+    println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
+    println!(
+        "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10}",
+        "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS"
+    );
+    for t in &stats.topics {
+        println!(
+            "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10}",
+            t.topic,
+            t.end_offset - t.start_offset,
+            t.bytes,
+            t.start_offset,
+            t.end_offset,
+            t.segments,
+            t.messages_in,
+            t.duplicates
+        );
+        for s in &t.subscriptions {
+            println!(
+                "  subscription {:<26} ack floor {:>10}  backlog {:>10}  {}",
+                s.name,
+                s.ack_floor,
+                s.backlog_messages,
+                if s.connected { "connected" } else { "idle" }
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! The `rill` command line. This is the program's `main` layer: it parses flags, sets up
+//! logging and reports errors with `anyhow`; everything it does goes through the library.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod client_cmds;
+mod node_cmd;
+
+/// Default address of client commands.
+const DEFAULT_ADDR: &str = "127.0.0.1:7400";
+/// Default certificate directory of client commands: the dev certificates a node made
+/// under its default data dir, so a newcomer's client works with no flags.
+const DEFAULT_CERTS: &str = "./rill-data/certs";
+
+/// rill: a geo-replicated edge-to-cloud streaming mesh.
+#[derive(Debug, Parser)]
+#[command(name = "rill", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run or manage a node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Make certificates for a mesh.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Produce messages: stdin lines, a file's lines, or synthetic load.
+    Produce(client_cmds::ProduceArgs),
+    /// Consume messages from a durable subscription, printing one per line.
+    Consume(client_cmds::ConsumeArgs),
+    /// Topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Node statistics: per topic messages, bytes, offsets, subscriptions.
+    Stats(client_cmds::StatsArgs),
+    /// Benchmarks (print figures; not tests).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Run a node in the foreground until Ctrl-C or SIGTERM.
+    Run(node_cmd::RunArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a CA, node certificates and a client certificate in a directory.
+    Init {
+        /// Directory to write into (created; must not already hold a CA).
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Comma-separated node names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsCommand {
+    /// List topics with their offsets and sizes.
+    List(client_cmds::ConnArgs),
+}
+
+/// Where a client command connects.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct Conn {
+    /// Node address.
+    #[arg(long, default_value = DEFAULT_ADDR)]
+    addr: SocketAddr,
+    /// Directory with ca.pem, client.pem and client.key.
+    #[arg(long, default_value = DEFAULT_CERTS)]
+    certs: PathBuf,
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Runs the command line; the process's exit status follows the result.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_log = if matches!(cli.command, Command::Node(_)) { "info" } else { "warn" };
+    init_tracing(default_log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(NodeCommand::Run(args)) => node_cmd::run(args).await,
+        Command::Certs(CertsCommand::Init { dir, nodes }) => certs_init(&dir, &nodes),
+        Command::Produce(args) => client_cmds::produce(args).await,
+        Command::Consume(args) => client_cmds::consume(args).await,
+        Command::Topics(TopicsCommand::List(args)) => client_cmds::topics_list(args).await,
+        Command::Stats(args) => client_cmds::stats(args).await,
+        Command::Bench(cmd) => bench::run(cmd).await,
+    }
+}
+
+fn certs_init(dir: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
+    for n in nodes {
+        rill_storage::NodeName::parse(n)?;
+    }
+    rill_transport::certs::create_ca(dir)?;
+    for n in nodes {
+        rill_transport::certs::issue_node(dir, n)?;
+    }
+    rill_transport::certs::issue_client(dir)?;
+    println!("wrote CA, {} node certificate(s) and a client certificate to {}", nodes.len(), dir.display());
+    Ok(())
+}

@@ -1,0 +1,421 @@
+//! The client library: connect to a node, produce with pipelining and idempotent
+//! retries, consume from a durable subscription, and admin calls. The CLI and the tests
+//! use it; so can applications.
+use std::{
+    collections::VecDeque,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use rill_storage::StoredMessage;
+use rill_transport::{
+    FrameError, Net, TokioNet,
+    certs::{CertError, Identity, MESH_SERVER_NAME},
+    frame,
+    tls::{self, ALPN_CLIENT, TlsError},
+};
+use tokio::time::Instant;
+
+use crate::protocol::{ErrorCode, NewMessage, NodeStats, Produced, Request, Response, StartPosition, TopicStats};
+
+/// Largest frame the client accepts from a node (a delivery is at most half of the
+/// node's frame limit, 16 MiB by default).
+const CLIENT_FRAME_BYTES_MAX: u32 = 64 << 20;
+
+/// Errors of client operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Client certificates could not be loaded.
+    #[error("client certificates: {0}")]
+    Certs(#[from] CertError),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// No connection could be made.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The node's address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The connection broke.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A frame could not be read or written.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The node refused the request.
+    #[error("node refused the request ({code:?}): {message}")]
+    Refused {
+        /// Category.
+        code: ErrorCode,
+        /// The node's explanation.
+        message: String,
+    },
+    /// The node answered something the protocol does not allow here.
+    #[error("unexpected answer from the node: {0}")]
+    Unexpected(String),
+    /// The node closed the stream.
+    #[error("the node closed the stream")]
+    Closed,
+}
+
+impl ClientError {
+    /// True when retrying the same operation (perhaps after reconnecting) may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Refused { code, .. } => code.is_retriable(),
+            ClientError::Connect { .. } | ClientError::Connection(_) | ClientError::Closed => true,
+            ClientError::Frame(FrameError::Io(_) | FrameError::Truncated) => true,
+            _ => false,
+        }
+    }
+}
+
+fn refused_or_unexpected(r: Response) -> ClientError {
+    match r {
+        Response::Error { code, message } => ClientError::Refused { code, message },
+        other => ClientError::Unexpected(format!("{other:?}").chars().take(200).collect()),
+    }
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The node's address.
+    pub addr: SocketAddr,
+    /// Directory holding `ca.pem`, `client.pem` and `client.key`.
+    pub certs_dir: PathBuf,
+    /// Name the node's certificate must carry.
+    pub server_name: String,
+}
+
+impl ClientOptions {
+    /// Options for `addr` with certificates from `certs_dir`.
+    pub fn new(addr: SocketAddr, certs_dir: impl Into<PathBuf>) -> Self {
+        ClientOptions { addr, certs_dir: certs_dir.into(), server_name: MESH_SERVER_NAME.to_string() }
+    }
+}
+
+/// A connection to a node.
+#[derive(Debug, Clone)]
+pub struct Client {
+    endpoint: Endpoint,
+    conn: Connection,
+}
+
+impl Client {
+    /// Connects over real sockets.
+    pub async fn connect(options: &ClientOptions) -> Result<Client, ClientError> {
+        Self::connect_with(&TokioNet, options).await
+    }
+
+    /// Connects over the given network edge (the simulation passes its own).
+    pub async fn connect_with(net: &dyn Net, options: &ClientOptions) -> Result<Client, ClientError> {
+        let identity = Identity::client(&options.certs_dir).load()?;
+        let crypto = tls::client_config(&identity, net.tls_time(), ALPN_CLIENT)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(rill_transport::net::Limits::default().transport_config());
+        let local: SocketAddr = match options.addr {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let addr = options.addr;
+        let fail = |reason: String| ClientError::Connect { addr, reason };
+        let mut endpoint = rill_transport::net::endpoint(net, local, None).map_err(|e| fail(e.to_string()))?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint.connect(addr, &options.server_name).map_err(|e| fail(e.to_string()))?;
+        let conn = connecting.await.map_err(|e| fail(e.to_string()))?;
+        Ok(Client { endpoint, conn })
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+
+    /// Opens a bare stream, for tools and tests that speak the frame protocol directly.
+    pub async fn open_stream(&self) -> Result<(SendStream, RecvStream), ClientError> {
+        Ok(self.conn.open_bi().await?)
+    }
+
+    /// Sends one request on its own stream and reads the one answer.
+    async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let (mut send, mut recv) = self.open_stream().await?;
+        let mut buf = Vec::new();
+        frame::write_frame(&mut send, request, &mut buf).await?;
+        let _ = send.finish();
+        frame::read_frame(&mut recv, CLIENT_FRAME_BYTES_MAX, &mut buf).await?.ok_or(ClientError::Closed)
+    }
+
+    /// Lists topics.
+    pub async fn list_topics(&self) -> Result<Vec<TopicStats>, ClientError> {
+        match self.call(&Request::ListTopics).await? {
+            Response::Topics(t) => Ok(t),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
+    /// Node statistics.
+    pub async fn stats(&self) -> Result<NodeStats, ClientError> {
+        match self.call(&Request::Stats).await? {
+            Response::Stats(s) => Ok(s),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
+    /// Opens a producer on `topic`. `producer` is a stable name (its sequence numbers
+    /// continue where the node's dedup state says they ended) or a fresh random id.
+    pub async fn producer(&self, topic: &str, producer: String) -> Result<Producer, ClientError> {
+        let next_seq =
+            match self.call(&Request::OpenProducer { topic: topic.into(), producer: producer.clone() }).await? {
+                Response::ProducerOpened { next_seq } => next_seq,
+                other => return Err(refused_or_unexpected(other)),
+            };
+        let (send, recv) = self.open_stream().await?;
+        Ok(Producer {
+            topic: topic.into(),
+            producer,
+            next_seq,
+            send,
+            recv,
+            in_flight: VecDeque::new(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Attaches to subscription `subscription` of `topic`; `start` applies only when the
+    /// subscription is new.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        subscription: &str,
+        start: StartPosition,
+    ) -> Result<Consumer, ClientError> {
+        let (mut send, mut recv) = self.open_stream().await?;
+        let mut buf = Vec::new();
+        let request = Request::Subscribe { topic: topic.into(), subscription: subscription.into(), start };
+        frame::write_frame(&mut send, &request, &mut buf).await?;
+        match frame::read_frame(&mut recv, CLIENT_FRAME_BYTES_MAX, &mut buf).await?.ok_or(ClientError::Closed)? {
+            Response::Subscribed { start_offset } => {
+                Ok(Consumer { send, recv, start_offset, buffer: VecDeque::new(), acks: Vec::new(), buf })
+            }
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+}
+
+/// A message to produce; the producer assigns its sequence number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Optional routing key.
+    pub key: Option<Vec<u8>>,
+    /// Application headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl Outgoing {
+    /// A message with only a payload.
+    pub fn payload(payload: impl Into<Vec<u8>>) -> Self {
+        Outgoing { payload: payload.into(), ..Default::default() }
+    }
+}
+
+/// A batch sent and not yet acknowledged.
+#[derive(Debug)]
+struct InFlight {
+    messages: Vec<NewMessage>,
+    sent_at: Instant,
+}
+
+/// The node's answer to one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchAck {
+    /// Sequence number of the batch's first message.
+    pub first_seq: u64,
+    /// One entry per message, in order.
+    pub results: Vec<Produced>,
+    /// When the batch was (last) sent.
+    pub sent_at: Instant,
+}
+
+/// A pipelined producer on one topic. Batches are acknowledged in the order sent; every
+/// unacknowledged batch is kept so that [`Producer::resume`] can resend it on a new
+/// connection, where the node's dedup answers what was already stored.
+#[derive(Debug)]
+pub struct Producer {
+    topic: String,
+    producer: String,
+    next_seq: u64,
+    send: SendStream,
+    recv: RecvStream,
+    in_flight: VecDeque<InFlight>,
+    buf: Vec<u8>,
+}
+
+impl Producer {
+    /// The producer id.
+    pub fn id(&self) -> &str {
+        &self.producer
+    }
+
+    /// The sequence number the next message will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Batches sent and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Sends a batch without waiting for its acknowledgement; returns its first seq.
+    pub async fn send(&mut self, batch: Vec<Outgoing>) -> Result<u64, ClientError> {
+        let first_seq = self.next_seq;
+        let messages: Vec<NewMessage> = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| NewMessage { seq: first_seq + i as u64, key: m.key, headers: m.headers, payload: m.payload })
+            .collect();
+        self.next_seq += messages.len() as u64;
+        self.in_flight.push_back(InFlight { messages, sent_at: Instant::now() });
+        let batch = self.in_flight.back().expect("just pushed");
+        let request = Request::Produce {
+            topic: self.topic.clone(),
+            producer: self.producer.clone(),
+            messages: batch.messages.clone(),
+        };
+        frame::write_frame(&mut self.send, &request, &mut self.buf).await?;
+        Ok(first_seq)
+    }
+
+    /// Waits for the acknowledgement of the oldest batch in flight. A refusal drops that
+    /// batch (it will not be resent) and is returned as an error.
+    pub async fn next_ack(&mut self) -> Result<BatchAck, ClientError> {
+        let response = frame::read_frame(&mut self.recv, CLIENT_FRAME_BYTES_MAX, &mut self.buf)
+            .await?
+            .ok_or(ClientError::Closed)?;
+        let batch =
+            self.in_flight.front().ok_or_else(|| ClientError::Unexpected("an answer with nothing in flight".into()))?;
+        let first_seq = batch.messages.first().map_or(self.next_seq, |m| m.seq);
+        let sent_at = batch.sent_at;
+        match response {
+            Response::Produced(results) if results.len() == batch.messages.len() => {
+                self.in_flight.pop_front();
+                Ok(BatchAck { first_seq, results, sent_at })
+            }
+            Response::Error { code, message } if !code.is_retriable() => {
+                self.in_flight.pop_front();
+                Err(ClientError::Refused { code, message })
+            }
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
+    /// Waits for every batch in flight.
+    pub async fn flush(&mut self) -> Result<Vec<BatchAck>, ClientError> {
+        let mut acks = Vec::with_capacity(self.in_flight.len());
+        while !self.in_flight.is_empty() {
+            acks.push(self.next_ack().await?);
+        }
+        Ok(acks)
+    }
+
+    /// Continues on a new connection: opens a new stream and resends every unacknowledged
+    /// batch with its original sequence numbers, so nothing is lost or stored twice.
+    pub async fn resume(&mut self, client: &Client) -> Result<(), ClientError> {
+        let (send, recv) = client.open_stream().await?;
+        self.send = send;
+        self.recv = recv;
+        for batch in &mut self.in_flight {
+            batch.sent_at = Instant::now();
+            let request = Request::Produce {
+                topic: self.topic.clone(),
+                producer: self.producer.clone(),
+                messages: batch.messages.clone(),
+            };
+            frame::write_frame(&mut self.send, &request, &mut self.buf).await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the stream after flushing.
+    pub async fn close(mut self) -> Result<Vec<BatchAck>, ClientError> {
+        let acks = self.flush().await?;
+        let _ = self.send.finish();
+        Ok(acks)
+    }
+}
+
+/// A consumer attached to a subscription.
+#[derive(Debug)]
+pub struct Consumer {
+    send: SendStream,
+    recv: RecvStream,
+    start_offset: u64,
+    buffer: VecDeque<StoredMessage>,
+    acks: Vec<u64>,
+    buf: Vec<u8>,
+}
+
+impl Consumer {
+    /// The offset deliveries started from.
+    pub fn start_offset(&self) -> u64 {
+        self.start_offset
+    }
+
+    /// Messages received and not yet returned by [`Consumer::next`].
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// Acks recorded and not yet sent.
+    pub fn pending_acks(&self) -> usize {
+        self.acks.len()
+    }
+
+    /// The next message, waiting for one if needed; `None` when the node closed the
+    /// subscription. Pending acks are sent before waiting.
+    pub async fn next(&mut self) -> Result<Option<StoredMessage>, ClientError> {
+        if self.buffer.is_empty() {
+            self.flush_acks().await?;
+            match frame::read_frame(&mut self.recv, CLIENT_FRAME_BYTES_MAX, &mut self.buf).await? {
+                Some(Response::Deliver(messages)) => self.buffer.extend(messages),
+                Some(other) => return Err(refused_or_unexpected(other)),
+                None => return Ok(None),
+            }
+        }
+        Ok(self.buffer.pop_front())
+    }
+
+    /// Records the ack of a delivered message; it is sent by the next
+    /// [`Consumer::flush_acks`], or by [`Consumer::next`] before it waits for more.
+    pub fn ack(&mut self, offset: u64) {
+        self.acks.push(offset);
+    }
+
+    /// Sends buffered acks.
+    pub async fn flush_acks(&mut self) -> Result<(), ClientError> {
+        if !self.acks.is_empty() {
+            let offsets = std::mem::take(&mut self.acks);
+            frame::write_frame(&mut self.send, &Request::Ack { offsets }, &mut self.buf).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends buffered acks and detaches.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        self.flush_acks().await?;
+        let _ = self.send.finish();
+        // Wait until the node has read everything we sent (it then finishes its side).
+        let _ = self.send.stopped().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,200 @@
+//! The client protocol (ALPN `rill-client/1`): the values carried in frames on
+//! bidirectional streams. Frame encoding and its version byte live in
+//! `rill_transport::frame`; this module is the one place the client protocol's shapes live.
+//!
+//! A stream carries one of three conversations:
+//! - produce: any number of [`Request::Produce`], each answered in order by
+//!   [`Response::Produced`] or [`Response::Error`]; a client may pipeline many requests;
+//! - consume: one [`Request::Subscribe`], answered by [`Response::Subscribed`], then
+//!   [`Response::Deliver`] pushed by the node and [`Request::Ack`] sent by the client;
+//! - admin: [`Request::OpenProducer`], [`Request::ListTopics`], [`Request::Stats`], each
+//!   answered by one response.
+use rill_storage::{StoredMessage, topic::AppendOutcome};
+use serde::{Deserialize, Serialize};
+
+/// A message as a producer sends it; the node adds origin and publish time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMessage {
+    /// The producer's sequence number.
+    pub seq: u64,
+    /// Optional routing key.
+    #[serde(with = "serde_bytes")]
+    pub key: Option<Vec<u8>>,
+    /// Application headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The payload.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// Where a new subscription starts. Ignored when the subscription already exists: it
+/// continues after its last ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartPosition {
+    /// The first message held.
+    Earliest,
+    /// After the last message held now.
+    Latest,
+    /// A given offset.
+    Offset(u64),
+}
+
+/// Client to node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Asks where a producer's sequence numbers should continue on a topic.
+    OpenProducer {
+        /// `tenant/namespace/topic`.
+        topic: String,
+        /// The producer id.
+        producer: String,
+    },
+    /// Appends messages (atomically: all are validated before any is stored).
+    Produce {
+        /// `tenant/namespace/topic`.
+        topic: String,
+        /// The producer id.
+        producer: String,
+        /// The messages.
+        messages: Vec<NewMessage>,
+    },
+    /// Attaches this stream to a subscription.
+    Subscribe {
+        /// `tenant/namespace/topic`.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+        /// Where a new subscription starts.
+        start: StartPosition,
+    },
+    /// Acknowledges delivered offsets.
+    Ack {
+        /// The offsets.
+        offsets: Vec<u64>,
+    },
+    /// Lists topics.
+    ListTopics,
+    /// Node statistics.
+    Stats,
+}
+
+/// What happened to one produced message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Produced {
+    /// Stored at this offset.
+    Stored(u64),
+    /// Already held (a retry); stored earlier at this offset if the node remembers it.
+    Duplicate(Option<u64>),
+}
+
+impl From<AppendOutcome> for Produced {
+    fn from(o: AppendOutcome) -> Self {
+        match o {
+            AppendOutcome::Appended { offset } => Produced::Stored(offset),
+            AppendOutcome::Duplicate { offset } => Produced::Duplicate(offset),
+        }
+    }
+}
+
+/// Error categories, so clients can decide whether to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// A name is invalid.
+    InvalidName,
+    /// A message or frame is too large.
+    TooLarge,
+    /// A frame could not be decoded or was unexpected here.
+    Malformed,
+    /// The subscription already has a consumer.
+    SubscriptionBusy,
+    /// The disk is full; retry later.
+    DiskFull,
+    /// The node's storage failed; retry later.
+    Storage,
+    /// The node is shutting down; retry elsewhere or later.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    /// True when the same request may succeed later.
+    pub fn is_retriable(self) -> bool {
+        matches!(self, ErrorCode::DiskFull | ErrorCode::Storage | ErrorCode::ShuttingDown)
+    }
+}
+
+/// Per-topic statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicStats {
+    /// `tenant/namespace/topic`.
+    pub topic: String,
+    /// First offset held.
+    pub start_offset: u64,
+    /// One past the last durable offset.
+    pub end_offset: u64,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Producers tracked for dedup.
+    pub producers: u64,
+    /// Messages accepted since start.
+    pub messages_in: u64,
+    /// Retries answered as duplicates since start.
+    pub duplicates: u64,
+    /// Subscriptions.
+    pub subscriptions: Vec<SubscriptionStats>,
+}
+
+/// Per-subscription statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionStats {
+    /// Subscription name.
+    pub name: String,
+    /// Every offset below this is acked.
+    pub ack_floor: u64,
+    /// Messages from the ack floor to the end (an upper bound on the backlog).
+    pub backlog_messages: u64,
+    /// True when a consumer is attached.
+    pub connected: bool,
+}
+
+/// Node statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// The node's name.
+    pub node: String,
+    /// Milliseconds since the node started.
+    pub uptime_ms: u64,
+    /// Topics.
+    pub topics: Vec<TopicStats>,
+}
+
+/// Node to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to [`Request::OpenProducer`].
+    ProducerOpened {
+        /// The next sequence number to use (one past the highest held).
+        next_seq: u64,
+    },
+    /// Answer to [`Request::Produce`], one entry per message, in order.
+    Produced(Vec<Produced>),
+    /// Answer to [`Request::Subscribe`].
+    Subscribed {
+        /// The offset deliveries start from.
+        start_offset: u64,
+    },
+    /// Messages pushed to a consumer.
+    Deliver(Vec<StoredMessage>),
+    /// Answer to [`Request::ListTopics`].
+    Topics(Vec<TopicStats>),
+    /// Answer to [`Request::Stats`].
+    Stats(NodeStats),
+    /// The request failed.
+    Error {
+        /// Category.
+        code: ErrorCode,
+        /// What went wrong, for a person.
+        message: String,
+    },
+}

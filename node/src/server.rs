@@ -1,0 +1,497 @@
+//! The node: start-up (data dir, certificates, metadata, topics, endpoint), the accept
+//! loop, and the request conversations on client streams.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use quinn::{Endpoint, RecvStream, SendStream};
+use rill_storage::{
+    Message, MessageId, ProducerId, StorageError, TopicName,
+    log::LogConfig,
+    message::PRODUCER_ID_BYTES_MAX,
+    meta::MetaStore,
+    store::{self, TOPICS_DIR},
+    topic::TopicStore,
+};
+use rill_transport::{
+    FrameError,
+    certs::{self, Identity},
+    frame, net,
+    tls::{self, ALPN_CLIENT},
+};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::{
+    config::NodeConfig,
+    consume,
+    env::Env,
+    protocol::{ErrorCode, NewMessage, NodeStats, Request, Response, TopicStats},
+    topic::{AppendReply, Topic},
+};
+
+/// Responses a produce stream may have pending (pipelined) before the node stops reading
+/// it; with the QUIC stream window this bounds a producer's memory on the node.
+const PIPELINE_REQUESTS_MAX: usize = 64;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory cannot be used.
+    #[error("data dir {path} is not usable: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Certificates could not be made or loaded.
+    #[error(transparent)]
+    Certs(#[from] certs::CertError),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The log or metadata could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every task of a node.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) config: NodeConfig,
+    pub(crate) env: Env,
+    pub(crate) meta: Arc<dyn MetaStore>,
+    topics_root: PathBuf,
+    topics: RwLock<BTreeMap<TopicName, Arc<Topic>>>,
+    /// Topics that failed to open at start-up, with the reason; they stay unavailable
+    /// until an operator repairs them and restarts the node.
+    unavailable: BTreeMap<TopicName, String>,
+    create_lock: tokio::sync::Mutex<()>,
+    /// Subscriptions that have a consumer attached.
+    pub(crate) attached: Mutex<BTreeSet<(TopicName, String)>>,
+    started_ms: u64,
+    shutting_down: AtomicBool,
+    connections: AtomicU32,
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+}
+
+fn data_dir_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |source| StartError::DataDir { path: path.to_path_buf(), source }
+}
+
+/// Fails early, with the directory's name, when the data dir cannot take writes.
+fn check_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    std::fs::create_dir_all(dir).map_err(data_dir_error(dir))?;
+    let probe = dir.join(".rill-write-check");
+    std::fs::write(&probe, b"ok").map_err(data_dir_error(dir))?;
+    std::fs::remove_file(&probe).map_err(data_dir_error(dir))
+}
+
+fn load_identity(config: &NodeConfig, name: &str) -> Result<Identity, StartError> {
+    Ok(match (&config.tls.ca, &config.tls.cert, &config.tls.key) {
+        (Some(ca), Some(cert), Some(key)) => Identity { ca: ca.clone(), cert: cert.clone(), key: key.clone() },
+        _ => certs::ensure_dev_certs(&config.dev_certs_dir(), name)?,
+    })
+}
+
+impl Node {
+    /// Starts a node: checks the config and data dir, makes dev certificates if needed,
+    /// opens metadata and every topic (recovering their logs), and listens.
+    pub async fn start(config: NodeConfig, env: Env) -> Result<Node, StartError> {
+        config.validate()?;
+        let name = config.node_name();
+        check_data_dir(&config.data_dir)?;
+        let identity = load_identity(&config, &name)?.load()?;
+        let tls = tls::server_config(&identity, env.net.tls_time(), &[ALPN_CLIENT])?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
+        server.transport_config(net::Limits::default().transport_config());
+
+        let meta = env.meta.open(&config.data_dir.join("meta"))?;
+        let topics_root = config.data_dir.join(TOPICS_DIR);
+        let log_config = log_config(&config);
+        let mut topics = BTreeMap::new();
+        let mut unavailable = BTreeMap::new();
+        for (name, opened) in store::open_all(&env.fs, meta.as_ref(), &topics_root, log_config)? {
+            match opened {
+                Ok(store) => {
+                    let s = &config.storage;
+                    let topic =
+                        Topic::start(store, env.clone(), s.produce_queue_requests_max, s.group_commit_requests_max);
+                    topics.insert(name, topic);
+                }
+                Err(e) => {
+                    tracing::error!(topic = %name, error = %e, "topic unavailable; serving the others");
+                    unavailable.insert(name, e.to_string());
+                }
+            }
+        }
+        let topic_count = topics.len();
+
+        let endpoint = net::endpoint(env.net.as_ref(), config.listen, Some(server))
+            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let local_addr = endpoint.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let shared = Arc::new(Shared {
+            name: name.clone(),
+            started_ms: env.clock.now_ms(),
+            config,
+            env,
+            meta,
+            topics_root,
+            topics: RwLock::new(topics),
+            unavailable,
+            create_lock: tokio::sync::Mutex::new(()),
+            attached: Mutex::new(BTreeSet::new()),
+            shutting_down: AtomicBool::new(false),
+            connections: AtomicU32::new(0),
+        });
+        let span = tracing::info_span!("node", name = %name);
+        tokio::spawn(accept_loop(Arc::clone(&shared), endpoint.clone()).instrument(span.clone()));
+        tokio::spawn(checkpoint_loop(Arc::clone(&shared)).instrument(span.clone()));
+        span.in_scope(|| tracing::info!(%local_addr, topics = topic_count, "node listening"));
+        Ok(Node { shared, endpoint, local_addr })
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Stops accepting work, closes connections, and saves metadata.
+    pub async fn shutdown(self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        self.endpoint.close(0u32.into(), b"node shutting down");
+        checkpoint_all(&self.shared).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        tracing::info!(node = %self.shared.name, "node stopped");
+    }
+}
+
+fn log_config(config: &NodeConfig) -> LogConfig {
+    LogConfig {
+        segment_bytes_max: config.storage.segment_bytes_max,
+        index_interval_bytes: config.storage.index_interval_bytes,
+    }
+}
+
+impl Shared {
+    /// The topic, opened or created on first use.
+    pub(crate) async fn topic(&self, name: &TopicName) -> Result<Arc<Topic>, StorageError> {
+        if let Some(t) = self.topics.read().expect("topics lock poisoned").get(name) {
+            return Ok(Arc::clone(t));
+        }
+        if let Some(reason) = self.unavailable.get(name) {
+            return Err(StorageError::Unavailable { topic: name.to_string(), reason: reason.clone() });
+        }
+        let _creating = self.create_lock.lock().await;
+        if let Some(t) = self.topics.read().expect("topics lock poisoned").get(name) {
+            return Ok(Arc::clone(t));
+        }
+        let (fs, meta, root, name2, cfg) = (
+            Arc::clone(&self.env.fs),
+            Arc::clone(&self.meta),
+            self.topics_root.clone(),
+            name.clone(),
+            log_config(&self.config),
+        );
+        let store = self.env.run_blocking(move || TopicStore::open(fs, meta.as_ref(), &root, name2, cfg)).await?;
+        tracing::info!(topic = %name, "created topic");
+        let s = &self.config.storage;
+        let topic = Topic::start(store, self.env.clone(), s.produce_queue_requests_max, s.group_commit_requests_max);
+        self.topics.write().expect("topics lock poisoned").insert(name.clone(), Arc::clone(&topic));
+        Ok(topic)
+    }
+
+    fn topic_list(&self) -> Vec<Arc<Topic>> {
+        self.topics.read().expect("topics lock poisoned").values().cloned().collect()
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        if shared.connections.load(Ordering::Relaxed) >= shared.config.limits.connections_max {
+            tracing::warn!(remote = %incoming.remote_address(), "refusing connection: connections_max reached");
+            incoming.refuse();
+            continue;
+        }
+        let shared = Arc::clone(&shared);
+        tokio::spawn(
+            async move {
+                let remote = incoming.remote_address();
+                shared.connections.fetch_add(1, Ordering::Relaxed);
+                match incoming.await {
+                    Ok(conn) => serve_connection(Arc::clone(&shared), conn).await,
+                    Err(e) => tracing::info!(%remote, error = %e, "client handshake failed"),
+                }
+                shared.connections.fetch_sub(1, Ordering::Relaxed);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    if net::negotiated_alpn(&conn).as_deref() != Some(ALPN_CLIENT) {
+        conn.close(1u32.into(), b"unsupported protocol");
+        return;
+    }
+    tracing::debug!(%remote, "client connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_stream(Arc::clone(&shared), send, recv).in_current_span());
+            }
+            Err(e) => {
+                tracing::debug!(%remote, reason = %e, "client connection ended");
+                return;
+            }
+        }
+    }
+}
+
+pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error { code, message: message.into() }
+}
+
+fn frame_error(e: &FrameError) -> Response {
+    let code = match e {
+        FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+        _ => ErrorCode::Malformed,
+    };
+    error(code, e.to_string())
+}
+
+pub(crate) fn storage_error(e: &StorageError) -> Response {
+    let code = if e.is_disk_full() { ErrorCode::DiskFull } else { ErrorCode::Storage };
+    error(code, e.to_string())
+}
+
+/// A response that may still be waiting for its group commit.
+enum Pending {
+    Ready(Response),
+    Append(AppendReply),
+}
+
+async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+    let max = shared.config.limits.frame_bytes_max;
+    let mut buf = Vec::new();
+    let first = match frame::read_frame::<_, Request>(&mut recv, max, &mut buf).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::info!(error = %e, "bad first frame on client stream");
+            let _ = frame::write_frame(&mut send, &frame_error(&e), &mut buf).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if let Request::Subscribe { topic, subscription, start } = first {
+        consume::serve(shared, topic, subscription, start, send, recv).await;
+        return;
+    }
+    let (tx, rx) = mpsc::channel(PIPELINE_REQUESTS_MAX);
+    let reader = read_requests(&shared, first, recv, tx);
+    let writer = write_responses(send, rx);
+    tokio::join!(reader, writer);
+}
+
+/// Reads requests in order and queues their (possibly pending) responses.
+async fn read_requests(shared: &Shared, first: Request, mut recv: RecvStream, tx: mpsc::Sender<Pending>) {
+    let max = shared.config.limits.frame_bytes_max;
+    let mut buf = Vec::new();
+    let mut next = Some(first);
+    while let Some(request) = next.take() {
+        let pending = handle_request(shared, request).await;
+        if tx.send(pending).await.is_err() {
+            return;
+        }
+        next = match frame::read_frame::<_, Request>(&mut recv, max, &mut buf).await {
+            Ok(r) => r,
+            Err(FrameError::Io(e)) => {
+                tracing::debug!(error = %e, "client stream ended");
+                None
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "bad frame on client stream; closing the stream");
+                let _ = tx.send(Pending::Ready(frame_error(&e))).await;
+                let _ = recv.stop(1u32.into());
+                None
+            }
+        };
+    }
+}
+
+/// Writes responses in request order, waiting for each pending group commit.
+async fn write_responses(mut send: SendStream, mut rx: mpsc::Receiver<Pending>) {
+    let mut buf = Vec::new();
+    while let Some(pending) = rx.recv().await {
+        let response = match pending {
+            Pending::Ready(r) => r,
+            Pending::Append(reply) => match reply.await {
+                Ok(Ok(outcomes)) => Response::Produced(outcomes.into_iter().map(Into::into).collect()),
+                Ok(Err(e)) => storage_error(&e),
+                Err(_) => error(ErrorCode::Storage, "the write was abandoned; retry"),
+            },
+        };
+        if frame::write_frame(&mut send, &response, &mut buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn handle_request(shared: &Shared, request: Request) -> Pending {
+    match request {
+        Request::Produce { topic, producer, messages } => produce(shared, &topic, producer, messages).await,
+        Request::OpenProducer { topic, producer } => Pending::Ready(open_producer(shared, &topic, producer).await),
+        Request::ListTopics => Pending::Ready(Response::Topics(topic_stats(shared))),
+        Request::Stats => Pending::Ready(Response::Stats(NodeStats {
+            node: shared.name.clone(),
+            uptime_ms: shared.env.clock.now_ms().saturating_sub(shared.started_ms),
+            topics: topic_stats(shared),
+        })),
+        Request::Subscribe { .. } => {
+            Pending::Ready(error(ErrorCode::Malformed, "Subscribe must be the first frame of its own stream"))
+        }
+        Request::Ack { .. } => {
+            Pending::Ready(error(ErrorCode::Malformed, "Ack is only valid on a subscription stream"))
+        }
+    }
+}
+
+pub(crate) fn parse_topic(topic: &str) -> Result<TopicName, Response> {
+    TopicName::parse(topic).map_err(|e| error(ErrorCode::InvalidName, e.to_string()))
+}
+
+fn check_producer(producer: &str) -> Result<ProducerId, Response> {
+    if producer.is_empty() || producer.len() > PRODUCER_ID_BYTES_MAX {
+        return Err(error(ErrorCode::InvalidName, format!("producer id must be 1..={PRODUCER_ID_BYTES_MAX} bytes")));
+    }
+    Ok(ProducerId(producer.to_string()))
+}
+
+async fn open_producer(shared: &Shared, topic: &str, producer: String) -> Response {
+    let (name, producer) = match (parse_topic(topic), check_producer(&producer)) {
+        (Ok(n), Ok(p)) => (n, p),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    match shared.topic(&name).await {
+        Ok(t) => Response::ProducerOpened {
+            next_seq: t.store.lock().expect("topic lock poisoned").dedup().next_seq(&producer),
+        },
+        Err(e) => storage_error(&e),
+    }
+}
+
+async fn produce(shared: &Shared, topic: &str, producer: String, messages: Vec<NewMessage>) -> Pending {
+    match prepare_produce(shared, topic, producer, messages).await {
+        Ok((topic, messages)) => match topic.append(messages).await {
+            Some(reply) => Pending::Append(reply),
+            None => Pending::Ready(error(ErrorCode::ShuttingDown, "the topic is closing")),
+        },
+        Err(response) => Pending::Ready(response),
+    }
+}
+
+/// Validates a produce request as a whole and stamps its messages.
+async fn prepare_produce(
+    shared: &Shared,
+    topic: &str,
+    producer: String,
+    messages: Vec<NewMessage>,
+) -> Result<(Arc<Topic>, Vec<Message>), Response> {
+    if shared.shutting_down.load(Ordering::Relaxed) {
+        return Err(error(ErrorCode::ShuttingDown, "node is shutting down"));
+    }
+    let name = parse_topic(topic)?;
+    let producer = check_producer(&producer)?;
+    let limit = shared.config.limits.message_bytes_max as usize;
+    let now_ms = shared.env.clock.now_ms();
+    let mut stamped = Vec::with_capacity(messages.len());
+    for m in messages {
+        let message = Message {
+            id: MessageId { producer: producer.clone(), seq: m.seq },
+            origin: shared.name.clone(),
+            publish_time_ms: now_ms,
+            key: m.key,
+            headers: m.headers,
+            payload: m.payload,
+        };
+        let size = message.size_bytes();
+        if size > limit {
+            return Err(error(
+                ErrorCode::TooLarge,
+                format!(
+                    "message seq {} is {size} bytes, more than message_bytes_max {limit}; nothing in this batch was stored",
+                    m.seq
+                ),
+            ));
+        }
+        stamped.push(message);
+    }
+    let topic = shared.topic(&name).await.map_err(|e| storage_error(&e))?;
+    Ok((topic, stamped))
+}
+
+fn topic_stats(shared: &Shared) -> Vec<TopicStats> {
+    shared.topic_list().iter().map(|t| consume::topic_stats(shared, t)).collect()
+}
+
+/// Saves every topic's dedup snapshot and flushes the metadata store.
+async fn checkpoint_all(shared: &Arc<Shared>) {
+    let topics = shared.topic_list();
+    let meta = Arc::clone(&shared.meta);
+    let result = shared
+        .env
+        .run_blocking(move || -> Result<(), StorageError> {
+            for t in &topics {
+                t.store.lock().expect("topic lock poisoned").checkpoint(meta.as_ref())?;
+            }
+            meta.flush()
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "checkpoint failed; metadata will be rebuilt from the log on restart");
+    }
+}
+
+async fn checkpoint_loop(shared: Arc<Shared>) {
+    let every = Duration::from_millis(shared.config.storage.checkpoint_interval_ms);
+    while !shared.shutting_down.load(Ordering::Relaxed) {
+        tokio::time::sleep(every).await;
+        checkpoint_all(&shared).await;
+    }
+}

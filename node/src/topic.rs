@@ -1,0 +1,124 @@
+//! A served topic: its store, the queue in front of its group commit, and the watch that
+//! wakes consumers when new messages become durable.
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+
+use rill_storage::{
+    Message, StorageError, StoredMessage, TopicName,
+    topic::{AppendOutcome, GroupResult, TopicStore, commit_group},
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::env::Env;
+
+/// One produce request waiting for its group commit.
+struct AppendJob {
+    messages: Vec<Message>,
+    reply: oneshot::Sender<GroupResult>,
+}
+
+/// The answer to an append, once its group is synced.
+pub(crate) type AppendReply = oneshot::Receiver<GroupResult>;
+
+/// Counters of a topic since the node started.
+#[derive(Debug, Default)]
+pub(crate) struct TopicCounters {
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+}
+
+/// A topic being served.
+pub(crate) struct Topic {
+    pub(crate) name: TopicName,
+    pub(crate) store: Arc<Mutex<TopicStore>>,
+    queue: mpsc::Sender<AppendJob>,
+    committed: watch::Receiver<u64>,
+    pub(crate) counters: Arc<TopicCounters>,
+    env: Env,
+}
+
+impl Topic {
+    /// Starts serving `store`: spawns its group-commit writer.
+    pub(crate) fn start(store: TopicStore, env: Env, queue_max: usize, group_max: usize) -> Arc<Topic> {
+        let name = store.name().clone();
+        let (committed_tx, committed) = watch::channel(store.log().committed_offset());
+        let store = Arc::new(Mutex::new(store));
+        let (queue, rx) = mpsc::channel(queue_max);
+        let counters = Arc::new(TopicCounters::default());
+        let writer = Writer {
+            store: Arc::clone(&store),
+            env: env.clone(),
+            committed_tx,
+            counters: Arc::clone(&counters),
+            group_max,
+        };
+        tokio::spawn(writer.run(rx));
+        Arc::new(Topic { name, store, queue, committed, counters, env })
+    }
+
+    /// Queues messages for the next group commit, waiting while the queue is full.
+    pub(crate) async fn append(&self, messages: Vec<Message>) -> Option<AppendReply> {
+        let (reply, rx) = oneshot::channel();
+        self.queue.send(AppendJob { messages, reply }).await.ok()?;
+        Some(rx)
+    }
+
+    /// Reads durable messages without blocking the runtime.
+    pub(crate) async fn read(
+        &self,
+        from: u64,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let store = Arc::clone(&self.store);
+        self.env
+            .run_blocking(move || store.lock().expect("topic lock poisoned").read(from, max_messages, max_bytes))
+            .await
+    }
+
+    /// A receiver of the durable end offset, which changes after every group commit.
+    pub(crate) fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+}
+
+/// The group-commit loop of one topic.
+struct Writer {
+    store: Arc<Mutex<TopicStore>>,
+    env: Env,
+    committed_tx: watch::Sender<u64>,
+    counters: Arc<TopicCounters>,
+    group_max: usize,
+}
+
+impl Writer {
+    /// Takes whatever is queued (up to `group_max` requests), commits it with one sync,
+    /// answers every request, and repeats. Requests that arrive during a sync form the
+    /// next group, so the group size follows the load.
+    async fn run(self, mut rx: mpsc::Receiver<AppendJob>) {
+        let mut jobs = Vec::with_capacity(self.group_max);
+        while rx.recv_many(&mut jobs, self.group_max).await > 0 {
+            let (batches, replies): (Vec<Vec<Message>>, Vec<_>) = jobs.drain(..).map(|j| (j.messages, j.reply)).unzip();
+            let store = Arc::clone(&self.store);
+            let results = self
+                .env
+                .run_blocking(move || {
+                    let refs: Vec<&[Message]> = batches.iter().map(Vec::as_slice).collect();
+                    commit_group(&store, &refs)
+                })
+                .await;
+            let committed = self.store.lock().expect("topic lock poisoned").log().committed_offset();
+            self.committed_tx.send_replace(committed);
+            for (result, reply) in results.into_iter().zip(replies) {
+                if let Ok(outcomes) = &result {
+                    let stored = outcomes.iter().filter(|o| matches!(o, AppendOutcome::Appended { .. })).count() as u64;
+                    self.counters.messages_in.fetch_add(stored, Ordering::Relaxed);
+                    self.counters.duplicates.fetch_add(outcomes.len() as u64 - stored, Ordering::Relaxed);
+                }
+                let _ = reply.send(result); // the producer may have gone; the data is stored anyway
+            }
+        }
+    }
+}
