@@ -92,12 +92,19 @@ pub struct ClientOptions {
     pub certs_dir: PathBuf,
     /// Name the node's certificate must carry.
     pub server_name: String,
+    /// Flow-control windows and liveness timeouts of the connection.
+    pub limits: rill_transport::net::Limits,
 }
 
 impl ClientOptions {
     /// Options for `addr` with certificates from `certs_dir`.
     pub fn new(addr: SocketAddr, certs_dir: impl Into<PathBuf>) -> Self {
-        ClientOptions { addr, certs_dir: certs_dir.into(), server_name: MESH_SERVER_NAME.to_string() }
+        ClientOptions {
+            addr,
+            certs_dir: certs_dir.into(),
+            server_name: MESH_SERVER_NAME.to_string(),
+            limits: rill_transport::net::Limits::default(),
+        }
     }
 }
 
@@ -119,7 +126,7 @@ impl Client {
         let identity = Identity::client(&options.certs_dir).load()?;
         let crypto = tls::client_config(&identity, net.tls_time(), ALPN_CLIENT)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(rill_transport::net::Limits::default().transport_config());
+        config.transport_config(options.limits.transport_config());
         let local: SocketAddr = match options.addr {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),

@@ -212,10 +212,8 @@ impl Delivery<'_> {
                 changed = true;
             }
         }
-        if changed {
-            if let Err(e) = meta::put_record(self.shared.meta.as_ref(), &self.key, &self.cursor) {
-                tracing::warn!(key = %self.key, error = %e, "could not store cursor; acks may be redelivered");
-            }
+        if changed && let Err(e) = meta::put_record(self.shared.meta.as_ref(), &self.key, &self.cursor) {
+            tracing::warn!(key = %self.key, error = %e, "could not store cursor; acks may be redelivered");
         }
     }
 }

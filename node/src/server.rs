@@ -80,6 +80,8 @@ pub enum StartError {
 /// State shared by every task of a node.
 pub(crate) struct Shared {
     pub(crate) name: String,
+    /// The name as stamped on every message this node accepts (shared, not copied).
+    origin: Arc<str>,
     pub(crate) config: NodeConfig,
     pub(crate) env: Env,
     pub(crate) meta: Arc<dyn MetaStore>,
@@ -160,6 +162,7 @@ impl Node {
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
             name: name.clone(),
+            origin: name.as_str().into(),
             started_ms: env.clock.now_ms(),
             config,
             env,
@@ -400,7 +403,7 @@ fn check_producer(producer: &str) -> Result<ProducerId, Response> {
     if producer.is_empty() || producer.len() > PRODUCER_ID_BYTES_MAX {
         return Err(error(ErrorCode::InvalidName, format!("producer id must be 1..={PRODUCER_ID_BYTES_MAX} bytes")));
     }
-    Ok(ProducerId(producer.to_string()))
+    Ok(ProducerId(producer.into()))
 }
 
 async fn open_producer(shared: &Shared, topic: &str, producer: String) -> Response {
@@ -442,9 +445,12 @@ async fn prepare_produce(
     let now_ms = shared.env.clock.now_ms();
     let mut stamped = Vec::with_capacity(messages.len());
     for m in messages {
+        if m.seq == u64::MAX {
+            return Err(error(ErrorCode::Malformed, format!("seq {} is reserved", u64::MAX)));
+        }
         let message = Message {
             id: MessageId { producer: producer.clone(), seq: m.seq },
-            origin: shared.name.clone(),
+            origin: Arc::clone(&shared.origin),
             publish_time_ms: now_ms,
             key: m.key,
             headers: m.headers,

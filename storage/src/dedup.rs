@@ -30,18 +30,21 @@ pub struct ProducerDedup {
 }
 
 impl ProducerDedup {
-    fn record(&mut self, seq: u64, offset: u64) {
-        self.seqs.insert(seq);
-        if let Some(last) = self.recent.back_mut() {
-            if last.seq_start + last.len == seq && last.offset_start + last.len == offset {
-                last.len += 1;
-                return;
-            }
+    /// Records that seqs `seq_start..seq_start + len` are stored at offsets
+    /// `offset_start..offset_start + len`.
+    fn record_run(&mut self, seq_start: u64, offset_start: u64, len: u64) {
+        self.seqs.insert_range(seq_start..seq_start + len);
+        if let Some(last) = self.recent.back_mut()
+            && last.seq_start + last.len == seq_start
+            && last.offset_start + last.len == offset_start
+        {
+            last.len += len;
+            return;
         }
         if self.recent.len() == RECENT_RUNS_MAX {
             self.recent.pop_front();
         }
-        self.recent.push_back(Run { seq_start: seq, offset_start: offset, len: 1 });
+        self.recent.push_back(Run { seq_start, offset_start, len });
     }
 
     fn offset_of(&self, seq: u64) -> Option<u64> {
@@ -91,9 +94,32 @@ impl DedupIndex {
 
     /// Records that `id` is stored at `offset`.
     pub fn record(&mut self, id: &MessageId, offset: u64) {
-        match self.producers.get_mut(&id.producer) {
-            Some(p) => p.record(id.seq, offset),
-            None => self.producers.entry(id.producer.clone()).or_default().record(id.seq, offset),
+        self.record_run(&id.producer, id.seq, offset, 1);
+    }
+
+    /// Records a run of seqs from one producer stored at consecutive offsets. The caller
+    /// guarantees `seq_start + len` does not overflow.
+    pub fn record_run(&mut self, producer: &ProducerId, seq_start: u64, offset_start: u64, len: u64) {
+        match self.producers.get_mut(producer) {
+            Some(p) => p.record_run(seq_start, offset_start, len),
+            None => self.producers.entry(producer.clone()).or_default().record_run(seq_start, offset_start, len),
+        }
+    }
+
+    /// True when any seq of `seqs` from `producer` is held.
+    pub fn intersects(&self, producer: &ProducerId, seqs: &std::ops::Range<u64>) -> bool {
+        self.producers.get(producer).is_some_and(|p| p.seqs.intersects(seqs))
+    }
+
+    /// Adds everything `other` holds (exact sets; remembered offsets as far as the window
+    /// allows).
+    pub fn merge(&mut self, other: DedupIndex) {
+        for (producer, theirs) in other.producers {
+            let ours = self.producers.entry(producer).or_default();
+            ours.seqs.union(&theirs.seqs);
+            for run in theirs.recent {
+                ours.record_run(run.seq_start, run.offset_start, run.len);
+            }
         }
     }
 
@@ -156,6 +182,23 @@ mod tests {
         assert_eq!(d.offset_of(&id("a", 105)), Some(1106));
         assert_eq!(d.offset_of(&id("b", 0)), Some(1100));
         assert_eq!(d.range_count(), 2);
+    }
+
+    #[test]
+    fn merge_keeps_exact_sets_beyond_the_offset_window() {
+        let mut pending = DedupIndex::default();
+        // More single-message runs than the offset window holds.
+        for s in 0..(RECENT_RUNS_MAX as u64 * 2) {
+            pending.record(&id("a", s * 2), s * 10);
+        }
+        let mut d = DedupIndex::default();
+        d.record_run(&ProducerId("a".into()), 1, 0, 1);
+        d.merge(pending);
+        for s in 0..(RECENT_RUNS_MAX as u64 * 2) {
+            assert!(d.contains(&id("a", s * 2)), "seq {}", s * 2);
+        }
+        assert!(d.contains(&id("a", 1)) && !d.contains(&id("a", 3)));
+        assert!(d.intersects(&ProducerId("a".into()), &(3..5)) && !d.intersects(&ProducerId("a".into()), &(3..4)));
     }
 
     #[test]

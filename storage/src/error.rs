@@ -35,6 +35,9 @@ pub enum StorageError {
         /// The limit.
         limit: u64,
     },
+    /// A message breaks a rule of the log (for example the reserved seq `u64::MAX`).
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
     /// The metadata store failed.
     #[error("metadata store: {0}")]
     Meta(String),

@@ -9,6 +9,8 @@
 //! a frame's offsets without decoding it. Producer ids and origins are stored once per
 //! batch and referenced by index from each record. A frame with an unknown version is
 //! rejected with a clear error, never skipped.
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::message::{Message, MessageId, ProducerId, StoredMessage};
@@ -29,9 +31,35 @@ pub const FRAME_BODY_BYTES_MAX: u32 = 64 << 20;
 /// byte strings (length + raw bytes), the same encoding [`BatchBody`] reads.
 #[derive(Serialize)]
 struct BatchBodyRef<'a> {
-    producers: Vec<&'a ProducerId>,
+    producers: Vec<&'a str>,
     origins: Vec<&'a str>,
-    records: Vec<RecordRef<'a>>,
+    records: RecordsRef<'a>,
+}
+
+/// The records of a batch, serialized straight from the messages (no intermediate copy).
+struct RecordsRef<'a> {
+    messages: &'a [&'a Message],
+    /// (producer index, origin index) per message.
+    tables: Vec<(u32, u32)>,
+}
+
+impl Serialize for RecordsRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.messages.len()))?;
+        for (m, &(producer, origin)) in self.messages.iter().zip(&self.tables) {
+            seq.serialize_element(&RecordRef {
+                producer,
+                seq: m.id.seq,
+                origin,
+                publish_time_ms: m.publish_time_ms,
+                key: m.key.as_deref(),
+                headers: &m.headers,
+                payload: &m.payload,
+            })?;
+        }
+        seq.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -51,7 +79,7 @@ struct RecordRef<'a> {
 #[derive(Deserialize)]
 struct BatchBody {
     producers: Vec<ProducerId>,
-    origins: Vec<String>,
+    origins: Vec<Arc<str>>,
     records: Vec<Record>,
 }
 
@@ -68,10 +96,12 @@ struct Record {
     payload: Vec<u8>,
 }
 
-/// Where in a table a value sits, adding it if new. Batches hold few distinct values, so a
-/// linear search beats hashing.
-fn intern<T: PartialEq + Copy>(table: &mut Vec<T>, value: T) -> u32 {
-    let at = table.iter().position(|v| *v == value).unwrap_or_else(|| {
+/// Where in a table a string sits, adding it if new. Batches hold few distinct values, so
+/// a linear search beats hashing; comparing pointers first means messages that share one
+/// `Arc` (the usual case) never touch the string's bytes.
+fn intern<'a>(table: &mut Vec<&'a str>, value: &'a str) -> u32 {
+    let same = |v: &&str| std::ptr::eq(*v, value) || *v == value;
+    let at = table.iter().rposition(same).unwrap_or_else(|| {
         table.push(value);
         table.len() - 1
     });
@@ -81,21 +111,10 @@ fn intern<T: PartialEq + Copy>(table: &mut Vec<T>, value: T) -> u32 {
 /// Encodes `messages` as one frame whose first message gets `base_offset`, appending it to
 /// `out`.
 pub fn encode_frame(base_offset: u64, messages: &[&Message], out: &mut Vec<u8>) {
-    let mut body =
-        BatchBodyRef { producers: Vec::new(), origins: Vec::new(), records: Vec::with_capacity(messages.len()) };
-    for m in messages {
-        let producer = intern(&mut body.producers, &m.id.producer);
-        let origin = intern(&mut body.origins, m.origin.as_str());
-        body.records.push(RecordRef {
-            producer,
-            seq: m.id.seq,
-            origin,
-            publish_time_ms: m.publish_time_ms,
-            key: m.key.as_deref(),
-            headers: &m.headers,
-            payload: &m.payload,
-        });
-    }
+    let (mut producers, mut origins) = (Vec::new(), Vec::new());
+    let tables =
+        messages.iter().map(|m| (intern(&mut producers, &m.id.producer.0), intern(&mut origins, &m.origin))).collect();
+    let body = BatchBodyRef { producers, origins, records: RecordsRef { messages, tables } };
     let start = out.len();
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
     out.extend_from_slice(&[0; 8]); // length and checksum, filled in below
@@ -213,8 +232,8 @@ pub(crate) mod tests {
         Message {
             id: MessageId { producer: ProducerId(producer.into()), seq },
             origin: "node-a".into(),
-            publish_time_ms: 1_700_000_000_000 + seq,
-            key: (seq % 2 == 0).then(|| b"k".to_vec()),
+            publish_time_ms: 1_700_000_000_000u64.wrapping_add(seq),
+            key: seq.is_multiple_of(2).then(|| b"k".to_vec()),
             headers: vec![("h".into(), b"v".to_vec())],
             payload: payload.to_vec(),
         }

@@ -1,5 +1,5 @@
 //! Messages as producers send them and as the log stores them.
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -8,9 +8,17 @@ use serde::{Deserialize, Serialize};
 pub const PRODUCER_ID_BYTES_MAX: usize = 256;
 
 /// A globally unique producer: the client's stable producer name, or a random 128-bit id
-/// (as 32 hex digits) when it gives none.
+/// (as 32 hex digits) when it gives none. Shared (`Arc`) because every message of a batch
+/// carries it: cloning it costs no allocation.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ProducerId(pub String);
+pub struct ProducerId(pub Arc<str>);
+
+impl ProducerId {
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for ProducerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -38,8 +46,8 @@ impl fmt::Display for MessageId {
 pub struct Message {
     /// The dedup ID.
     pub id: MessageId,
-    /// The node that first accepted it.
-    pub origin: String,
+    /// The node that first accepted it (shared: every message of a batch carries it).
+    pub origin: Arc<str>,
     /// When the origin accepted it, in milliseconds since the Unix epoch (origin's clock).
     pub publish_time_ms: u64,
     /// Optional routing key.

@@ -85,11 +85,15 @@ impl MetaStore for SledMeta {
     }
 }
 
+/// Key-value pairs in key order.
+type Entries = BTreeMap<String, Vec<u8>>;
+
 /// An in-memory store: `flush` copies the working state to the durable state, and
 /// [`MemMeta::crash`] throws away what was not flushed.
 #[derive(Debug, Default)]
 pub struct MemMeta {
-    state: Mutex<(BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>)>,
+    /// (working state, durable state)
+    state: Mutex<(Entries, Entries)>,
 }
 
 impl MemMeta {

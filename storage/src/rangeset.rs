@@ -1,7 +1,10 @@
 //! A set of `u64` stored as disjoint, non-adjacent half-open ranges: the representation of
 //! dedup sets (producer sequence numbers) and of acked offsets. Merge is union, so it is a
 //! grow-only set CRDT.
-use std::{collections::BTreeMap, ops::Range};
+use std::{
+    collections::BTreeMap,
+    ops::{Bound, Range},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,25 +31,33 @@ impl RangeSet {
         self.insert_range(value..value.saturating_add(1));
     }
 
-    /// Adds every value of `range`.
+    /// Adds every value of `range`. Extending the last range (a producer writing in
+    /// order) costs two lookups and an in-place update.
     pub fn insert_range(&mut self, range: Range<u64>) {
         if range.is_empty() {
             return;
         }
         let (mut start, mut end) = (range.start, range.end);
-        // Absorb a range that starts before and reaches `start`.
-        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
-            if e >= start {
-                start = s;
-                end = end.max(e);
+        // Merge with a range that starts at or before `start` and reaches it.
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back()
+            && e >= start
+        {
+            if e >= end {
+                return;
             }
+            start = s;
         }
-        // Absorb every range that starts inside or right after the new one.
-        while let Some((&s, &e)) = self.ranges.range(start..=end).next() {
+        // Absorb every later range that starts inside or right after the new one.
+        while let Some((&s, &e)) = self.ranges.range((Bound::Excluded(start), Bound::Included(end))).next() {
             self.ranges.remove(&s);
             end = end.max(e);
         }
         self.ranges.insert(start, end);
+    }
+
+    /// True when any value of `range` is in the set (one lookup).
+    pub fn intersects(&self, range: &Range<u64>) -> bool {
+        !range.is_empty() && self.ranges.range(..range.end).next_back().is_some_and(|(_, &e)| e > range.start)
     }
 
     /// Adds every value of `other` (CRDT merge).
@@ -127,6 +138,18 @@ mod tests {
         s.insert_range(45..70);
         assert_eq!(ranges(&s), vec![0..40, 45..70]);
         assert_eq!(s.len(), 65);
+    }
+
+    #[test]
+    fn intersects_is_exact_at_the_edges() {
+        let mut s = RangeSet::new();
+        s.insert_range(10..20);
+        s.insert_range(30..40);
+        assert!(!s.intersects(&(0..10)) && !s.intersects(&(20..30)) && !s.intersects(&(40..50)));
+        assert!(
+            s.intersects(&(0..11)) && s.intersects(&(19..30)) && s.intersects(&(25..31)) && s.intersects(&(0..100))
+        );
+        assert!(!s.intersects(&(15..15)));
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! the dedup entries. Only then are the producers acknowledged. Dedup entries are recorded
 //! after the sync, so a failed sync can never leave a message "held" that is not on disk.
 use std::{
-    collections::BTreeMap,
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -50,8 +49,8 @@ pub struct TopicStore {
     name: TopicName,
     log: TopicLog,
     dedup: DedupIndex,
-    /// Written but not yet synced: recorded into `dedup` when the sync succeeds.
-    unsynced: BTreeMap<MessageId, u64>,
+    /// Written but not yet synced: merged into `dedup` when the sync succeeds.
+    unsynced: DedupIndex,
     checkpointed_offset: u64,
     poisoned: Option<String>,
 }
@@ -60,7 +59,7 @@ pub struct TopicStore {
 #[derive(Debug)]
 pub struct GroupSync {
     log: PendingSync,
-    ids: BTreeMap<MessageId, u64>,
+    ids: DedupIndex,
 }
 
 impl GroupSync {
@@ -104,40 +103,59 @@ impl TopicStore {
             }
         }
         let checkpointed_offset = from;
-        Ok(TopicStore { name, log, dedup, unsynced: BTreeMap::new(), checkpointed_offset, poisoned: None })
+        Ok(TopicStore { name, log, dedup, unsynced: DedupIndex::default(), checkpointed_offset, poisoned: None })
     }
 
     /// Writes the messages not already held as one frame (page cache only) and says what
     /// happened to each. Nothing is acknowledged until the group's sync completes.
+    ///
+    /// Dedup works on runs (consecutive seqs of one producer, usually a whole client
+    /// batch): a run that touches nothing held is checked and recorded with one lookup;
+    /// only a run that overlaps held seqs is checked message by message.
     pub fn write(&mut self, messages: &[Message]) -> Result<Vec<AppendOutcome>> {
         if let Some(reason) = &self.poisoned {
             return Err(StorageError::Poisoned { topic: self.name.to_string(), reason: reason.clone() });
         }
+        if let Some(m) = messages.iter().find(|m| m.id.seq == u64::MAX) {
+            return Err(StorageError::InvalidMessage(format!("{}: seq {} is reserved", m.id.producer, u64::MAX)));
+        }
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut fresh: Vec<&Message> = Vec::with_capacity(messages.len());
-        let mut fresh_ids: BTreeMap<&MessageId, u64> = BTreeMap::new();
+        let mut batch = DedupIndex::default();
         let base = self.log.next_offset();
-        for m in messages {
-            let earlier = if self.dedup.contains(&m.id) {
-                Some(self.dedup.offset_of(&m.id))
-            } else {
-                self.unsynced.get(&m.id).or_else(|| fresh_ids.get(&m.id)).map(|&o| Some(o))
-            };
-            match earlier {
-                Some(offset) => outcomes.push(AppendOutcome::Duplicate { offset }),
-                None => {
-                    let offset = base + fresh.len() as u64;
-                    fresh_ids.insert(&m.id, offset);
-                    fresh.push(m);
-                    outcomes.push(AppendOutcome::Appended { offset });
+        for run in runs(messages) {
+            let (producer, first) = (&run[0].id.producer, run[0].id.seq);
+            let seqs = first..first + run.len() as u64;
+            let held = |d: &DedupIndex| d.intersects(producer, &seqs);
+            if !held(&self.dedup) && !held(&self.unsynced) && !held(&batch) {
+                let offset = base + fresh.len() as u64;
+                batch.record_run(producer, first, offset, run.len() as u64);
+                outcomes.extend((0..run.len() as u64).map(|i| AppendOutcome::Appended { offset: offset + i }));
+                fresh.extend(run);
+                continue;
+            }
+            for m in run {
+                match self.earlier_offset(&batch, &m.id) {
+                    Some(offset) => outcomes.push(AppendOutcome::Duplicate { offset }),
+                    None => {
+                        let offset = base + fresh.len() as u64;
+                        batch.record(&m.id, offset);
+                        fresh.push(m);
+                        outcomes.push(AppendOutcome::Appended { offset });
+                    }
                 }
             }
         }
         if !fresh.is_empty() {
             self.log.append(&fresh)?;
-            self.unsynced.extend(fresh_ids.into_iter().map(|(id, o)| (id.clone(), o)));
+            self.unsynced.merge(batch);
         }
         Ok(outcomes)
+    }
+
+    /// `Some` when `id` is held, synced or not: with its offset if remembered.
+    fn earlier_offset(&self, batch: &DedupIndex, id: &MessageId) -> Option<Option<u64>> {
+        [&self.dedup, &self.unsynced, batch].into_iter().find(|d| d.contains(id)).map(|d| d.offset_of(id))
     }
 
     /// Takes what was written since the last sync, to be synced outside the lock.
@@ -156,9 +174,7 @@ impl TopicStore {
             return Err(StorageError::Poisoned { topic: self.name.to_string(), reason });
         }
         self.log.complete_sync(&group.log);
-        for (id, offset) in &group.ids {
-            self.dedup.record(id, *offset);
-        }
+        self.dedup.merge(group.ids);
         Ok(())
     }
 
@@ -191,6 +207,11 @@ impl TopicStore {
     pub fn dedup(&self) -> &DedupIndex {
         &self.dedup
     }
+}
+
+/// Splits messages into runs of consecutive seqs from one producer.
+fn runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
+    messages.chunk_by(|a, b| a.id.producer == b.id.producer && a.id.seq.checked_add(1) == Some(b.id.seq))
 }
 
 /// One request's result within a group.
@@ -279,6 +300,34 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_runs_fall_back_to_per_message_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemMeta::default();
+        let store = open(dir.path(), &meta);
+        let a: Vec<Message> = [0, 1, 2, 5].iter().map(|&s| msg("a", s, b"x")).collect();
+        commit_group(&store, &[&a]);
+        // One run 0..8 overlapping the held seqs, plus a second producer in the same batch.
+        let mut b: Vec<Message> = (0..8).map(|s| msg("a", s, b"x")).collect();
+        b.push(msg("b", 0, b"y"));
+        let r = commit_group(&store, &[&b]);
+        use AppendOutcome::*;
+        let want = vec![
+            Duplicate { offset: Some(0) },
+            Duplicate { offset: Some(1) },
+            Duplicate { offset: Some(2) },
+            Appended { offset: 4 },
+            Appended { offset: 5 },
+            Duplicate { offset: Some(3) },
+            Appended { offset: 6 },
+            Appended { offset: 7 },
+            Appended { offset: 8 },
+        ];
+        assert_eq!(offsets(&r[0]), want);
+        let seq_max = [msg("a", u64::MAX, b"x")];
+        assert!(commit_group(&store, &[&seq_max])[0].as_ref().unwrap_err().to_string().contains("reserved"));
+    }
+
+    #[test]
     fn stale_snapshot_beyond_the_log_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemMeta::default();
@@ -312,8 +361,11 @@ mod tests {
         let all = store.lock().unwrap().read(0, usize::MAX, usize::MAX).unwrap();
         assert_eq!(all.len(), 400);
         for t in 0..4 {
-            let seqs: Vec<u64> =
-                all.iter().filter(|m| m.message.id.producer.0 == format!("p{t}")).map(|m| m.message.id.seq).collect();
+            let seqs: Vec<u64> = all
+                .iter()
+                .filter(|m| m.message.id.producer.as_str() == format!("p{t}"))
+                .map(|m| m.message.id.seq)
+                .collect();
             assert_eq!(seqs, (0..100).collect::<Vec<_>>(), "producer p{t} in order, exactly once");
         }
     }

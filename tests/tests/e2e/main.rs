@@ -1,0 +1,6 @@
+//! End-to-end tests: real node processes on 127.0.0.1, killed with SIGKILL where it matters.
+mod bad_input;
+mod consume;
+mod crash;
+mod support;
+mod walkthrough;

@@ -1,0 +1,195 @@
+//! Harness: real `rill` processes (the `rill-e2e` build of the same code) on 127.0.0.1,
+//! each with its own data dir, every wait bounded.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use rill_node::client::{Client, ClientOptions};
+use rill_transport::net::Limits;
+
+/// Longest a node may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a CLI command may run.
+pub(crate) const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(crate) fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_rill-e2e")
+}
+
+/// A node process.
+pub(crate) struct TestNode {
+    child: Option<Child>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) cwd: PathBuf,
+    pub(crate) data_dir: PathBuf,
+    name: String,
+    extra: Vec<String>,
+}
+
+/// Waits for a child to exit, at most `timeout`; kills it if it does not.
+pub(crate) fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+impl TestNode {
+    /// Starts a node in `cwd` with its data in `cwd/rill-data` (the default layout).
+    pub(crate) fn start(cwd: &Path, name: &str) -> TestNode {
+        Self::start_with(cwd, name, &[]).unwrap_or_else(|e| panic!("node {name} did not start: {e}"))
+    }
+
+    /// Starts a node with extra flags; `Err` holds its stderr when it exits instead.
+    pub(crate) fn start_with(cwd: &Path, name: &str, extra: &[&str]) -> Result<TestNode, String> {
+        let mut node = TestNode {
+            child: None,
+            addr: "127.0.0.1:0".parse().expect("address"),
+            cwd: cwd.to_path_buf(),
+            data_dir: cwd.join("rill-data"),
+            name: name.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.cwd.join(format!("{}.log", self.name))
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        std::fs::create_dir_all(&self.cwd).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).map_err(|e| e.to_string())?;
+        let mut child = Command::new(bin())
+            .current_dir(&self.cwd)
+            .args(["node", "run", "--name", &self.name, "--listen", &self.addr.to_string()])
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
+        match line.trim().rsplit(' ').next().and_then(|a| a.parse::<SocketAddr>().ok()) {
+            Some(addr) if line.contains("listening on") => {
+                self.addr = addr;
+                self.child = Some(child);
+                Ok(())
+            }
+            _ => {
+                wait_exit(&mut child, Duration::from_secs(5));
+                Err(std::fs::read_to_string(self.log_path()).unwrap_or_default())
+            }
+        }
+    }
+
+    /// kill -9.
+    pub(crate) fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let status = wait_exit(&mut c, Duration::from_secs(15));
+            assert!(status.is_some_and(|s| s.success()), "node {} did not stop cleanly: {status:?}", self.name);
+        }
+    }
+
+    /// Starts the node again on the same address and data.
+    pub(crate) fn restart(&mut self) {
+        self.kill9();
+        self.spawn().unwrap_or_else(|e| panic!("node {} did not restart: {e}", self.name));
+    }
+
+    /// Client options with a short idle timeout, so that a killed node is noticed fast.
+    pub(crate) fn options(&self) -> ClientOptions {
+        let mut o = ClientOptions::new(self.addr, self.data_dir.join("certs"));
+        o.limits = Limits { idle_timeout_ms: 1_000, keep_alive_ms: 200, ..Limits::default() };
+        o
+    }
+
+    pub(crate) async fn client(&self) -> Client {
+        Client::connect(&self.options()).await.expect("connect to the node")
+    }
+
+    /// The node's log so far (for assertion messages).
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Runs a client command against this node (with `--addr`; certificates from the
+    /// default path relative to the node's working dir).
+    pub(crate) fn cli(&self, args: &[&str], stdin: &str) -> Output {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(["--addr".to_string(), self.addr.to_string()]);
+        run(&self.cwd, &all, stdin)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the binary with `args` in `cwd`, feeding `stdin`, bounded by [`CLI_TIMEOUT`].
+pub(crate) fn run(cwd: &Path, args: &[String], stdin: &str) -> Output {
+    let mut child = Command::new(bin())
+        .current_dir(cwd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the CLI");
+    let mut input = child.stdin.take().expect("stdin");
+    let text = stdin.to_string();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(text.as_bytes());
+    });
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let status = wait_exit(&mut child, CLI_TIMEOUT).unwrap_or_else(|| panic!("rill {args:?} timed out"));
+    let _ = writer.join();
+    Output { status, stdout: reader.join().unwrap_or_default(), stderr: err_reader.join().unwrap_or_default() }
+}
+
+/// Text of an output stream.
+pub(crate) fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

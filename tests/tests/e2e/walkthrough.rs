@@ -1,0 +1,57 @@
+//! The README's walk-through, run as a newcomer would: defaults, CLI only.
+use crate::support::{TestNode, text};
+
+#[test]
+fn produce_consume_restart_consume_from_earliest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut node = TestNode::start(tmp.path(), "walk");
+    let ca_before = std::fs::read(node.data_dir.join("certs/ca.pem")).expect("dev CA made on first start");
+
+    let out = node.cli(&["produce", "acme/sensors/temp"], "21.5\n21.7\n22.0\n");
+    assert!(out.status.success(), "produce failed: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("produced 3 message(s)"), "{}", text(&out.stderr));
+
+    let out = node.cli(&["consume", "acme/sensors/temp", "--subscription", "s1", "-n", "3"], "");
+    assert!(out.status.success(), "consume failed: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "21.5\n21.7\n22.0\n");
+
+    node.stop();
+    node.restart();
+    let ca_after = std::fs::read(node.data_dir.join("certs/ca.pem")).expect("CA still there");
+    assert_eq!(ca_before, ca_after, "dev certificates are reused after a restart");
+
+    let out = node.cli(&["consume", "acme/sensors/temp", "--subscription", "s2", "--from", "earliest", "-n", "3"], "");
+    assert_eq!(text(&out.stdout), "21.5\n21.7\n22.0\n", "{}", text(&out.stderr));
+
+    // s1 acked all three before the restart: it continues with the next message only.
+    let out = node.cli(&["produce", "acme/sensors/temp"], "22.4\n");
+    assert!(out.status.success());
+    let out = node.cli(&["consume", "acme/sensors/temp", "--subscription", "s1", "-n", "1"], "");
+    assert_eq!(text(&out.stdout), "22.4\n");
+
+    let out = node.cli(&["consume", "acme/sensors/temp", "-s", "s3", "--from", "2", "-n", "1", "--format", "json"], "");
+    let line = text(&out.stdout);
+    assert!(
+        line.contains("\"offset\":2") && line.contains("\"payload\":\"22.0\"") && line.contains("\"origin\":\"walk\""),
+        "{line}"
+    );
+
+    let out = node.cli(&["stats"], "");
+    let stats = text(&out.stdout);
+    assert!(stats.contains("acme/sensors/temp") && stats.contains("subscription s1"), "{stats}");
+    let out = node.cli(&["topics", "list"], "");
+    assert!(text(&out.stdout).contains("acme/sensors/temp"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_stable_producer_name_continues_its_sequence_and_retries_are_stored_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = TestNode::start(tmp.path(), "seq");
+    for _ in 0..2 {
+        let out = node.cli(&["produce", "t/n/x", "--producer", "gw-17"], "a\nb\n");
+        assert!(text(&out.stderr).contains("produced 2 message(s)"), "{}", text(&out.stderr));
+    }
+    let out = node.cli(&["consume", "t/n/x", "-s", "s", "-n", "4", "--format", "json"], "");
+    let seqs: Vec<bool> = (0..4).map(|s| text(&out.stdout).contains(&format!("\"seq\":{s}"))).collect();
+    assert_eq!(seqs, vec![true; 4], "{}", text(&out.stdout));
+}
