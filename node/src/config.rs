@@ -36,6 +36,9 @@ pub mod defaults {
     pub const DELIVERY_BYTES_MAX: u32 = 1 << 20;
     /// Concurrent client connections.
     pub const CONNECTIONS_MAX: u32 = 1024;
+    /// Bytes of produce requests read and not yet answered, over the whole node: 64 MiB
+    /// keeps the disk busy (a few group commits' worth) within an edge gateway's memory.
+    pub const PRODUCE_INFLIGHT_BYTES_MAX: u32 = 64 << 20;
 }
 
 /// Why a configuration was refused; names the key.
@@ -147,6 +150,9 @@ pub struct LimitsConfig {
     pub delivery_bytes_max: u32,
     /// Concurrent client connections. Default 1024, minimum 1.
     pub connections_max: u32,
+    /// Bytes of produce requests read and not yet answered, over the whole node; readers
+    /// wait when it is used up. Default 64 MiB; at least frame_bytes_max.
+    pub produce_inflight_bytes_max: u32,
 }
 
 impl Default for LimitsConfig {
@@ -157,6 +163,7 @@ impl Default for LimitsConfig {
             consumer_unacked_messages_max: defaults::CONSUMER_UNACKED_MESSAGES_MAX,
             delivery_bytes_max: defaults::DELIVERY_BYTES_MAX,
             connections_max: defaults::CONNECTIONS_MAX,
+            produce_inflight_bytes_max: defaults::PRODUCE_INFLIGHT_BYTES_MAX,
         }
     }
 }
@@ -237,6 +244,9 @@ impl NodeConfig {
         }
         if l.connections_max == 0 {
             return Err(invalid("limits.connections_max", "must be at least 1"));
+        }
+        if l.produce_inflight_bytes_max < l.frame_bytes_max {
+            return Err(invalid("limits.produce_inflight_bytes_max", "must be at least limits.frame_bytes_max"));
         }
         let tls = [&self.tls.ca, &self.tls.cert, &self.tls.key];
         if tls.iter().any(|p| p.is_some()) && !tls.iter().all(|p| p.is_some()) {

@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     /// Subscriptions that have a consumer attached.
     pub(crate) attached: Mutex<BTreeSet<(TopicName, String)>>,
     started_ms: u64,
+    /// Bytes of produce requests read and not yet answered (`produce_inflight_bytes_max`).
+    produce_budget: Arc<tokio::sync::Semaphore>,
     shutting_down: AtomicBool,
     connections: AtomicU32,
 }
@@ -164,6 +166,7 @@ impl Node {
             name: name.clone(),
             origin: name.as_str().into(),
             started_ms: env.clock.now_ms(),
+            produce_budget: Arc::new(tokio::sync::Semaphore::new(config.limits.produce_inflight_bytes_max as usize)),
             config,
             env,
             meta,
@@ -305,7 +308,8 @@ pub(crate) fn storage_error(e: &StorageError) -> Response {
 /// A response that may still be waiting for its group commit.
 enum Pending {
     Ready(Response),
-    Append(AppendReply),
+    /// The reply, and the share of the produce byte budget held until it is answered.
+    Append(AppendReply, tokio::sync::OwnedSemaphorePermit),
 }
 
 async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
@@ -326,23 +330,33 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
         return;
     }
     let (tx, rx) = mpsc::channel(PIPELINE_REQUESTS_MAX);
-    let reader = read_requests(&shared, first, recv, tx);
+    let reader = read_requests(&shared, first, buf.len(), recv, tx);
     let writer = write_responses(send, rx);
     tokio::join!(reader, writer);
 }
 
 /// Reads requests in order and queues their (possibly pending) responses.
-async fn read_requests(shared: &Shared, first: Request, mut recv: RecvStream, tx: mpsc::Sender<Pending>) {
+async fn read_requests(
+    shared: &Shared,
+    first: Request,
+    first_bytes: usize,
+    mut recv: RecvStream,
+    tx: mpsc::Sender<Pending>,
+) {
     let max = shared.config.limits.frame_bytes_max;
     let mut buf = Vec::new();
     let mut next = Some(first);
+    let mut request_bytes = first_bytes;
     while let Some(request) = next.take() {
-        let pending = handle_request(shared, request).await;
+        let pending = handle_request(shared, request, request_bytes).await;
         if tx.send(pending).await.is_err() {
             return;
         }
         next = match frame::read_frame::<_, Request>(&mut recv, max, &mut buf).await {
-            Ok(r) => r,
+            Ok(r) => {
+                request_bytes = buf.len();
+                r
+            }
             Err(FrameError::Io(e)) => {
                 tracing::debug!(error = %e, "client stream ended");
                 None
@@ -363,7 +377,7 @@ async fn write_responses(mut send: SendStream, mut rx: mpsc::Receiver<Pending>) 
     while let Some(pending) = rx.recv().await {
         let response = match pending {
             Pending::Ready(r) => r,
-            Pending::Append(reply) => match reply.await {
+            Pending::Append(reply, _budget) => match reply.await {
                 Ok(Ok(outcomes)) => Response::Produced(outcomes.into_iter().map(Into::into).collect()),
                 Ok(Err(e)) => storage_error(&e),
                 Err(_) => error(ErrorCode::Storage, "the write was abandoned; retry"),
@@ -376,9 +390,11 @@ async fn write_responses(mut send: SendStream, mut rx: mpsc::Receiver<Pending>) 
     let _ = send.finish();
 }
 
-async fn handle_request(shared: &Shared, request: Request) -> Pending {
+async fn handle_request(shared: &Shared, request: Request, request_bytes: usize) -> Pending {
     match request {
-        Request::Produce { topic, producer, messages } => produce(shared, &topic, producer, messages).await,
+        Request::Produce { topic, producer, messages } => {
+            produce(shared, &topic, producer, messages, request_bytes).await
+        }
         Request::OpenProducer { topic, producer } => Pending::Ready(open_producer(shared, &topic, producer).await),
         Request::ListTopics => Pending::Ready(Response::Topics(topic_stats(shared))),
         Request::Stats => Pending::Ready(Response::Stats(NodeStats {
@@ -419,10 +435,22 @@ async fn open_producer(shared: &Shared, topic: &str, producer: String) -> Respon
     }
 }
 
-async fn produce(shared: &Shared, topic: &str, producer: String, messages: Vec<NewMessage>) -> Pending {
+async fn produce(
+    shared: &Shared,
+    topic: &str,
+    producer: String,
+    messages: Vec<NewMessage>,
+    request_bytes: usize,
+) -> Pending {
+    // Wait for budget before queueing: while it is used up, this stream is not read and
+    // QUIC flow control pushes back on the producer.
+    let bytes = request_bytes.clamp(1, shared.config.limits.produce_inflight_bytes_max as usize) as u32;
+    let Ok(budget) = Arc::clone(&shared.produce_budget).acquire_many_owned(bytes).await else {
+        return Pending::Ready(error(ErrorCode::ShuttingDown, "node is shutting down"));
+    };
     match prepare_produce(shared, topic, producer, messages).await {
         Ok((topic, messages)) => match topic.append(messages).await {
-            Some(reply) => Pending::Append(reply),
+            Some(reply) => Pending::Append(reply, budget),
             None => Pending::Ready(error(ErrorCode::ShuttingDown, "the topic is closing")),
         },
         Err(response) => Pending::Ready(response),

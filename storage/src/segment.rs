@@ -52,7 +52,12 @@ impl Segment {
         let path = dir.join(file_name(base_offset));
         let file = fs.open(&path, true).map_err(|e| StorageError::io(&path, e))?;
         fs.sync_dir(dir).map_err(|e| StorageError::io(dir, e))?;
-        Ok(Segment {
+        Ok(Segment::empty(path, file, base_offset, index_interval_bytes))
+    }
+
+    /// A segment with nothing read or written yet.
+    fn empty(path: PathBuf, file: Arc<dyn LogFile>, base_offset: u64, index_interval_bytes: u64) -> Self {
+        Segment {
             path,
             file,
             base_offset,
@@ -61,7 +66,7 @@ impl Segment {
             synced_bytes: 0,
             index: Vec::new(),
             index_interval_bytes,
-        })
+        }
     }
 
     /// Opens an existing segment. The last segment of a log (`is_last`) is fully checked
@@ -77,16 +82,7 @@ impl Segment {
     ) -> Result<(Self, Recovered)> {
         let file = fs.open(path, false).map_err(|e| StorageError::io(path, e))?;
         let file_len = file.len().map_err(|e| StorageError::io(path, e))?;
-        let mut seg = Segment {
-            path: path.to_path_buf(),
-            file,
-            base_offset,
-            next_offset: base_offset,
-            len_bytes: 0,
-            synced_bytes: 0,
-            index: Vec::new(),
-            index_interval_bytes,
-        };
+        let mut seg = Segment::empty(path.to_path_buf(), file, base_offset, index_interval_bytes);
         let mut position = 0;
         while position < file_len {
             match seg.check_frame_at(position, file_len, is_last) {

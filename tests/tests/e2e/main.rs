@@ -2,5 +2,6 @@
 mod bad_input;
 mod consume;
 mod crash;
+mod produce;
 mod support;
 mod walkthrough;
