@@ -417,12 +417,14 @@ impl Consumer {
         Ok(())
     }
 
-    /// Sends buffered acks and detaches.
+    /// Sends pending acks and detaches. Returns once the node has ended the subscription
+    /// stream, after which the subscription is free for another consumer. Messages still
+    /// in flight are dropped here; unacked, they are delivered again later.
     pub async fn close(mut self) -> Result<(), ClientError> {
         self.flush_acks().await?;
         let _ = self.send.finish();
-        // Wait until the node has read everything we sent (it then finishes its side).
-        let _ = self.send.stopped().await;
+        while frame::read_frame::<_, Response>(&mut self.recv, CLIENT_FRAME_BYTES_MAX, &mut self.buf).await?.is_some() {
+        }
         Ok(())
     }
 }

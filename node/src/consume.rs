@@ -63,7 +63,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let (topic, _attached, cursor) = session;
+    let (topic, attached, cursor) = session;
     let start_offset = cursor.next_unacked(cursor.ack_floor);
     if frame::write_frame(&mut send, &Response::Subscribed { start_offset }, &mut buf).await.is_err() {
         return;
@@ -72,7 +72,10 @@ pub(crate) async fn serve(
     let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE_FRAMES_MAX);
     let reader = read_acks(shared.config.limits.frame_bytes_max, recv, ack_tx);
     let delivery = Delivery { shared: &shared, topic: &topic, key: cursor_key(&topic.name, &subscription), cursor };
-    tokio::join!(reader, delivery.run(send, ack_rx));
+    let ((), mut send) = tokio::join!(reader, delivery.run(send, ack_rx));
+    // Detach before ending the stream: a client that saw the end may subscribe again at once.
+    drop(attached);
+    let _ = send.finish();
     tracing::debug!(topic = %topic.name, subscription, "consumer detached");
 }
 
@@ -148,8 +151,8 @@ struct Delivery<'a> {
 
 impl Delivery<'_> {
     /// Delivers durable messages while fewer than the limit are unacked, applies acks, and
-    /// waits for new messages; ends when the client goes away.
-    async fn run(mut self, mut send: SendStream, mut acks: mpsc::Receiver<Vec<u64>>) {
+    /// waits for new messages; ends when the client goes away, returning the stream.
+    async fn run(mut self, mut send: SendStream, mut acks: mpsc::Receiver<Vec<u64>>) -> SendStream {
         let limits = &self.shared.config.limits;
         let unacked_max = limits.consumer_unacked_messages_max as usize;
         let mut committed = self.topic.committed();
@@ -199,7 +202,7 @@ impl Delivery<'_> {
                 changed = committed.changed() => if changed.is_err() { break },
             }
         }
-        let _ = send.finish();
+        send
     }
 
     /// Applies acks for delivered offsets (acks for offsets never delivered are ignored, so

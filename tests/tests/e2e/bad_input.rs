@@ -98,7 +98,7 @@ async fn a_client_from_another_ca_is_refused_at_the_handshake() {
     .await;
     let err = result.expect_err("the node must refuse a certificate from another CA").to_string();
     assert!(err.to_lowercase().contains("certificate") || err.contains("closed") || err.contains("connect"), "{err}");
-    assert!(node.log().contains("client handshake failed"), "the node logs the refusal:\n{}", node.log());
+    assert!(node.wait_for_log("client handshake failed"), "the node logs the refusal:\n{}", node.log());
     still_serves(&node).await;
 }
 

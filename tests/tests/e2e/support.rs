@@ -137,6 +137,18 @@ impl TestNode {
         Client::connect(&self.options()).await.expect("connect to the node")
     }
 
+    /// Waits up to 10 s for `needle` to appear in the node's log.
+    pub(crate) fn wait_for_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// The node's log so far (for assertion messages).
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
