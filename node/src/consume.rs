@@ -248,6 +248,7 @@ pub(crate) fn topic_stats(shared: &Shared, topic: &Topic) -> TopicStats {
         messages_in: topic.counters.messages_in.load(Ordering::Relaxed),
         duplicates: topic.counters.duplicates.load(Ordering::Relaxed),
         subscriptions,
+        error: None,
     }
 }
 

@@ -143,6 +143,8 @@ pub struct TopicStats {
     pub duplicates: u64,
     /// Subscriptions.
     pub subscriptions: Vec<SubscriptionStats>,
+    /// Why the topic is unavailable (it failed to open at start-up), if it is.
+    pub error: Option<String>,
 }
 
 /// Per-subscription statistics.

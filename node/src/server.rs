@@ -14,6 +14,7 @@ use std::{
 use quinn::{Endpoint, RecvStream, SendStream};
 use rill_storage::{
     Message, MessageId, ProducerId, StorageError, TopicName,
+    fs::FileSystem,
     log::LogConfig,
     message::PRODUCER_ID_BYTES_MAX,
     meta::MetaStore,
@@ -112,11 +113,12 @@ fn data_dir_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Star
 }
 
 /// Fails early, with the directory's name, when the data dir cannot take writes.
-fn check_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
-    std::fs::create_dir_all(dir).map_err(data_dir_error(dir))?;
+fn check_data_dir(fs: &dyn FileSystem, dir: &std::path::Path) -> Result<(), StartError> {
+    fs.create_dir_all(dir).map_err(data_dir_error(dir))?;
     let probe = dir.join(".rill-write-check");
-    std::fs::write(&probe, b"ok").map_err(data_dir_error(dir))?;
-    std::fs::remove_file(&probe).map_err(data_dir_error(dir))
+    let file = fs.open(&probe, true).map_err(data_dir_error(dir))?;
+    file.write_all_at(b"ok", 0).and_then(|()| file.sync_data()).map_err(data_dir_error(dir))?;
+    fs.remove_file(&probe).map_err(data_dir_error(dir))
 }
 
 fn load_identity(config: &NodeConfig, name: &str) -> Result<Identity, StartError> {
@@ -132,7 +134,7 @@ impl Node {
     pub async fn start(config: NodeConfig, env: Env) -> Result<Node, StartError> {
         config.validate()?;
         let name = config.node_name();
-        check_data_dir(&config.data_dir)?;
+        check_data_dir(env.fs.as_ref(), &config.data_dir)?;
         let identity = load_identity(&config, &name)?.load()?;
         let tls = tls::server_config(&identity, env.net.tls_time(), &[ALPN_CLIENT])?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
@@ -500,8 +502,23 @@ async fn prepare_produce(
     Ok((topic, stamped))
 }
 
+/// Statistics of every topic, the unavailable ones included with their error.
 fn topic_stats(shared: &Shared) -> Vec<TopicStats> {
-    shared.topic_list().iter().map(|t| consume::topic_stats(shared, t)).collect()
+    let mut stats: Vec<TopicStats> = shared.topic_list().iter().map(|t| consume::topic_stats(shared, t)).collect();
+    stats.extend(shared.unavailable.iter().map(|(name, reason)| TopicStats {
+        topic: name.to_string(),
+        start_offset: 0,
+        end_offset: 0,
+        bytes: 0,
+        segments: 0,
+        producers: 0,
+        messages_in: 0,
+        duplicates: 0,
+        subscriptions: Vec::new(),
+        error: Some(reason.clone()),
+    }));
+    stats.sort_by(|a, b| a.topic.cmp(&b.topic));
+    stats
 }
 
 /// Saves every topic's dedup snapshot and flushes the metadata store.

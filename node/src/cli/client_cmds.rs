@@ -378,7 +378,10 @@ pub(crate) async fn topics_list(args: ConnArgs) -> anyhow::Result<()> {
     let topics = client.list_topics().await?;
     println!("{:<48} {:>12} {:>12} {:>14}", "TOPIC", "START", "END", "BYTES");
     for t in topics {
-        println!("{:<48} {:>12} {:>12} {:>14}", t.topic, t.start_offset, t.end_offset, t.bytes);
+        match &t.error {
+            Some(e) => println!("{:<48} UNAVAILABLE: {e}", t.topic),
+            None => println!("{:<48} {:>12} {:>12} {:>14}", t.topic, t.start_offset, t.end_offset, t.bytes),
+        }
     }
     client.close().await;
     Ok(())
@@ -396,7 +399,7 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "topic": t.topic, "start_offset": t.start_offset, "end_offset": t.end_offset,
                     "messages": t.end_offset - t.start_offset, "bytes": t.bytes, "segments": t.segments,
-                    "producers": t.producers, "messages_in": t.messages_in, "duplicates": t.duplicates,
+                    "producers": t.producers, "messages_in": t.messages_in, "duplicates": t.duplicates, "error": t.error,
                     "subscriptions": t.subscriptions.iter().map(|s| serde_json::json!({
                         "name": s.name, "ack_floor": s.ack_floor, "backlog_messages": s.backlog_messages, "connected": s.connected,
                     })).collect::<Vec<_>>(),
@@ -412,6 +415,10 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
         "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS"
     );
     for t in &stats.topics {
+        if let Some(e) = &t.error {
+            println!("{:<40} UNAVAILABLE: {e}", t.topic);
+            continue;
+        }
         println!(
             "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10}",
             t.topic,

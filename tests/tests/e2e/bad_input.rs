@@ -140,6 +140,12 @@ async fn a_corrupt_segment_is_reported_with_file_and_position_and_other_topics_s
     let client = node.client().await;
     let (code, message) = refused(client.producer("t/n/damaged", "p".into()).await);
     assert_eq!(code, ErrorCode::Storage);
+    let out = node.cli(&["topics", "list"], "");
+    assert!(
+        text(&out.stdout).contains("t/n/damaged") && text(&out.stdout).contains("UNAVAILABLE"),
+        "{}",
+        text(&out.stdout)
+    );
     // The node runs with the default relative data dir, so the file is named relative to it.
     let named = "rill-data/topics/t/n/damaged/00000000000000000000.log at byte";
     assert!(message.contains("corrupt log segment") && message.contains(named), "{message}");

@@ -55,3 +55,27 @@ fn a_stable_producer_name_continues_its_sequence_and_retries_are_stored_once() {
     let seqs: Vec<bool> = (0..4).map(|s| text(&out.stdout).contains(&format!("\"seq\":{s}"))).collect();
     assert_eq!(seqs, vec![true; 4], "{}", text(&out.stdout));
 }
+
+#[test]
+fn certs_init_makes_a_mesh_a_node_and_a_client_can_use() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let certs = tmp.path().join("certs");
+    let args = ["certs", "init", "--dir", "certs", "--nodes", "edge-1,cloud-eu"].map(String::from);
+    let out = crate::support::run(tmp.path(), &args, "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for f in ["ca.pem", "ca.key", "edge-1.pem", "edge-1.key", "cloud-eu.pem", "client.pem", "client.key"] {
+        assert!(certs.join(f).exists(), "{f} missing");
+    }
+    let again = crate::support::run(tmp.path(), &args, "");
+    assert!(!again.status.success() && text(&again.stderr).contains("already holds a CA"), "{}", text(&again.stderr));
+
+    let config = tmp.path().join("edge.toml");
+    let tls = "[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/edge-1.pem\"\nkey = \"certs/edge-1.key\"\n";
+    std::fs::write(&config, tls).expect("config");
+    let node = TestNode::start_with(tmp.path(), "edge-1", &["--config", "edge.toml"]).expect("start");
+    assert!(!node.data_dir.join("certs").exists(), "no dev certificates when [tls] is set");
+    let out = node.cli(&["produce", "t/n/x", "--certs", "certs"], "hello\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = node.cli(&["consume", "t/n/x", "-s", "s", "-n", "1", "--certs", "certs"], "");
+    assert_eq!(text(&out.stdout), "hello\n", "{}", text(&out.stderr));
+}
