@@ -1,9 +1,13 @@
 //! rill-replication: namespace replication between nodes and namespace config convergence.
 //!
-//! Not built yet (the mesh is its own issue). Its core will be a sans-IO state machine in
-//! the shape of quinn-proto: inputs "peer said X", "local log grew", "timer fired" with the
-//! time passed in, outputs "send this", "append that"; a thin async driver binds it to
-//! `rill-transport` and `rill-storage`.
+//! - [`hlc`]: hybrid logical clocks for stamping config edits.
+//! - [`namespace`]: the namespace catalogue and policies as one CRDT document.
 //!
-//! Architecture invariant: the core never touches tokio, quinn, sled, turmoil, a clock or a
-//! random source.
+//! The replication core (a sans-IO state machine in the shape of quinn-proto) and its
+//! async driver come next.
+//!
+//! Architecture invariant: nothing here touches tokio, quinn, sled, turmoil, a clock or a
+//! random source; time comes in as arguments.
+
+pub mod hlc;
+pub mod namespace;

@@ -1,0 +1,285 @@
+//! The namespace catalogue and policies as one CRDT document.
+//!
+//! Each namespace (`tenant/namespace`) holds one last-writer-wins register per policy
+//! field (`crdts::LWWReg`), stamped with (hybrid logical time, node name). Merge is
+//! per-field "greater stamp wins", so:
+//! - edits on any node, also during a partition, converge once the nodes exchange
+//!   documents, whatever the order or repetition of exchanges;
+//! - concurrent edits of *different* fields both survive;
+//! - concurrent edits of the *same* field resolve to the edit with the later hybrid time,
+//!   ties broken by the greater node name. Every node applies the same rule, so all pick
+//!   the same winner.
+//!
+//! Namespaces are never removed (deletion needs tombstones; not built).
+use std::collections::{BTreeMap, BTreeSet};
+
+use crdts::LWWReg;
+use rill_storage::{NodeName, name::check_part};
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Hlc;
+
+/// Who changed a field and when; greater wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Stamp {
+    /// Hybrid logical time of the edit.
+    pub hlc: Hlc,
+    /// The node that made the edit (breaks ties between equal times).
+    pub node: String,
+}
+
+/// A field of a namespace's policy.
+pub type Field<V> = LWWReg<V, Stamp>;
+
+/// What a producer gets when a namespace's backlog is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnFull {
+    /// Refuse new messages with a "backlog full" error.
+    #[default]
+    Reject,
+    /// Drop the oldest segments.
+    DropOldest,
+}
+
+/// One namespace's policy; every field converges on its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespacePolicy {
+    /// Nodes that must hold the namespace.
+    pub clusters: Field<BTreeSet<String>>,
+    /// Keep messages at most this long (seconds); `None`: no age limit.
+    pub retention_age_s: Field<Option<u64>>,
+    /// Keep at most this many bytes per topic; `None`: no size limit.
+    pub retention_bytes: Field<Option<u64>>,
+    /// Backlog limit per namespace in bytes; `None`: unlimited.
+    pub backlog_bytes_max: Field<Option<u64>>,
+    /// What happens when the backlog limit is reached.
+    pub on_full: Field<OnFull>,
+}
+
+/// A change made on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Edit {
+    /// Creates the namespace (a no-op if it exists).
+    Create,
+    /// Sets the nodes that hold it.
+    SetClusters(BTreeSet<String>),
+    /// Sets the retention age.
+    RetentionAge(Option<u64>),
+    /// Sets the retention size.
+    RetentionBytes(Option<u64>),
+    /// Sets the backlog limit.
+    BacklogBytesMax(Option<u64>),
+    /// Sets the backlog policy.
+    OnFull(OnFull),
+}
+
+/// Why an edit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EditError {
+    /// The namespace name is invalid.
+    #[error("namespace '{name}': {reason}")]
+    Name {
+        /// The name given.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A cluster list names an invalid node.
+    #[error("cluster list: {0}")]
+    Node(String),
+    /// The namespace does not exist.
+    #[error("namespace '{0}' does not exist; create it first")]
+    Unknown(String),
+}
+
+/// Checks a `tenant/namespace` name.
+pub fn check_namespace(name: &str) -> Result<(), EditError> {
+    let bad = |reason: String| EditError::Name { name: name.to_string(), reason };
+    let parts: Vec<&str> = name.split('/').collect();
+    let [tenant, ns] = parts[..] else { return Err(bad("must have the form tenant/namespace".into())) };
+    for part in [tenant, ns] {
+        check_part("namespace", part).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Merges a register; true when it changed.
+fn merge_field<V: Clone + PartialEq>(ours: &mut Field<V>, theirs: &Field<V>) -> bool {
+    let changed = theirs.marker > ours.marker;
+    ours.update(theirs.val.clone(), theirs.marker.clone());
+    changed
+}
+
+impl NamespacePolicy {
+    fn merge(&mut self, other: &NamespacePolicy) -> bool {
+        // Non-short-circuiting `|`: every field merges.
+        merge_field(&mut self.clusters, &other.clusters)
+            | merge_field(&mut self.retention_age_s, &other.retention_age_s)
+            | merge_field(&mut self.retention_bytes, &other.retention_bytes)
+            | merge_field(&mut self.backlog_bytes_max, &other.backlog_bytes_max)
+            | merge_field(&mut self.on_full, &other.on_full)
+    }
+
+    fn apply(&mut self, edit: Edit, stamp: Stamp) {
+        match edit {
+            Edit::Create => {}
+            Edit::SetClusters(c) => self.clusters.update(c, stamp),
+            Edit::RetentionAge(v) => self.retention_age_s.update(v, stamp),
+            Edit::RetentionBytes(v) => self.retention_bytes.update(v, stamp),
+            Edit::BacklogBytesMax(v) => self.backlog_bytes_max.update(v, stamp),
+            Edit::OnFull(v) => self.on_full.update(v, stamp),
+        }
+    }
+
+    /// The largest stamp in the policy.
+    fn max_stamp(&self) -> &Stamp {
+        [
+            &self.clusters.marker,
+            &self.retention_age_s.marker,
+            &self.retention_bytes.marker,
+            &self.backlog_bytes_max.marker,
+            &self.on_full.marker,
+        ]
+        .into_iter()
+        .max()
+        .expect("five fields")
+    }
+}
+
+/// The whole catalogue: namespace name -> policy. A document holding only some namespaces
+/// is a valid delta: merging it changes only those.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigDoc {
+    namespaces: BTreeMap<String, NamespacePolicy>,
+}
+
+impl ConfigDoc {
+    /// Merges `other` in; returns the namespaces that changed (as a delta document).
+    pub fn merge(&mut self, other: &ConfigDoc) -> ConfigDoc {
+        let mut delta = ConfigDoc::default();
+        for (name, theirs) in &other.namespaces {
+            let (changed, ours) = match self.namespaces.get_mut(name) {
+                Some(ours) => (ours.merge(theirs), ours),
+                None => (true, self.namespaces.entry(name.clone()).or_insert_with(|| theirs.clone())),
+            };
+            if changed {
+                delta.namespaces.insert(name.clone(), ours.clone());
+            }
+        }
+        delta
+    }
+
+    /// Applies a local edit stamped `stamp`; returns the delta to gossip.
+    pub fn apply(&mut self, namespace: &str, edit: Edit, stamp: Stamp) -> Result<ConfigDoc, EditError> {
+        check_namespace(namespace)?;
+        if let Edit::SetClusters(nodes) = &edit {
+            for n in nodes {
+                NodeName::parse(n).map_err(|e| EditError::Node(e.to_string()))?;
+            }
+        }
+        let policy = match (&edit, self.namespaces.get_mut(namespace)) {
+            (_, Some(p)) => p,
+            (Edit::Create, None) => self.namespaces.entry(namespace.to_string()).or_default(),
+            (_, None) => return Err(EditError::Unknown(namespace.to_string())),
+        };
+        policy.apply(edit, stamp);
+        let mut delta = ConfigDoc::default();
+        delta.namespaces.insert(namespace.to_string(), policy.clone());
+        Ok(delta)
+    }
+
+    /// The policy of a namespace.
+    pub fn get(&self, namespace: &str) -> Option<&NamespacePolicy> {
+        self.namespaces.get(namespace)
+    }
+
+    /// Every namespace, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &NamespacePolicy)> {
+        self.namespaces.iter()
+    }
+
+    /// True when `namespace` lists both nodes in its clusters.
+    pub fn replicates_between(&self, namespace: &str, a: &str, b: &str) -> bool {
+        self.namespaces.get(namespace).is_some_and(|p| p.clusters.val.contains(a) && p.clusters.val.contains(b))
+    }
+
+    /// The largest stamp anywhere in the document (for the clock to observe).
+    pub fn max_stamp(&self) -> Option<&Stamp> {
+        self.namespaces.values().map(NamespacePolicy::max_stamp).max()
+    }
+
+    /// True when the document holds no namespace.
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(ms: u64, node: &str) -> Stamp {
+        Stamp { hlc: Hlc { wall_ms: ms, logical: 0 }, node: node.into() }
+    }
+
+    fn clusters(names: &[&str]) -> Edit {
+        Edit::SetClusters(names.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn partitioned_edits_converge_whatever_the_merge_order() {
+        let mut a = ConfigDoc::default();
+        let mut b = ConfigDoc::default();
+        a.apply("acme/sensors", Edit::Create, stamp(1, "a")).unwrap();
+        b.merge(&a);
+        // Partition: both edit clusters; a also edits retention.
+        a.apply("acme/sensors", clusters(&["a", "x"]), stamp(10, "a")).unwrap();
+        a.apply("acme/sensors", Edit::RetentionAge(Some(3600)), stamp(11, "a")).unwrap();
+        b.apply("acme/sensors", clusters(&["b", "y"]), stamp(12, "b")).unwrap();
+        let (mut ab, mut ba) = (a.clone(), b.clone());
+        ab.merge(&b);
+        ba.merge(&a);
+        ba.merge(&a); // repetition is harmless
+        assert_eq!(ab, ba);
+        let p = ab.get("acme/sensors").unwrap();
+        assert_eq!(p.clusters.val, ["b", "y"].iter().map(|s| s.to_string()).collect(), "later edit wins");
+        assert_eq!(p.retention_age_s.val, Some(3600), "an edit of another field survives");
+    }
+
+    #[test]
+    fn equal_times_are_broken_by_node_name() {
+        let mut a = ConfigDoc::default();
+        a.apply("t/n", Edit::Create, stamp(1, "a")).unwrap();
+        let mut b = a.clone();
+        a.apply("t/n", clusters(&["a"]), stamp(5, "a")).unwrap();
+        b.apply("t/n", clusters(&["b"]), stamp(5, "b")).unwrap();
+        a.merge(&b);
+        b.merge(&a);
+        assert_eq!(a, b);
+        assert!(a.get("t/n").unwrap().clusters.val.contains("b"));
+    }
+
+    #[test]
+    fn merge_reports_only_what_changed() {
+        let mut a = ConfigDoc::default();
+        a.apply("t/one", Edit::Create, stamp(1, "a")).unwrap();
+        a.apply("t/two", Edit::Create, stamp(1, "a")).unwrap();
+        let mut b = a.clone();
+        let delta = b.apply("t/two", clusters(&["a", "b"]), stamp(2, "b")).unwrap();
+        let changed = a.merge(&delta);
+        assert_eq!(changed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["t/two"]);
+        assert!(a.merge(&b).is_empty(), "nothing new the second time");
+        assert!(a.replicates_between("t/two", "a", "b") && !a.replicates_between("t/one", "a", "b"));
+    }
+
+    #[test]
+    fn bad_edits_are_refused_by_name() {
+        let mut d = ConfigDoc::default();
+        assert!(matches!(d.apply("acme", Edit::Create, stamp(1, "a")), Err(EditError::Name { .. })));
+        assert!(matches!(d.apply("acme/x y", Edit::Create, stamp(1, "a")), Err(EditError::Name { .. })));
+        assert_eq!(d.apply("acme/s", clusters(&["a"]), stamp(1, "a")), Err(EditError::Unknown("acme/s".into())));
+        d.apply("acme/s", Edit::Create, stamp(1, "a")).unwrap();
+        let err = d.apply("acme/s", clusters(&["bad node"]), stamp(2, "a")).unwrap_err().to_string();
+        assert!(err.contains("'bad node'"), "{err}");
+    }
+}
