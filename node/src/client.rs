@@ -176,6 +176,22 @@ impl Client {
         }
     }
 
+    /// Changes a namespace on the node (it spreads to the mesh from there).
+    pub async fn ns_edit(&self, namespace: &str, edit: rill_replication::namespace::Edit) -> Result<(), ClientError> {
+        match self.call(&Request::NsEdit { namespace: namespace.into(), edit }).await? {
+            Response::NsDone => Ok(()),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
+    /// The namespace catalogue as the node sees it.
+    pub async fn ns_get(&self) -> Result<rill_replication::namespace::ConfigDoc, ClientError> {
+        match self.call(&Request::NsGet).await? {
+            Response::Namespaces(doc) => Ok(doc),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
     /// Opens a producer on `topic`. `producer` is a stable name (its sequence numbers
     /// continue where the node's dedup state says they ended) or a fresh random id.
     pub async fn producer(&self, topic: &str, producer: String) -> Result<Producer, ClientError> {

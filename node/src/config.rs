@@ -93,6 +93,21 @@ pub struct NodeConfig {
     /// Limits on clients.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Peers this node links to for replication.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// A peer node. Both sides of a link list each other; a side with the other's `addr`
+/// dials it (an edge behind NAT lists its region with an address, the region lists the
+/// edge without one). The peer's certificate must carry `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's node name.
+    pub name: String,
+    /// Where to dial it; `None`: wait for it to dial us.
+    pub addr: Option<SocketAddr>,
 }
 
 /// Certificate files. When all are absent, dev certificates are made on first start under
@@ -185,6 +200,7 @@ impl Default for NodeConfig {
             tls: TlsConfig::default(),
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
+            peers: Vec::new(),
         }
     }
 }
@@ -248,6 +264,16 @@ impl NodeConfig {
         if l.produce_inflight_bytes_max < l.frame_bytes_max {
             return Err(invalid("limits.produce_inflight_bytes_max", "must be at least limits.frame_bytes_max"));
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.peers {
+            rill_storage::NodeName::parse(&p.name).map_err(|e| invalid("peers.name", e.to_string()))?;
+            if Some(&p.name) == self.name.as_ref() {
+                return Err(invalid("peers.name", format!("'{}' is this node itself", p.name)));
+            }
+            if !seen.insert(&p.name) {
+                return Err(invalid("peers.name", format!("'{}' is listed twice", p.name)));
+            }
+        }
         let tls = [&self.tls.ca, &self.tls.cert, &self.tls.key];
         if tls.iter().any(|p| p.is_some()) && !tls.iter().all(|p| p.is_some()) {
             return Err(invalid("tls", "set all of ca, cert and key, or none of them for dev certificates"));
@@ -308,6 +334,8 @@ mod tests {
             ("[limits]\nmessage_bytes_max = 20000000\n", "limits.frame_bytes_max"),
             ("[tls]\nca = \"x\"\n", "`tls`"),
             ("name = \"bad name\"\n", "`name`"),
+            ("name = \"a\"\n[[peers]]\nname = \"a\"\n", "`peers.name`"),
+            ("[[peers]]\nname = \"b\"\n[[peers]]\nname = \"b\"\n", "listed twice"),
         ];
         for (text, key) in cases {
             let err = NodeConfig::parse(text).unwrap().validate().unwrap_err().to_string();

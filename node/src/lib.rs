@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 mod consume;
 pub mod env;
+mod mesh;
 pub mod protocol;
 mod server;
 mod topic;

@@ -9,6 +9,7 @@
 //!   [`Response::Deliver`] pushed by the node and [`Request::Ack`] sent by the client;
 //! - admin: [`Request::OpenProducer`], [`Request::ListTopics`], [`Request::Stats`], each
 //!   answered by one response.
+use rill_replication::namespace::{ConfigDoc, Edit};
 use rill_storage::{StoredMessage, topic::AppendOutcome};
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +77,15 @@ pub enum Request {
     ListTopics,
     /// Node statistics.
     Stats,
+    /// Changes a namespace (creates it, sets its clusters or a policy field).
+    NsEdit {
+        /// `tenant/namespace`.
+        namespace: String,
+        /// The change.
+        edit: Edit,
+    },
+    /// The namespace catalogue as this node sees it.
+    NsGet,
 }
 
 /// What happened to one produced message.
@@ -113,6 +123,8 @@ pub enum ErrorCode {
     Storage,
     /// The node is shutting down; retry elsewhere or later.
     ShuttingDown,
+    /// A namespace change was refused.
+    Namespace,
 }
 
 impl ErrorCode {
@@ -160,6 +172,30 @@ pub struct SubscriptionStats {
     pub connected: bool,
 }
 
+/// Replication of one topic to one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneStats {
+    /// `tenant/namespace/topic`.
+    pub topic: String,
+    /// Local messages not yet known to be at the peer.
+    pub lag_messages: u64,
+    /// Every local offset below this is at the peer.
+    pub cursor: u64,
+    /// Batches sent and not yet acknowledged.
+    pub in_flight: u64,
+}
+
+/// A configured peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStats {
+    /// Its node name.
+    pub name: String,
+    /// True when the link is up and greeted.
+    pub connected: bool,
+    /// Per topic replicated to it.
+    pub lanes: Vec<LaneStats>,
+}
+
 /// Node statistics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStats {
@@ -169,6 +205,8 @@ pub struct NodeStats {
     pub uptime_ms: u64,
     /// Topics.
     pub topics: Vec<TopicStats>,
+    /// Peers and replication lag.
+    pub peers: Vec<PeerStats>,
 }
 
 /// Node to client.
@@ -192,6 +230,10 @@ pub enum Response {
     Topics(Vec<TopicStats>),
     /// Answer to [`Request::Stats`].
     Stats(NodeStats),
+    /// Answer to [`Request::NsEdit`].
+    NsDone,
+    /// Answer to [`Request::NsGet`].
+    Namespaces(ConfigDoc),
     /// The request failed.
     Error {
         /// Category.

@@ -25,7 +25,7 @@ use rill_transport::{
     FrameError,
     certs::{self, Identity},
     frame, net,
-    tls::{self, ALPN_CLIENT},
+    tls::{self, ALPN_CLIENT, ALPN_PEER},
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -34,8 +34,9 @@ use crate::{
     config::NodeConfig,
     consume,
     env::Env,
+    mesh::{self, MeshHandle},
     protocol::{ErrorCode, NewMessage, NodeStats, Request, Response, TopicStats},
-    topic::{AppendReply, Topic},
+    topic::{AppendReply, Growth, Topic},
 };
 
 /// Responses a produce stream may have pending (pipelined) before the node stops reading
@@ -95,6 +96,10 @@ pub(crate) struct Shared {
     /// Subscriptions that have a consumer attached.
     pub(crate) attached: Mutex<BTreeSet<(TopicName, String)>>,
     started_ms: u64,
+    /// Topics whose durable end moved, for the replication driver.
+    pub(crate) growth: Arc<Growth>,
+    /// The replication driver.
+    pub(crate) mesh: MeshHandle,
     /// Bytes of produce requests read and not yet answered (`produce_inflight_bytes_max`).
     produce_budget: Arc<tokio::sync::Semaphore>,
     shutting_down: AtomicBool,
@@ -136,9 +141,14 @@ impl Node {
         let name = config.node_name();
         check_data_dir(env.fs.as_ref(), &config.data_dir)?;
         let identity = load_identity(&config, &name)?.load()?;
-        let tls = tls::server_config(&identity, env.net.tls_time(), &[ALPN_CLIENT])?;
+        let limits = net::Limits::default();
+        let tls = tls::server_config(&identity, env.net.tls_time(), &[ALPN_CLIENT, ALPN_PEER])?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
-        server.transport_config(net::Limits::default().transport_config());
+        server.transport_config(limits.transport_config());
+        let mut peer_client =
+            quinn::ClientConfig::new(Arc::new(tls::client_config(&identity, env.net.tls_time(), ALPN_PEER)?));
+        peer_client.transport_config(limits.transport_config());
+        let growth = Arc::new(Growth::default());
 
         let meta = env.meta.open(&config.data_dir.join("meta"))?;
         let topics_root = config.data_dir.join(TOPICS_DIR);
@@ -149,8 +159,13 @@ impl Node {
             match opened {
                 Ok(store) => {
                     let s = &config.storage;
-                    let topic =
-                        Topic::start(store, env.clone(), s.produce_queue_requests_max, s.group_commit_requests_max);
+                    let topic = Topic::start(
+                        store,
+                        env.clone(),
+                        Arc::clone(&growth),
+                        s.produce_queue_requests_max,
+                        s.group_commit_requests_max,
+                    );
                     topics.insert(name, topic);
                 }
                 Err(e) => {
@@ -164,10 +179,13 @@ impl Node {
         let endpoint = net::endpoint(env.net.as_ref(), config.listen, Some(server))
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let (mesh_handle, mesh_events) = MeshHandle::new();
         let shared = Arc::new(Shared {
             name: name.clone(),
             origin: name.as_str().into(),
             started_ms: env.clock.now_ms(),
+            growth,
+            mesh: mesh_handle.clone(),
             produce_budget: Arc::new(tokio::sync::Semaphore::new(config.limits.produce_inflight_bytes_max as usize)),
             config,
             env,
@@ -181,6 +199,7 @@ impl Node {
             connections: AtomicU32::new(0),
         });
         let span = tracing::info_span!("node", name = %name);
+        span.in_scope(|| mesh::start(Arc::clone(&shared), endpoint.clone(), peer_client, &mesh_handle, mesh_events))?;
         tokio::spawn(accept_loop(Arc::clone(&shared), endpoint.clone()).instrument(span.clone()));
         tokio::spawn(checkpoint_loop(Arc::clone(&shared)).instrument(span.clone()));
         span.in_scope(|| tracing::info!(%local_addr, topics = topic_count, "node listening"));
@@ -237,12 +256,14 @@ impl Shared {
         let store = self.env.run_blocking(move || TopicStore::open(fs, meta.as_ref(), &root, name2, cfg)).await?;
         tracing::info!(topic = %name, "created topic");
         let s = &self.config.storage;
-        let topic = Topic::start(store, self.env.clone(), s.produce_queue_requests_max, s.group_commit_requests_max);
+        let growth = Arc::clone(&self.growth);
+        let topic =
+            Topic::start(store, self.env.clone(), growth, s.produce_queue_requests_max, s.group_commit_requests_max);
         self.topics.write().expect("topics lock poisoned").insert(name.clone(), Arc::clone(&topic));
         Ok(topic)
     }
 
-    fn topic_list(&self) -> Vec<Arc<Topic>> {
+    pub(crate) fn topic_list(&self) -> Vec<Arc<Topic>> {
         self.topics.read().expect("topics lock poisoned").values().cloned().collect()
     }
 }
@@ -272,9 +293,13 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint) {
 
 async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let remote = conn.remote_address();
-    if net::negotiated_alpn(&conn).as_deref() != Some(ALPN_CLIENT) {
-        conn.close(1u32.into(), b"unsupported protocol");
-        return;
+    match net::negotiated_alpn(&conn).as_deref() {
+        Some(ALPN_CLIENT) => {}
+        Some(ALPN_PEER) => return attach_peer(&shared, conn).await,
+        _ => {
+            conn.close(1u32.into(), b"unsupported protocol");
+            return;
+        }
     }
     tracing::debug!(%remote, "client connected");
     loop {
@@ -286,6 +311,23 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 tracing::debug!(%remote, reason = %e, "client connection ended");
                 return;
             }
+        }
+    }
+}
+
+/// Hands a peer connection to the replication driver if its certificate names a
+/// configured peer (the CA already vouched for it during the handshake).
+async fn attach_peer(shared: &Shared, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let certs =
+        conn.peer_identity().and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
+    let names = shared.config.peers.iter().map(|p| p.name.as_str());
+    let peer = certs.as_ref().and_then(|c| c.first()).and_then(|cert| certs::matching_name(cert, names));
+    match peer {
+        Some(name) => shared.mesh.attach(name.to_string(), conn).await,
+        None => {
+            tracing::warn!(%remote, "refusing peer link: its certificate names no configured peer");
+            conn.close(2u32.into(), b"not a configured peer");
         }
     }
 }
@@ -403,7 +445,13 @@ async fn handle_request(shared: &Shared, request: Request, request_bytes: usize)
             node: shared.name.clone(),
             uptime_ms: shared.env.clock.now_ms().saturating_sub(shared.started_ms),
             topics: topic_stats(shared),
+            peers: shared.mesh.stats().await,
         })),
+        Request::NsEdit { namespace, edit } => Pending::Ready(match shared.mesh.edit(namespace, edit).await {
+            Ok(()) => Response::NsDone,
+            Err(message) => error(ErrorCode::Namespace, message),
+        }),
+        Request::NsGet => Pending::Ready(Response::Namespaces(shared.mesh.config().await)),
         Request::Subscribe { .. } => {
             Pending::Ready(error(ErrorCode::Malformed, "Subscribe must be the first frame of its own stream"))
         }

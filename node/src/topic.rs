@@ -1,15 +1,18 @@
 //! A served topic: its store, the queue in front of its group commit, and the watch that
 //! wakes consumers when new messages become durable.
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use rill_storage::{
     Message, StorageError, StoredMessage, TopicName,
     topic::{AppendOutcome, GroupResult, TopicStore, commit_group},
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::env::Env;
 
@@ -29,6 +32,29 @@ pub(crate) struct TopicCounters {
     pub(crate) duplicates: AtomicU64,
 }
 
+/// Topics whose durable end moved, for the replication driver: one entry per topic
+/// however often it grows, so it is bounded by the number of topics.
+#[derive(Debug, Default)]
+pub(crate) struct Growth {
+    ends: Mutex<BTreeMap<TopicName, u64>>,
+    pub(crate) notify: Notify,
+}
+
+impl Growth {
+    fn note(&self, topic: &TopicName, end: u64) {
+        let mut ends = self.ends.lock().expect("growth lock poisoned");
+        let e = ends.entry(topic.clone()).or_insert(end);
+        *e = (*e).max(end);
+        drop(ends);
+        self.notify.notify_one();
+    }
+
+    /// Takes the topics that grew since the last call.
+    pub(crate) fn take(&self) -> BTreeMap<TopicName, u64> {
+        std::mem::take(&mut *self.ends.lock().expect("growth lock poisoned"))
+    }
+}
+
 /// A topic being served.
 pub(crate) struct Topic {
     pub(crate) name: TopicName,
@@ -41,18 +67,27 @@ pub(crate) struct Topic {
 
 impl Topic {
     /// Starts serving `store`: spawns its group-commit writer.
-    pub(crate) fn start(store: TopicStore, env: Env, queue_max: usize, group_max: usize) -> Arc<Topic> {
+    pub(crate) fn start(
+        store: TopicStore,
+        env: Env,
+        growth: Arc<Growth>,
+        queue_max: usize,
+        group_max: usize,
+    ) -> Arc<Topic> {
         let name = store.name().clone();
         let (committed_tx, committed) = watch::channel(store.log().committed_offset());
         let store = Arc::new(Mutex::new(store));
         let (queue, rx) = mpsc::channel(queue_max);
         let counters = Arc::new(TopicCounters::default());
+        growth.note(&name, *committed.borrow());
         let writer = Writer {
             store: Arc::clone(&store),
             env: env.clone(),
             committed_tx,
             counters: Arc::clone(&counters),
             group_max,
+            growth,
+            name: name.clone(),
         };
         tokio::spawn(writer.run(rx));
         Arc::new(Topic { name, store, queue, committed, counters, env })
@@ -91,6 +126,8 @@ struct Writer {
     committed_tx: watch::Sender<u64>,
     counters: Arc<TopicCounters>,
     group_max: usize,
+    growth: Arc<Growth>,
+    name: TopicName,
 }
 
 impl Writer {
@@ -111,6 +148,7 @@ impl Writer {
                 .await;
             let committed = self.store.lock().expect("topic lock poisoned").log().committed_offset();
             self.committed_tx.send_replace(committed);
+            self.growth.note(&self.name, committed);
             for (result, reply) in results.into_iter().zip(replies) {
                 if let Ok(outcomes) = &result {
                     let stored = outcomes.iter().filter(|o| matches!(o, AppendOutcome::Appended { .. })).count() as u64;

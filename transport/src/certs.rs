@@ -206,6 +206,16 @@ impl Identity {
     }
 }
 
+/// The first of `names` that `cert` is valid for (by its DNS names): how a node tells which
+/// configured peer presented a certificate the mesh CA already vouched for.
+pub fn matching_name<'n>(cert: &CertificateDer<'_>, names: impl IntoIterator<Item = &'n str>) -> Option<&'n str> {
+    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
+    names.into_iter().find(|name| {
+        rustls_pki_types::ServerName::try_from(*name)
+            .is_ok_and(|server_name| end_entity.verify_is_valid_for_subject_name(&server_name).is_ok())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +236,10 @@ mod tests {
         assert_eq!(std::fs::read(&node.cert).unwrap(), before);
         ensure_dev_certs(dir.path(), "cloud-eu").unwrap();
         assert!(dir.path().join("cloud-eu.pem").exists());
+        let eu = Identity::node(dir.path(), "cloud-eu").load().unwrap();
+        assert_eq!(matching_name(&eu.chain[0], ["edge-1", "cloud-eu"]), Some("cloud-eu"));
+        assert_eq!(matching_name(&eu.chain[0], ["edge-1"]), None);
+        assert_eq!(matching_name(&client.load().unwrap().chain[0], ["edge-1", "cloud-eu"]), None);
     }
 
     #[test]

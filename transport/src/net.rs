@@ -49,6 +49,9 @@ pub struct Limits {
     pub send_window_bytes: u32,
     /// Concurrent bidirectional streams a peer may open.
     pub streams_max: u32,
+    /// Concurrent unidirectional streams a peer may open (peer links: one per namespace
+    /// plus a control stream).
+    pub uni_streams_max: u32,
     /// Silence after which a connection is considered dead.
     pub idle_timeout_ms: u32,
     /// Interval of keep-alive pings.
@@ -65,6 +68,7 @@ impl Default for Limits {
             connection_window_bytes: 32 << 20,
             send_window_bytes: 32 << 20,
             streams_max: 256,
+            uni_streams_max: 256,
             idle_timeout_ms: 10_000,
             keep_alive_ms: 2_000,
         }
@@ -79,7 +83,7 @@ impl Limits {
         t.receive_window(VarInt::from_u32(self.connection_window_bytes));
         t.send_window(u64::from(self.send_window_bytes));
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.streams_max));
-        t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        t.max_concurrent_uni_streams(VarInt::from_u32(self.uni_streams_max));
         t.max_idle_timeout(Some(VarInt::from_u32(self.idle_timeout_ms).into()));
         t.keep_alive_interval(Some(Duration::from_millis(u64::from(self.keep_alive_ms))));
         Arc::new(t)

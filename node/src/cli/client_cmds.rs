@@ -406,10 +406,33 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "node": stats.node, "uptime_ms": stats.uptime_ms, "topics": topics }));
+        let peers: Vec<serde_json::Value> = stats
+            .peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name, "connected": p.connected,
+                    "lanes": p.lanes.iter().map(|l| serde_json::json!({
+                        "topic": l.topic, "lag_messages": l.lag_messages, "cursor": l.cursor, "in_flight": l.in_flight,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let all =
+            serde_json::json!({ "node": stats.node, "uptime_ms": stats.uptime_ms, "topics": topics, "peers": peers });
+        println!("{all}");
         return Ok(());
     }
     println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
+    for p in &stats.peers {
+        println!("peer {:<20} {}", p.name, if p.connected { "connected" } else { "disconnected" });
+        for l in &p.lanes {
+            println!(
+                "  {:<40} lag {:>10} msgs  cursor {:>12}  in flight {:>3}",
+                l.topic, l.lag_messages, l.cursor, l.in_flight
+            );
+        }
+    }
     println!(
         "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10}",
         "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS"

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod client_cmds;
 mod node_cmd;
+mod ns;
 
 /// Default address of client commands.
 const DEFAULT_ADDR: &str = "127.0.0.1:7400";
@@ -34,6 +35,9 @@ enum Command {
     Produce(client_cmds::ProduceArgs),
     /// Consume messages from a durable subscription, printing one per line.
     Consume(client_cmds::ConsumeArgs),
+    /// Namespaces: create, set the nodes that hold them, set policies, show.
+    #[command(subcommand)]
+    Ns(ns::NsCommand),
     /// Topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
@@ -80,6 +84,17 @@ pub(crate) struct Conn {
     certs: PathBuf,
 }
 
+impl Conn {
+    /// Connects, with an error that says what to check.
+    pub(crate) async fn connect(&self) -> anyhow::Result<crate::client::Client> {
+        use anyhow::Context;
+        let options = crate::client::ClientOptions::new(self.addr, &self.certs);
+        crate::client::Client::connect(&options).await.with_context(|| {
+            format!("is a node running at {}, and are its certificates in {}?", self.addr, self.certs.display())
+        })
+    }
+}
+
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -113,6 +128,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(CertsCommand::Init { dir, nodes }) => certs_init(&dir, &nodes),
         Command::Produce(args) => client_cmds::produce(args).await,
         Command::Consume(args) => client_cmds::consume(args).await,
+        Command::Ns(cmd) => ns::run(cmd).await,
         Command::Topics(TopicsCommand::List(args)) => client_cmds::topics_list(args).await,
         Command::Stats(args) => client_cmds::stats(args).await,
         Command::Bench(cmd) => bench::run(cmd).await,

@@ -2,6 +2,7 @@
 mod bad_input;
 mod consume;
 mod crash;
+mod mesh;
 mod produce;
 mod support;
 mod walkthrough;

@@ -29,6 +29,8 @@ pub(crate) struct TestNode {
     pub(crate) data_dir: PathBuf,
     name: String,
     extra: Vec<String>,
+    /// Client certificates (default: the node's dev certificates).
+    pub(crate) certs: PathBuf,
 }
 
 /// Waits for a child to exit, at most `timeout`; kills it if it does not.
@@ -53,13 +55,19 @@ impl TestNode {
 
     /// Starts a node with extra flags; `Err` holds its stderr when it exits instead.
     pub(crate) fn start_with(cwd: &Path, name: &str, extra: &[&str]) -> Result<TestNode, String> {
+        Self::start_at(cwd, name, "127.0.0.1:0".parse().expect("address"), extra)
+    }
+
+    /// Starts a node listening on `addr`.
+    pub(crate) fn start_at(cwd: &Path, name: &str, addr: SocketAddr, extra: &[&str]) -> Result<TestNode, String> {
         let mut node = TestNode {
             child: None,
-            addr: "127.0.0.1:0".parse().expect("address"),
+            addr,
             cwd: cwd.to_path_buf(),
             data_dir: cwd.join("rill-data"),
             name: name.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            certs: cwd.join("rill-data/certs"),
         };
         node.spawn()?;
         Ok(node)
@@ -128,7 +136,7 @@ impl TestNode {
 
     /// Client options with a short idle timeout, so that a killed node is noticed fast.
     pub(crate) fn options(&self) -> ClientOptions {
-        let mut o = ClientOptions::new(self.addr, self.data_dir.join("certs"));
+        let mut o = ClientOptions::new(self.addr, &self.certs);
         o.limits = Limits { idle_timeout_ms: 1_000, keep_alive_ms: 200, ..Limits::default() };
         o
     }
@@ -155,10 +163,14 @@ impl TestNode {
     }
 
     /// Runs a client command against this node (with `--addr`; certificates from the
-    /// default path relative to the node's working dir).
+    /// default path relative to the node's working dir unless the node's are elsewhere).
     pub(crate) fn cli(&self, args: &[&str], stdin: &str) -> Output {
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend(["--addr".to_string(), self.addr.to_string()]);
+        // Newcomer tests rely on the default certificate path; pass it only when it differs.
+        if self.certs != self.cwd.join("rill-data/certs") && !args.contains(&"--certs") {
+            all.extend(["--certs".to_string(), self.certs.display().to_string()]);
+        }
         run(&self.cwd, &all, stdin)
     }
 }

@@ -1,0 +1,458 @@
+//! The replication driver: binds the sans-IO [`Replicator`] to QUIC peer links and the
+//! node's topics. One task owns the core and executes its actions; link readers, dialers,
+//! reads and appends run as tasks that report back through one bounded event channel.
+//!
+//! Streams on a link: each side opens its own unidirectional streams, one for control
+//! messages (Hello, config deltas, acks) and one per namespace for batches, so one
+//! namespace's backlog never waits behind another's.
+//!
+//! One connection per peer pair: both sides may dial; when two links to the same peer
+//! exist, both keep the one dialed by the node with the smaller name.
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use quinn::{Connection, Endpoint};
+use rill_replication::{
+    core::{Action, Holds, PeerMessage, Replicator, Settings},
+    namespace::{ConfigDoc, Edit},
+};
+use rill_storage::{Message, StorageError, StoredMessage, TopicName, meta};
+use rill_transport::{backoff::Backoff, frame};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use crate::{
+    config::PeerConfig,
+    protocol::{LaneStats, PeerStats},
+    server::Shared,
+};
+
+/// Events queued for the driver; senders wait when it is full.
+const EVENTS_MAX: usize = 4096;
+/// Messages queued per outgoing stream. The core keeps at most `inflight_batches_max`
+/// batches in flight per topic, so this bounds a namespace of up to 500 busy topics.
+const STREAM_QUEUE_MAX: usize = 4096;
+/// Batches queued per (peer, topic) appender; the peer has at most
+/// `inflight_batches_max` in flight per lane.
+const APPEND_QUEUE_MAX: usize = 64;
+/// Largest frame accepted from a peer (a batch is at most ~1 MiB of payload).
+const PEER_FRAME_BYTES_MAX: u32 = 16 << 20;
+/// Metadata key of the catalogue.
+const CONFIG_KEY: &str = "repl/config";
+
+fn cursor_key(peer: &str, topic: &TopicName) -> String {
+    format!("repl/cursor/{peer}/{topic}")
+}
+
+/// What the driver reacts to.
+pub(crate) enum Event {
+    Link { peer: String, conn: Connection, dialed_by: String },
+    LinkClosed { peer: String, id: u64 },
+    Message { peer: String, id: u64, message: PeerMessage },
+    Read { peer: String, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
+    Appended { peer: String, topic: TopicName, batch: u64, result: Result<(), String> },
+    Edit { namespace: String, edit: Edit, reply: oneshot::Sender<Result<(), String>> },
+    Config { reply: oneshot::Sender<ConfigDoc> },
+    Stats { reply: oneshot::Sender<Vec<PeerStats>> },
+}
+
+/// The node's handle on its driver.
+#[derive(Debug, Clone)]
+pub(crate) struct MeshHandle {
+    tx: mpsc::Sender<Event>,
+}
+
+impl MeshHandle {
+    pub(crate) fn new() -> (MeshHandle, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(EVENTS_MAX);
+        (MeshHandle { tx }, rx)
+    }
+
+    /// Hands an accepted peer connection to the driver.
+    pub(crate) async fn attach(&self, peer: String, conn: Connection) {
+        let dialed_by = peer.clone();
+        let _ = self.tx.send(Event::Link { peer, conn, dialed_by }).await;
+    }
+
+    pub(crate) async fn edit(&self, namespace: String, edit: Edit) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Event::Edit { namespace, edit, reply }).await.map_err(|_| "replication stopped".to_string())?;
+        rx.await.map_err(|_| "replication stopped".to_string())?
+    }
+
+    pub(crate) async fn config(&self) -> ConfigDoc {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Event::Config { reply }).await;
+        rx.await.unwrap_or_default()
+    }
+
+    pub(crate) async fn stats(&self) -> Vec<PeerStats> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Event::Stats { reply }).await;
+        rx.await.unwrap_or_default()
+    }
+}
+
+struct Link {
+    id: u64,
+    conn: Connection,
+    dialed_by: String,
+    streams: BTreeMap<String, mpsc::Sender<PeerMessage>>,
+}
+
+/// A lane's queue of batches to append: (batch number, messages).
+type AppendQueue = mpsc::Sender<(u64, Vec<Message>)>;
+
+struct Driver {
+    shared: Arc<Shared>,
+    rep: Replicator,
+    links: BTreeMap<String, Link>,
+    link_state: BTreeMap<String, watch::Sender<bool>>,
+    appenders: BTreeMap<(String, TopicName), AppendQueue>,
+    tx: mpsc::Sender<Event>,
+    next_link: u64,
+}
+
+/// Starts the driver and a dialer per peer with an address.
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    peer_client: quinn::ClientConfig,
+    handle: &MeshHandle,
+    rx: mpsc::Receiver<Event>,
+) -> Result<(), StorageError> {
+    let config: ConfigDoc = meta::get_record(shared.meta.as_ref(), CONFIG_KEY)?.unwrap_or_default();
+    let mut rep = Replicator::new(&shared.name, Settings::default(), config);
+    let mut link_state = BTreeMap::new();
+    for p in &shared.config.peers {
+        rep.add_peer(&p.name);
+        let (state, _) = watch::channel(false);
+        link_state.insert(p.name.clone(), state);
+    }
+    for (key, value) in shared.meta.scan_prefix("repl/cursor/")? {
+        let rest = key.trim_start_matches("repl/cursor/");
+        let Some((peer, topic)) = rest.split_once('/') else { continue };
+        let (Ok(topic), Ok(offset)) = (TopicName::parse(topic), postcard::from_bytes::<u64>(&value)) else { continue };
+        rep.restore_cursor(peer, &topic, offset);
+    }
+    for p in shared.config.peers.iter().filter(|p| p.addr.is_some()) {
+        let state = link_state[&p.name].subscribe();
+        let dialer = Dialer { shared: Arc::clone(&shared), endpoint: endpoint.clone(), client: peer_client.clone() };
+        let span = tracing::info_span!("peer", name = %p.name);
+        tokio::spawn(dialer.run(p.clone(), handle.tx.clone(), state).instrument(span));
+    }
+    let driver = Driver {
+        shared,
+        rep,
+        links: BTreeMap::new(),
+        link_state,
+        appenders: BTreeMap::new(),
+        tx: handle.tx.clone(),
+        next_link: 0,
+    };
+    tokio::spawn(driver.run(rx).in_current_span());
+    Ok(())
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let growth = Arc::clone(&self.shared.growth);
+        loop {
+            tokio::select! {
+                biased;
+                event = rx.recv() => match event {
+                    Some(e) => self.handle(e),
+                    None => return,
+                },
+                () = growth.notify.notified() => {
+                    for (topic, end) in growth.take() {
+                        self.rep.handle_log_grew(&topic, end);
+                    }
+                }
+            }
+            self.execute();
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Link { peer, conn, dialed_by } => self.link_up(peer, conn, dialed_by),
+            Event::LinkClosed { peer, id } => {
+                if self.links.get(&peer).is_some_and(|l| l.id == id) {
+                    self.link_down(&peer, "connection closed");
+                }
+            }
+            Event::Message { peer, id, message } => {
+                if self.links.get(&peer).is_some_and(|l| l.id == id) {
+                    self.rep.handle_message(&peer, message);
+                }
+            }
+            Event::Read { peer, topic, ticket, result } => {
+                let messages = result.unwrap_or_else(|e| {
+                    tracing::warn!(peer, %topic, error = %e, "replication read failed; retrying when the log grows");
+                    Vec::new()
+                });
+                self.rep.handle_read(&peer, &topic, ticket, messages);
+            }
+            Event::Appended { peer, topic, batch, result } => self.rep.handle_appended(&peer, &topic, batch, result),
+            Event::Edit { namespace, edit, reply } => {
+                let now = self.shared.env.clock.now_ms();
+                let _ = reply.send(self.rep.edit_config(&namespace, edit, now).map_err(|e| e.to_string()));
+            }
+            Event::Config { reply } => {
+                let _ = reply.send(self.rep.config().clone());
+            }
+            Event::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+        }
+    }
+
+    fn link_up(&mut self, peer: String, conn: Connection, dialed_by: String) {
+        if !self.link_state.contains_key(&peer) {
+            conn.close(2u32.into(), b"not a configured peer");
+            return;
+        }
+        if let Some(current) = self.links.get(&peer)
+            && current.conn.close_reason().is_none()
+        {
+            if current.dialed_by <= dialed_by {
+                conn.close(0u32.into(), b"duplicate link");
+                return;
+            }
+            self.link_down(&peer, "replaced by the link the smaller name dialed");
+        }
+        self.next_link += 1;
+        let id = self.next_link;
+        tracing::info!(peer, remote = %conn.remote_address(), dialed_by, "peer link up");
+        let span = tracing::info_span!("peer", name = %peer);
+        tokio::spawn(read_link(conn.clone(), peer.clone(), id, self.tx.clone()).instrument(span));
+        self.links.insert(peer.clone(), Link { id, conn, dialed_by, streams: BTreeMap::new() });
+        let holds = self.holds();
+        self.rep.handle_link_up(&peer, holds);
+        if let Some(state) = self.link_state.get(&peer) {
+            state.send_replace(true);
+        }
+    }
+
+    fn link_down(&mut self, peer: &str, reason: &str) {
+        if let Some(link) = self.links.remove(peer) {
+            tracing::info!(peer, reason, "peer link down");
+            link.conn.close(0u32.into(), reason.as_bytes());
+        }
+        self.appenders.retain(|(p, _), _| p != peer);
+        self.rep.handle_link_down(peer);
+        if let Some(state) = self.link_state.get(peer) {
+            state.send_replace(false);
+        }
+    }
+
+    /// What this node holds, per topic, for a Hello.
+    fn holds(&self) -> Vec<(TopicName, Holds)> {
+        self.shared
+            .topic_list()
+            .iter()
+            .map(|t| (t.name.clone(), t.store.lock().expect("topic lock poisoned").dedup().snapshot(0)))
+            .collect()
+    }
+
+    fn execute(&mut self) {
+        while let Some(action) = self.rep.poll_action() {
+            match action {
+                Action::Send { peer, message } => self.send(&peer, message),
+                Action::Read { peer, topic, from, max_messages, max_bytes, ticket } => {
+                    let (shared, tx) = (Arc::clone(&self.shared), self.tx.clone());
+                    tokio::spawn(async move {
+                        let result = match shared.topic(&topic).await {
+                            Ok(t) => t.read(from, max_messages, max_bytes).await,
+                            Err(e) => Err(e),
+                        };
+                        let _ = tx.send(Event::Read { peer, topic, ticket, result }).await;
+                    });
+                }
+                Action::Append { peer, topic, batch, messages } => self.append(peer, topic, batch, messages),
+                Action::SaveCursor { peer, topic, offset } => {
+                    let key = cursor_key(&peer, &topic);
+                    if let Err(e) = meta::put_record(self.shared.meta.as_ref(), &key, &offset) {
+                        tracing::warn!(key, error = %e, "could not save replication cursor; will resend from the old one");
+                    }
+                }
+                Action::SaveConfig => {
+                    if let Err(e) = meta::put_record(self.shared.meta.as_ref(), CONFIG_KEY, self.rep.config()) {
+                        tracing::warn!(error = %e, "could not save the namespace catalogue; peers will resend it");
+                    }
+                }
+                Action::DropLink { peer, reason } => self.link_down(&peer, &reason),
+            }
+        }
+    }
+
+    fn send(&mut self, peer: &str, message: PeerMessage) {
+        let Some(link) = self.links.get_mut(peer) else { return };
+        let stream = match &message {
+            PeerMessage::Batch { topic, .. } => format!("ns:{}/{}", topic.tenant(), topic.namespace()),
+            _ => "control".to_string(),
+        };
+        let queue = link.streams.entry(stream).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(STREAM_QUEUE_MAX);
+            tokio::spawn(write_stream(link.conn.clone(), rx).in_current_span());
+            tx
+        });
+        if queue.try_send(message).is_err() {
+            self.link_down(peer, "outgoing stream queue full or closed");
+        }
+    }
+
+    fn append(&mut self, peer: String, topic: TopicName, batch: u64, messages: Vec<Message>) {
+        let key = (peer.clone(), topic.clone());
+        let queue = self.appenders.entry(key).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(APPEND_QUEUE_MAX);
+            let appender =
+                Appender { shared: Arc::clone(&self.shared), peer: peer.clone(), topic, events: self.tx.clone() };
+            tokio::spawn(appender.run(rx).in_current_span());
+            tx
+        });
+        if queue.try_send((batch, messages)).is_err() {
+            self.link_down(&peer, "peer sent more batches than allowed in flight");
+        }
+    }
+
+    fn stats(&self) -> Vec<PeerStats> {
+        let lanes = self.rep.lanes();
+        self.link_state
+            .keys()
+            .map(|peer| PeerStats {
+                name: peer.clone(),
+                connected: self.rep.is_up(peer),
+                lanes: lanes
+                    .iter()
+                    .filter(|(p, _, _)| p == peer)
+                    .map(|(_, topic, s)| LaneStats {
+                        topic: topic.to_string(),
+                        lag_messages: s.lag_messages,
+                        cursor: s.cursor,
+                        in_flight: s.in_flight as u64,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Appends a lane's batches in the order they arrived, one at a time, and reports each.
+struct Appender {
+    shared: Arc<Shared>,
+    peer: String,
+    topic: TopicName,
+    events: mpsc::Sender<Event>,
+}
+
+impl Appender {
+    async fn run(self, mut rx: mpsc::Receiver<(u64, Vec<Message>)>) {
+        while let Some((batch, messages)) = rx.recv().await {
+            let result = match self.shared.topic(&self.topic).await {
+                Ok(t) => match t.append(messages).await {
+                    Some(reply) => match reply.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("the write was abandoned".to_string()),
+                    },
+                    None => Err("the topic is closing".to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            let event = Event::Appended { peer: self.peer.clone(), topic: self.topic.clone(), batch, result };
+            if self.events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Writes one outgoing stream's messages in order.
+async fn write_stream(conn: Connection, mut rx: mpsc::Receiver<PeerMessage>) {
+    let Ok(mut send) = conn.open_uni().await else { return };
+    let mut buf = Vec::new();
+    while let Some(message) = rx.recv().await {
+        if frame::write_frame(&mut send, &message, &mut buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Accepts the peer's streams and forwards their messages; reports when the link ends.
+async fn read_link(conn: Connection, peer: String, id: u64, tx: mpsc::Sender<Event>) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let (conn, peer, tx) = (conn.clone(), peer.clone(), tx.clone());
+        tokio::spawn(
+            async move {
+                let mut buf = Vec::new();
+                loop {
+                    match frame::read_frame::<_, PeerMessage>(&mut recv, PEER_FRAME_BYTES_MAX, &mut buf).await {
+                        Ok(Some(message)) => {
+                            if tx.send(Event::Message { peer: peer.clone(), id, message }).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) | Err(frame::FrameError::Io(_)) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bad frame from peer; closing the link");
+                            conn.close(3u32.into(), b"bad frame");
+                            return;
+                        }
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    let _ = tx.send(Event::LinkClosed { peer, id }).await;
+}
+
+/// Keeps a link to one peer: dials while it is down, with backoff and jitter.
+struct Dialer {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+}
+
+/// Backoff between dial attempts: from 200 ms up to 5 s, so a region that comes back is
+/// found within seconds and a fleet of edges does not hammer it.
+const DIAL_BACKOFF_MS: (u64, u64) = (200, 5_000);
+
+impl Dialer {
+    async fn run(self, peer: PeerConfig, tx: mpsc::Sender<Event>, mut state: watch::Receiver<bool>) {
+        let Some(addr) = peer.addr else { return };
+        let mut backoff = Backoff::new(DIAL_BACKOFF_MS.0, DIAL_BACKOFF_MS.1);
+        loop {
+            while *state.borrow_and_update() {
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+            match self.dial(&peer.name, addr).await {
+                Ok(conn) => {
+                    backoff.reset();
+                    let event = Event::Link { peer: peer.name.clone(), conn, dialed_by: self.shared.name.clone() };
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                    // Give the driver time to take the link before checking the state again.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), state.changed()).await;
+                    continue;
+                }
+                Err(reason) => tracing::debug!(%addr, reason, "dial failed"),
+            }
+            let delay = backoff.next_delay_ms(self.shared.env.random.next_u64());
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+    }
+
+    async fn dial(&self, name: &str, addr: SocketAddr) -> Result<Connection, String> {
+        let connecting = self.endpoint.connect_with(self.client.clone(), addr, name).map_err(|e| e.to_string())?;
+        connecting.await.map_err(|e| {
+            tracing::info!(%addr, error = %e, "peer handshake failed");
+            e.to_string()
+        })
+    }
+}
