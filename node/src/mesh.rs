@@ -15,7 +15,7 @@ use rill_replication::{
     core::{Action, Holds, PeerMessage, Replicator, Settings},
     namespace::{ConfigDoc, Edit},
 };
-use rill_storage::{Message, StorageError, StoredMessage, TopicName, meta};
+use rill_storage::{Message, StorageError, StoredMessage, TopicName, meta, topic::AppendOutcome};
 use rill_transport::{backoff::Backoff, frame};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
@@ -49,7 +49,7 @@ pub(crate) enum Event {
     LinkClosed { peer: String, id: u64 },
     Message { peer: String, id: u64, message: PeerMessage },
     Read { peer: String, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
-    Appended { peer: String, topic: TopicName, batch: u64, result: Result<(), String> },
+    Appended { peer: String, topic: TopicName, batch: u64, result: Result<u64, String> },
     Edit { namespace: String, edit: Edit, reply: oneshot::Sender<Result<(), String>> },
     Config { reply: oneshot::Sender<ConfigDoc> },
     Stats { reply: oneshot::Sender<Vec<PeerStats>> },
@@ -99,6 +99,14 @@ struct Link {
     streams: BTreeMap<String, mpsc::Sender<PeerMessage>>,
 }
 
+/// Messages moved on one (peer, topic) lane since start.
+#[derive(Debug, Default, Clone, Copy)]
+struct LaneCounters {
+    sent: u64,
+    received: u64,
+    deduplicated: u64,
+}
+
 /// A lane's queue of batches to append: (batch number, messages).
 type AppendQueue = mpsc::Sender<(u64, Vec<Message>)>;
 
@@ -108,6 +116,7 @@ struct Driver {
     links: BTreeMap<String, Link>,
     link_state: BTreeMap<String, watch::Sender<bool>>,
     appenders: BTreeMap<(String, TopicName), AppendQueue>,
+    counters: BTreeMap<(String, TopicName), LaneCounters>,
     tx: mpsc::Sender<Event>,
     next_link: u64,
 }
@@ -146,6 +155,7 @@ pub(crate) fn start(
         links: BTreeMap::new(),
         link_state,
         appenders: BTreeMap::new(),
+        counters: BTreeMap::new(),
         tx: handle.tx.clone(),
         next_link: 0,
     };
@@ -183,6 +193,10 @@ impl Driver {
             }
             Event::Message { peer, id, message } => {
                 if self.links.get(&peer).is_some_and(|l| l.id == id) {
+                    if let PeerMessage::Batch { topic, messages, .. } = &message {
+                        self.counters.entry((peer.clone(), topic.clone())).or_default().received +=
+                            messages.len() as u64;
+                    }
                     self.rep.handle_message(&peer, message);
                 }
             }
@@ -193,7 +207,12 @@ impl Driver {
                 });
                 self.rep.handle_read(&peer, &topic, ticket, messages);
             }
-            Event::Appended { peer, topic, batch, result } => self.rep.handle_appended(&peer, &topic, batch, result),
+            Event::Appended { peer, topic, batch, result } => {
+                if let Ok(duplicates) = &result {
+                    self.counters.entry((peer.clone(), topic.clone())).or_default().deduplicated += duplicates;
+                }
+                self.rep.handle_appended(&peer, &topic, batch, result.map(drop));
+            }
             Event::Edit { namespace, edit, reply } => {
                 let now = self.shared.env.clock.now_ms();
                 let _ = reply.send(self.rep.edit_config(&namespace, edit, now).map_err(|e| e.to_string()));
@@ -288,6 +307,9 @@ impl Driver {
 
     fn send(&mut self, peer: &str, message: PeerMessage) {
         let Some(link) = self.links.get_mut(peer) else { return };
+        if let PeerMessage::Batch { topic, messages, .. } = &message {
+            self.counters.entry((peer.to_string(), topic.clone())).or_default().sent += messages.len() as u64;
+        }
         let stream = match &message {
             PeerMessage::Batch { topic, .. } => format!("ns:{}/{}", topic.tenant(), topic.namespace()),
             _ => "control".to_string(),
@@ -318,23 +340,50 @@ impl Driver {
 
     fn stats(&self) -> Vec<PeerStats> {
         let lanes = self.rep.lanes();
+        let now_ms = self.shared.env.clock.now_ms();
         self.link_state
             .keys()
             .map(|peer| PeerStats {
                 name: peer.clone(),
                 connected: self.rep.is_up(peer),
+                link_bytes_sent: self.links.get(peer).map_or(0, |l| l.conn.stats().udp_tx.bytes),
                 lanes: lanes
                     .iter()
                     .filter(|(p, _, _)| p == peer)
-                    .map(|(_, topic, s)| LaneStats {
-                        topic: topic.to_string(),
-                        lag_messages: s.lag_messages,
-                        cursor: s.cursor,
-                        in_flight: s.in_flight as u64,
-                    })
+                    .map(|(_, topic, s)| self.lane_stats(peer, topic, s, now_ms))
                     .collect(),
             })
             .collect()
+    }
+
+    /// One lane's figures; the age of its oldest unreplicated message is read from the log.
+    fn lane_stats(
+        &self,
+        peer: &str,
+        topic: &TopicName,
+        s: &rill_replication::core::LaneStats,
+        now_ms: u64,
+    ) -> LaneStats {
+        let c = self.counters.get(&(peer.to_string(), topic.clone())).copied().unwrap_or_default();
+        let (lag_bytes, lag_ms) = match (s.lag_messages, self.shared.topic_if_open(topic)) {
+            (1.., Some(t)) => {
+                let store = t.store.lock().expect("topic lock poisoned");
+                let oldest = store.read(s.cursor, 1, 1).ok().and_then(|m| m.first().map(|m| m.message.publish_time_ms));
+                (store.log().bytes_from(s.cursor), oldest.map_or(0, |t| now_ms.saturating_sub(t)))
+            }
+            _ => (0, 0),
+        };
+        LaneStats {
+            topic: topic.to_string(),
+            lag_messages: s.lag_messages,
+            lag_bytes,
+            lag_ms,
+            cursor: s.cursor,
+            in_flight: s.in_flight as u64,
+            sent: c.sent,
+            received: c.received,
+            deduplicated: c.deduplicated,
+        }
     }
 }
 
@@ -352,7 +401,9 @@ impl Appender {
             let result = match self.shared.topic(&self.topic).await {
                 Ok(t) => match t.append(messages).await {
                     Some(reply) => match reply.await {
-                        Ok(Ok(_)) => Ok(()),
+                        Ok(Ok(outcomes)) => {
+                            Ok(outcomes.iter().filter(|o| matches!(o, AppendOutcome::Duplicate { .. })).count() as u64)
+                        }
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("the write was abandoned".to_string()),
                     },

@@ -181,8 +181,18 @@ pub struct LaneStats {
     pub lag_messages: u64,
     /// Every local offset below this is at the peer.
     pub cursor: u64,
+    /// Bytes on disk not yet known to be at the peer (to within 4 KiB).
+    pub lag_bytes: u64,
+    /// Age of the oldest message not yet known to be at the peer, milliseconds.
+    pub lag_ms: u64,
     /// Batches sent and not yet acknowledged.
     pub in_flight: u64,
+    /// Messages sent to the peer since this node started.
+    pub sent: u64,
+    /// Messages received from the peer since this node started.
+    pub received: u64,
+    /// Of those, how many this node already held.
+    pub deduplicated: u64,
 }
 
 /// A configured peer.
@@ -192,6 +202,8 @@ pub struct PeerStats {
     pub name: String,
     /// True when the link is up and greeted.
     pub connected: bool,
+    /// UDP bytes sent on the current link.
+    pub link_bytes_sent: u64,
     /// Per topic replicated to it.
     pub lanes: Vec<LaneStats>,
 }

@@ -263,6 +263,11 @@ impl Shared {
         Ok(topic)
     }
 
+    /// The topic if it is open (never creates one).
+    pub(crate) fn topic_if_open(&self, name: &TopicName) -> Option<Arc<Topic>> {
+        self.topics.read().expect("topics lock poisoned").get(name).cloned()
+    }
+
     pub(crate) fn topic_list(&self) -> Vec<Arc<Topic>> {
         self.topics.read().expect("topics lock poisoned").values().cloned().collect()
     }

@@ -208,6 +208,13 @@ impl TopicLog {
     pub fn committed_offset(&self) -> u64 {
         self.committed_offset
     }
+    /// Bytes on disk from `offset` to the end (to within one index interval).
+    pub fn bytes_from(&self, offset: u64) -> u64 {
+        let later = self.segments.range((Bound::Excluded(offset), Bound::Unbounded)).map(|(_, s)| s.len_bytes());
+        let first = self.segments.range(..=offset).next_back().map_or(0, |(_, s)| s.bytes_from(offset));
+        first + later.sum::<u64>()
+    }
+
     /// Bytes on disk over all segments.
     pub fn size_bytes(&self) -> u64 {
         self.segments.values().map(Segment::len_bytes).sum()
@@ -256,6 +263,8 @@ mod tests {
         let all = log.read(0, usize::MAX, usize::MAX).unwrap();
         assert_eq!(all.len(), 200);
         assert!(all.iter().enumerate().all(|(i, m)| m.offset == i as u64 && m.message.id.seq == i as u64));
+        assert_eq!(log.bytes_from(0), log.size_bytes());
+        assert!(log.bytes_from(150) < log.bytes_from(50) && log.bytes_from(199) > 0 && log.bytes_from(200) == 0);
         let mid = log.read(137, 5, usize::MAX).unwrap();
         assert_eq!(mid.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![137, 138, 139, 140, 141]);
         drop(log);

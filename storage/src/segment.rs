@@ -234,6 +234,16 @@ impl Segment {
         Ok(())
     }
 
+    /// Bytes from the frame holding `offset` to the end, to within one index interval
+    /// (an over-estimate: the index points at or before the frame).
+    pub fn bytes_from(&self, offset: u64) -> u64 {
+        let position = match self.index.partition_point(|&(o, _)| o <= offset) {
+            0 => 0,
+            i => self.index[i - 1].1,
+        };
+        self.len_bytes.saturating_sub(position)
+    }
+
     /// The file, for syncing outside the log's lock.
     pub fn file(&self) -> &Arc<dyn LogFile> {
         &self.file

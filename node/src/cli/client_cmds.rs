@@ -411,9 +411,11 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
             .iter()
             .map(|p| {
                 serde_json::json!({
-                    "name": p.name, "connected": p.connected,
+                    "name": p.name, "connected": p.connected, "link_bytes_sent": p.link_bytes_sent,
                     "lanes": p.lanes.iter().map(|l| serde_json::json!({
-                        "topic": l.topic, "lag_messages": l.lag_messages, "cursor": l.cursor, "in_flight": l.in_flight,
+                        "topic": l.topic, "lag_messages": l.lag_messages, "lag_bytes": l.lag_bytes, "lag_ms": l.lag_ms,
+                        "cursor": l.cursor, "in_flight": l.in_flight, "sent": l.sent, "received": l.received,
+                        "deduplicated": l.deduplicated,
                     })).collect::<Vec<_>>(),
                 })
             })

@@ -177,6 +177,17 @@ async fn an_edge_backlog_reaches_both_regions_through_its_one_uplink() {
     let stats = r1.client().await.stats().await.expect("stats");
     let lanes: Vec<u64> = stats.peers.iter().flat_map(|p| p.lanes.iter().map(|l| l.lag_messages)).collect();
     assert!(!lanes.is_empty() && lanes.iter().all(|&l| l == 0), "r1 reports no lag: {:?}", stats.peers);
+    let from_edge = stats.peers.iter().find(|p| p.name == "edge").expect("edge peer");
+    assert!(from_edge.connected);
+    assert_eq!(from_edge.lanes.iter().map(|l| l.received).sum::<u64>(), 5000, "{:?}", from_edge.lanes);
+    let edge_stats = edge.client().await.stats().await.expect("edge stats");
+    let to_r1 = edge_stats.peers.iter().find(|p| p.name == "r1").expect("r1 peer");
+    assert_eq!(to_r1.lanes.iter().map(|l| l.sent).sum::<u64>(), 5000, "{:?}", to_r1.lanes);
+    assert!(
+        to_r1.link_bytes_sent > 5000 * "sensor-a-0".len() as u64,
+        "the link carried the payloads: {}",
+        to_r1.link_bytes_sent
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
