@@ -237,6 +237,9 @@ impl Segment {
     /// Bytes from the frame holding `offset` to the end, to within one index interval
     /// (an over-estimate: the index points at or before the frame).
     pub fn bytes_from(&self, offset: u64) -> u64 {
+        if offset >= self.next_offset {
+            return 0;
+        }
         let position = match self.index.partition_point(|&(o, _)| o <= offset) {
             0 => 0,
             i => self.index[i - 1].1,
