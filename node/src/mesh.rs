@@ -117,6 +117,8 @@ struct Driver {
     link_state: BTreeMap<String, watch::Sender<bool>>,
     appenders: BTreeMap<(String, TopicName), AppendQueue>,
     counters: BTreeMap<(String, TopicName), LaneCounters>,
+    /// UDP bytes sent on links to each peer that have closed.
+    closed_link_bytes: BTreeMap<String, u64>,
     tx: mpsc::Sender<Event>,
     next_link: u64,
 }
@@ -156,6 +158,7 @@ pub(crate) fn start(
         link_state,
         appenders: BTreeMap::new(),
         counters: BTreeMap::new(),
+        closed_link_bytes: BTreeMap::new(),
         tx: handle.tx.clone(),
         next_link: 0,
     };
@@ -236,6 +239,7 @@ impl Driver {
         {
             if current.dialed_by <= dialed_by {
                 conn.close(0u32.into(), b"duplicate link");
+                *self.closed_link_bytes.entry(peer).or_default() += conn.stats().udp_tx.bytes;
                 return;
             }
             self.link_down(&peer, "replaced by the link the smaller name dialed");
@@ -257,6 +261,7 @@ impl Driver {
         if let Some(link) = self.links.remove(peer) {
             tracing::info!(peer, reason, "peer link down");
             link.conn.close(0u32.into(), reason.as_bytes());
+            *self.closed_link_bytes.entry(peer.to_string()).or_default() += link.conn.stats().udp_tx.bytes;
         }
         self.appenders.retain(|(p, _), _| p != peer);
         self.rep.handle_link_down(peer);
@@ -346,7 +351,8 @@ impl Driver {
             .map(|peer| PeerStats {
                 name: peer.clone(),
                 connected: self.rep.is_up(peer),
-                link_bytes_sent: self.links.get(peer).map_or(0, |l| l.conn.stats().udp_tx.bytes),
+                link_bytes_sent: self.closed_link_bytes.get(peer).copied().unwrap_or(0)
+                    + self.links.get(peer).map_or(0, |l| l.conn.stats().udp_tx.bytes),
                 lanes: lanes
                     .iter()
                     .filter(|(p, _, _)| p == peer)
@@ -470,6 +476,10 @@ struct Dialer {
 /// Backoff between dial attempts: from 200 ms up to 5 s, so a region that comes back is
 /// found within seconds and a fleet of edges does not hammer it.
 const DIAL_BACKOFF_MS: (u64, u64) = (200, 5_000);
+/// Head start the smaller name gets: when both sides dial, the link the smaller name
+/// dialed is kept, so the larger waits this long before each dial and skips it if a link
+/// came up meanwhile. Without it both links form and one is torn down mid-transfer.
+const DIAL_DEFER_MS: u64 = 500;
 
 impl Dialer {
     async fn run(self, peer: PeerConfig, tx: mpsc::Sender<Event>, mut state: watch::Receiver<bool>) {
@@ -479,6 +489,12 @@ impl Dialer {
             while *state.borrow_and_update() {
                 if state.changed().await.is_err() {
                     return;
+                }
+            }
+            if self.shared.name > peer.name {
+                let _ = tokio::time::timeout(Duration::from_millis(DIAL_DEFER_MS), state.changed()).await;
+                if *state.borrow_and_update() {
+                    continue;
                 }
             }
             match self.dial(&peer.name, addr).await {

@@ -202,7 +202,7 @@ pub struct PeerStats {
     pub name: String,
     /// True when the link is up and greeted.
     pub connected: bool,
-    /// UDP bytes sent on the current link.
+    /// UDP bytes sent to the peer since this node started, over all links.
     pub link_bytes_sent: u64,
     /// Per topic replicated to it.
     pub lanes: Vec<LaneStats>,

@@ -18,7 +18,7 @@
 //! A lane ships only while the topic's namespace lists both nodes in its clusters, and
 //! relays transitively: whatever a node appends (from a producer or a peer) grows its log
 //! and is shipped on its other lanes.
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rill_storage::{
     Message, StoredMessage, TopicName,
@@ -57,12 +57,15 @@ pub type Holds = DedupSnapshot;
 /// Messages between peers (the replication part of the peer protocol).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMessage {
-    /// First message on a link: the sender's config and what it holds per topic.
+    /// First message on a link: the sender's config, what it holds per topic, and its
+    /// configured peers (so relays know which nodes it serves directly).
     Hello {
         /// The sender's namespace catalogue.
         config: ConfigDoc,
         /// What it holds, per topic.
         holds: Vec<(TopicName, Holds)>,
+        /// The sender's configured peers.
+        neighbors: BTreeSet<String>,
     },
     /// Namespaces that changed (a delta of the catalogue).
     Config(ConfigDoc),
@@ -198,6 +201,8 @@ pub struct Replicator {
     /// Local topics and their durable end offsets.
     topics: BTreeMap<TopicName, u64>,
     peers: BTreeMap<String, Peer>,
+    /// Each peer's configured peers, from its Hello.
+    neighbors_of: BTreeMap<String, BTreeSet<String>>,
     next_ticket: u64,
     actions: VecDeque<Action>,
 }
@@ -220,6 +225,7 @@ impl Replicator {
             clock,
             topics: BTreeMap::new(),
             peers: BTreeMap::new(),
+            neighbors_of: BTreeMap::new(),
             next_ticket: 0,
             actions: VecDeque::new(),
         }
@@ -253,9 +259,10 @@ impl Replicator {
     pub fn handle_link_up(&mut self, peer: &str, holds: Vec<(TopicName, Holds)>) {
         let Some(p) = self.peers.get_mut(peer) else { return };
         p.up = true;
+        let neighbors = self.peers.keys().cloned().collect();
         self.actions.push_back(Action::Send {
             peer: peer.to_string(),
-            message: PeerMessage::Hello { config: self.config.clone(), holds },
+            message: PeerMessage::Hello { config: self.config.clone(), holds, neighbors },
         });
     }
 
@@ -320,12 +327,13 @@ impl Replicator {
             return;
         }
         match message {
-            PeerMessage::Hello { config, holds } => {
+            PeerMessage::Hello { config, holds, neighbors } => {
                 let p = self.peers.get_mut(peer).expect("checked above");
                 p.greeted = true;
                 for (topic, snapshot) in holds {
                     p.lanes.entry(topic).or_default().peer_holds.merge(DedupIndex::from_snapshot(snapshot));
                 }
+                self.learn_neighbors(peer, neighbors);
                 self.merge_config(peer, &config);
                 self.pump_all();
             }
@@ -339,6 +347,34 @@ impl Replicator {
             }
             PeerMessage::Ack { topic, batch } => self.handle_ack(peer, &topic, batch),
         }
+    }
+
+    /// Records a peer's neighbours. A node that left its list may have had messages
+    /// skipped for it on our lanes (its origin was to deliver them); those lanes rewind to
+    /// the start so nothing stays stranded (what it holds is still skipped).
+    fn learn_neighbors(&mut self, peer: &str, neighbors: BTreeSet<String>) {
+        let dropped: Vec<String> = match self.neighbors_of.get(peer) {
+            Some(old) => old.difference(&neighbors).cloned().collect(),
+            None => Vec::new(),
+        };
+        for q in dropped {
+            if let Some(p) = self.peers.get_mut(&q) {
+                for lane in p.lanes.values_mut() {
+                    lane.cursor = 0;
+                    lane.next_read = 0;
+                    lane.in_flight.clear();
+                    lane.reading = None;
+                }
+            }
+        }
+        self.neighbors_of.insert(peer.to_string(), neighbors);
+    }
+
+    /// True when a message from `origin` need not travel from this node to `peer`: the
+    /// peer is its origin, or the origin links to the peer directly and its own lane (in
+    /// order, store-and-forward) delivers it. Relaying it too would only send duplicates.
+    fn delivered_elsewhere(&self, origin: &str, peer: &str) -> bool {
+        origin == peer || (origin != self.node && self.neighbors_of.get(origin).is_some_and(|n| n.contains(peer)))
     }
 
     fn merge_config(&mut self, peer: &str, theirs: &ConfigDoc) {
@@ -402,6 +438,13 @@ impl Replicator {
 
     /// The result of an [`Action::Read`]: messages from the requested offset on, in order.
     pub fn handle_read(&mut self, peer: &str, topic: &TopicName, ticket: u64, messages: Vec<StoredMessage>) {
+        let skip: BTreeSet<String> = messages
+            .iter()
+            .map(|m| m.message.origin.to_string())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|origin| self.delivered_elsewhere(origin, peer))
+            .collect();
         let Some(lane) = self.peers.get_mut(peer).and_then(|p| p.lanes.get_mut(topic)) else { return };
         if lane.reading != Some(ticket) {
             return; // the link went down since; the lane restarted
@@ -413,6 +456,7 @@ impl Replicator {
         let fresh: Vec<Message> = messages
             .into_iter()
             .filter(|m| m.offset >= lane.next_read && !lane.peer_holds.contains(&m.message.id))
+            .filter(|m| !skip.contains(&*m.message.origin))
             .map(|m| {
                 ids.record(&m.message.id, m.offset);
                 m.message
@@ -527,6 +571,8 @@ mod tests {
         wire: BTreeMap<(String, String), VecDeque<PeerMessage>>,
         rng: Rng,
         produced: Vec<(String, TopicName, MessageId)>,
+        /// Messages carried in batches on all links.
+        batch_messages_sent: usize,
     }
 
     fn topic(name: &str) -> TopicName {
@@ -549,8 +595,14 @@ mod tests {
                     Node { rep, logs: BTreeMap::new(), dedup: BTreeMap::new(), cursors: BTreeMap::new() },
                 );
             }
-            let mut mesh =
-                Mesh { nodes, links: BTreeMap::new(), wire: BTreeMap::new(), rng: Rng(seed | 1), produced: Vec::new() };
+            let mut mesh = Mesh {
+                nodes,
+                links: BTreeMap::new(),
+                wire: BTreeMap::new(),
+                rng: Rng(seed | 1),
+                produced: Vec::new(),
+                batch_messages_sent: 0,
+            };
             for &(a, b) in links {
                 mesh.links.insert(key(a, b), false);
                 mesh.node(a).rep.add_peer(b);
@@ -613,6 +665,9 @@ mod tests {
                 any = true;
                 match action {
                     Action::Send { peer, message } => {
+                        if let PeerMessage::Batch { messages, .. } = &message {
+                            self.batch_messages_sent += messages.len();
+                        }
                         if self.links.get(&key(name, &peer)) == Some(&true) {
                             self.wire.entry((name.to_string(), peer)).or_default().push_back(message);
                         }
@@ -751,6 +806,19 @@ mod tests {
                 assert_eq!(mesh.node(n).logs[&topic("t/ns/x")].len(), 400, "seed {seed} node {n}");
             }
         }
+    }
+
+    #[test]
+    fn in_a_full_mesh_each_message_crosses_each_link_once() {
+        let mut mesh = Mesh::new(&["r1", "r2", "r3"], &[("r1", "r2"), ("r2", "r3"), ("r1", "r3")], 8);
+        mesh.heal();
+        for (i, n) in ["r1", "r2", "r3"].iter().enumerate() {
+            mesh.produce(n, "t/ns/x", &format!("p{i}"), 0..100);
+        }
+        mesh.run(0);
+        mesh.check();
+        // 300 messages, each to the two other regions, no relayed copies.
+        assert_eq!(mesh.batch_messages_sent, 600);
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub(crate) enum BenchCommand {
     Produce(ProduceArgs),
     /// Resident memory of an idle node holding many topics.
     Rss(RssArgs),
+    /// Replication: backlog catch-up, steady-state lag, wire amplification.
+    Replication(super::bench_mesh::ReplicationArgs),
 }
 
 pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -38,6 +40,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Storage(a) => storage(a).await,
         BenchCommand::Produce(a) => produce(a).await,
         BenchCommand::Rss(a) => rss(a).await,
+        BenchCommand::Replication(a) => super::bench_mesh::run(a).await,
     }
 }
 
@@ -142,17 +145,19 @@ async fn storage(a: StorageArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tempfile_in(dir: &Path) -> anyhow::Result<TempDir> {
-    let path = dir.join(format!(".rill-bench-{}", std::process::id()));
+pub(crate) fn tempfile_in(dir: &Path) -> anyhow::Result<TempDir> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!(".rill-bench-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
     Ok(TempDir(path))
 }
 
 /// A scratch directory removed on drop.
-struct TempDir(std::path::PathBuf);
+pub(crate) struct TempDir(std::path::PathBuf);
 
 impl TempDir {
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -164,21 +169,29 @@ impl Drop for TempDir {
 }
 
 /// A node in a child process on a scratch data dir, killed on drop.
-struct ChildNode {
+pub(crate) struct ChildNode {
     child: Child,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
     data: TempDir,
 }
 
 impl ChildNode {
     fn start(scratch_parent: &Path) -> anyhow::Result<ChildNode> {
-        let data = tempfile_in(scratch_parent)?;
+        Self::start_with(tempfile_in(scratch_parent)?, &["--name", "bench-node", "--listen", "127.0.0.1:0"])
+    }
+
+    /// A node on data dir `data` with extra flags for `rill node run`.
+    pub(crate) fn start_with(data: TempDir, flags: &[&str]) -> anyhow::Result<ChildNode> {
         let exe = std::env::current_exe()?;
+        let log_path = data.path().with_extension("log");
+        let log = std::fs::File::create(&log_path)?;
         let mut child = Command::new(exe)
-            .args(["node", "run", "--name", "bench-node", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["node", "run"])
+            .args(flags)
+            .arg("--data-dir")
             .arg(data.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .context("starting the node")?;
         let stdout = child.stdout.take().context("node stdout")?;
@@ -186,12 +199,14 @@ impl ChildNode {
         BufReader::new(stdout).read_line(&mut line)?;
         let Some(addr) = line.trim().rsplit(' ').next().and_then(|a| a.parse().ok()) else {
             let _ = child.kill();
-            bail!("node did not report its address (got {line:?})");
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("node did not report its address; its log:\n{log}");
         };
         Ok(ChildNode { child, addr, data })
     }
 
-    fn options(&self) -> ClientOptions {
+    pub(crate) fn options(&self) -> ClientOptions {
         ClientOptions::new(self.addr, self.data.path().join("certs"))
     }
 
@@ -235,7 +250,7 @@ pub(crate) struct ProduceArgs {
     dir: std::path::PathBuf,
 }
 
-fn payloads(n: usize, size: usize) -> Vec<Outgoing> {
+pub(crate) fn payloads(n: usize, size: usize) -> Vec<Outgoing> {
     (0..n).map(|_| Outgoing::payload(vec![0x5a; size])).collect()
 }
 

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod bench_mesh;
 mod client_cmds;
 mod node_cmd;
 mod ns;
