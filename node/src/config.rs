@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn the_example_configs_parse_and_validate() {
-        for file in ["edge.toml", "cloud.toml"] {
+        for file in ["edge.toml", "cloud.toml", "mesh/edge-1.toml", "mesh/cloud-eu.toml", "mesh/cloud-us.toml"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(file);
             let c = NodeConfig::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
             c.validate().unwrap_or_else(|e| panic!("{file}: {e}"));

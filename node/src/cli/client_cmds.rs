@@ -427,11 +427,20 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
     }
     println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
     for p in &stats.peers {
-        println!("peer {:<20} {}", p.name, if p.connected { "connected" } else { "disconnected" });
+        let state = if p.connected { "connected" } else { "disconnected" };
+        println!("peer {:<20} {state:<12} link bytes sent {}", p.name, p.link_bytes_sent);
         for l in &p.lanes {
             println!(
-                "  {:<40} lag {:>10} msgs  cursor {:>12}  in flight {:>3}",
-                l.topic, l.lag_messages, l.cursor, l.in_flight
+                "  {:<36} lag {:>9} msgs {:>11} B {:>8.1} s | sent {:>9} recv {:>9} dedup {:>9} | cursor {:>10} in flight {:>2}",
+                l.topic,
+                l.lag_messages,
+                l.lag_bytes,
+                l.lag_ms as f64 / 1000.0,
+                l.sent,
+                l.received,
+                l.deduplicated,
+                l.cursor,
+                l.in_flight
             );
         }
     }
