@@ -108,7 +108,7 @@ impl ResilientProducer {
     async fn open(conn: &Conn, topic: &str, name: Option<String>, window: usize) -> anyhow::Result<Self> {
         let env = Env::production();
         let options = ClientOptions::new(conn.addr, &conn.certs);
-        let client = connect(&options).await?;
+        let client = conn.connect().await?;
         let name = name.unwrap_or_else(|| env.random_id());
         let producer = client.producer(topic, name).await?;
         Ok(ResilientProducer { options, client, producer, env, window, totals: Totals::default() })
@@ -166,12 +166,6 @@ impl ResilientProducer {
             }
         }
     }
-}
-
-async fn connect(options: &ClientOptions) -> anyhow::Result<Client> {
-    Client::connect(options).await.with_context(|| {
-        format!("is a node running at {}, and are its certificates in {}?", options.addr, options.certs_dir.display())
-    })
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -336,7 +330,7 @@ fn message_json(m: &rill_storage::StoredMessage) -> serde_json::Value {
 }
 
 pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
-    let client = connect(&ClientOptions::new(args.conn.addr, &args.conn.certs)).await?;
+    let client = args.conn.connect().await?;
     let mut consumer = client.subscribe(&args.topic, &args.subscription, args.from).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut seen = 0u64;
@@ -374,7 +368,7 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn topics_list(args: ConnArgs) -> anyhow::Result<()> {
-    let client = connect(&ClientOptions::new(args.conn.addr, &args.conn.certs)).await?;
+    let client = args.conn.connect().await?;
     let topics = client.list_topics().await?;
     println!("{:<48} {:>12} {:>12} {:>14}", "TOPIC", "START", "END", "BYTES");
     for t in topics {
@@ -388,41 +382,11 @@ pub(crate) async fn topics_list(args: ConnArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
-    let client = connect(&ClientOptions::new(args.conn.addr, &args.conn.certs)).await?;
+    let client = args.conn.connect().await?;
     let stats = client.stats().await?;
     client.close().await;
     if args.json {
-        let topics: Vec<serde_json::Value> = stats
-            .topics
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "topic": t.topic, "start_offset": t.start_offset, "end_offset": t.end_offset,
-                    "messages": t.end_offset - t.start_offset, "bytes": t.bytes, "segments": t.segments,
-                    "producers": t.producers, "messages_in": t.messages_in, "duplicates": t.duplicates, "error": t.error,
-                    "subscriptions": t.subscriptions.iter().map(|s| serde_json::json!({
-                        "name": s.name, "ack_floor": s.ack_floor, "backlog_messages": s.backlog_messages, "connected": s.connected,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let peers: Vec<serde_json::Value> = stats
-            .peers
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "name": p.name, "connected": p.connected, "link_bytes_sent": p.link_bytes_sent,
-                    "lanes": p.lanes.iter().map(|l| serde_json::json!({
-                        "topic": l.topic, "lag_messages": l.lag_messages, "lag_bytes": l.lag_bytes, "lag_ms": l.lag_ms,
-                        "cursor": l.cursor, "in_flight": l.in_flight, "sent": l.sent, "received": l.received,
-                        "deduplicated": l.deduplicated,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let all =
-            serde_json::json!({ "node": stats.node, "uptime_ms": stats.uptime_ms, "topics": topics, "peers": peers });
-        println!("{all}");
+        println!("{}", serde_json::to_string(&stats)?);
         return Ok(());
     }
     println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
