@@ -242,7 +242,12 @@ impl Driver {
                 *self.closed_link_bytes.entry(peer).or_default() += conn.stats().udp_tx.bytes;
                 return;
             }
-            self.link_down(&peer, "replaced by the link the smaller name dialed");
+            let old = self.links.remove(&peer).expect("checked above");
+            tracing::info!(peer, "peer link replaced by the one the smaller name dialed");
+            old.conn.close(0u32.into(), b"replaced by the link the smaller name dialed");
+            *self.closed_link_bytes.entry(peer.clone()).or_default() += old.conn.stats().udp_tx.bytes;
+            self.appenders.retain(|(p, _), _| *p != peer);
+            self.rep.handle_link_replaced(&peer);
         }
         self.next_link += 1;
         let id = self.next_link;

@@ -273,17 +273,32 @@ impl Replicator {
         });
     }
 
+    /// The link to `peer` was replaced by another connection to the same peer (both sides
+    /// dialed). Lanes restart from their cursors, since what was in flight on the old
+    /// connection is gone, but the peer never became unreachable: what it said about its
+    /// links still holds, and nothing is announced. The new link's Hello follows.
+    pub fn handle_link_replaced(&mut self, peer: &str) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.greeted = false;
+            Self::restart_lanes(p);
+        }
+    }
+
+    fn restart_lanes(p: &mut Peer) {
+        for lane in p.lanes.values_mut() {
+            lane.in_flight.clear();
+            lane.reading = None;
+            lane.next_read = lane.cursor;
+        }
+    }
+
     /// A link went down: lanes forget what was in flight and restart from their cursors.
     pub fn handle_link_down(&mut self, peer: &str) {
         let Some(p) = self.peers.get_mut(peer) else { return };
         let was_greeted = p.greeted;
         p.up = false;
         p.greeted = false;
-        for lane in p.lanes.values_mut() {
-            lane.in_flight.clear();
-            lane.reading = None;
-            lane.next_read = lane.cursor;
-        }
+        Self::restart_lanes(p);
         // Without the link we no longer know the peer's links: relay for it again, and
         // first rewind past whatever we skipped because it was to deliver it.
         self.learn_links(peer, BTreeSet::new());
@@ -704,6 +719,17 @@ mod tests {
             }
         }
 
+        /// Replaces the link between `a` and `b` with a new connection (both sides dialed).
+        fn replace_link(&mut self, a: &str, b: &str) {
+            self.wire.remove(&(a.to_string(), b.to_string()));
+            self.wire.remove(&(b.to_string(), a.to_string()));
+            for (x, y) in [(a, b), (b, a)] {
+                self.node(x).rep.handle_link_replaced(y);
+                let holds = self.node(x).holds();
+                self.node(x).rep.handle_link_up(y, holds);
+            }
+        }
+
         /// Executes one node's pending actions.
         fn drain(&mut self, name: &str) -> bool {
             let mut any = false;
@@ -883,6 +909,24 @@ mod tests {
         mesh.check();
         // 300 messages, each to the two other regions, no relayed copies.
         assert_eq!(mesh.batch_messages_sent, 600);
+    }
+
+    #[test]
+    fn replacing_a_link_does_not_make_relays_resend() {
+        let mut mesh = Mesh::new(&["r1", "r2", "r3"], &[("r1", "r2"), ("r2", "r3"), ("r1", "r3")], 10);
+        mesh.heal();
+        mesh.produce("r1", "t/ns/x", "p", 0..50);
+        mesh.run(0);
+        mesh.replace_link("r1", "r2");
+        // r2 still knows r1 delivers to r3 itself: its lane to r3 must not rewind.
+        let lanes = mesh.node("r2").rep.lanes();
+        let to_r3 = lanes.iter().find(|(p, _, _)| p == "r3").expect("lane to r3").2;
+        assert_eq!(to_r3.cursor, 50, "{lanes:?}");
+        mesh.run(0);
+        mesh.produce("r1", "t/ns/x", "p", 50..100);
+        mesh.run(0);
+        mesh.check();
+        assert_eq!(mesh.batch_messages_sent, 200, "each message to each other region once, nothing relayed");
     }
 
     #[test]

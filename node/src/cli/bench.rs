@@ -210,6 +210,11 @@ impl ChildNode {
         ClientOptions::new(self.addr, self.data.path().join("certs"))
     }
 
+    /// The node's log so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().with_extension("log")).unwrap_or_default()
+    }
+
     fn rss_kib(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;

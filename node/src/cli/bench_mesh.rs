@@ -255,7 +255,7 @@ async fn steady_state(a: &ReplicationArgs) -> anyhow::Result<()> {
 async fn amplification(a: &ReplicationArgs) -> anyhow::Result<()> {
     let names = ["r1", "r2", "r3"];
     let bench = Bench::new(&a.dir, &names)?;
-    let _nodes = [
+    let nodes = [
         bench.start("r1", &["r2", "r3"], &[])?,
         bench.start("r2", &["r1", "r3"], &[])?,
         bench.start("r3", &["r1", "r2"], &[])?,
@@ -289,10 +289,24 @@ async fn amplification(a: &ReplicationArgs) -> anyhow::Result<()> {
     }
     // Each message must reach the two other regions.
     let delivered = 3 * a.mesh_messages * a.size as u64 * 2;
+    let downs: Vec<String> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.log()
+                .lines()
+                .filter(|l| l.contains("peer link down") || l.contains("peer link replaced"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
     println!(
         "replication wire amplification, full mesh of 3: {link_bytes} link bytes / {delivered} payload bytes delivered = {:.2} \
-         (target <= 1.2); {dedup} copies arrived twice and were dropped by dedup",
-        link_bytes as f64 / delivered as f64
+         (target <= 1.2); {dedup} copies arrived twice and were dropped by dedup; links went down or were replaced {} time(s)",
+        link_bytes as f64 / delivered as f64,
+        downs.len()
     );
+    for d in downs.iter().take(6) {
+        eprintln!("  {d}");
+    }
     Ok(())
 }
