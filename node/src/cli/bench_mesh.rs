@@ -166,6 +166,9 @@ async fn produce(options: &ClientOptions, producer: &str, count: u64, size: usiz
 /// Steady state runs first: the catch-up's half a gigabyte of scratch data is deleted
 /// when it ends, and that disk work would land in the lag figures.
 pub(crate) async fn run(a: ReplicationArgs) -> anyhow::Result<()> {
+    // Start from a quiet disk: writeback left by earlier work (a previous run's half a
+    // gigabyte) stalls fsyncs for tens of milliseconds and would land in the lag tail.
+    let _ = std::process::Command::new("sync").status();
     steady_state(&a).await?;
     amplification(&a).await?;
     catch_up(&a).await
