@@ -6,13 +6,10 @@ use std::{
     time::Duration,
 };
 
-use rill_node::{
-    client::{Client, ClientError, ClientOptions, Outgoing, Producer},
-    protocol::StartPosition,
-};
+use rill_node::client::{Client, ClientError, ClientOptions, Outgoing, Producer};
 use tokio::time::Instant;
 
-use crate::support::TestNode;
+use crate::support::{TestNode, read_seqs};
 
 const PRODUCERS: usize = 4;
 const BATCHES: u64 = 80;
@@ -104,19 +101,11 @@ async fn kill9_during_concurrent_produce_loses_and_duplicates_nothing() {
         .find(|t| t.topic == "crash/test/t")
         .expect("topic")
         .end_offset;
-    let mut consumer = client.subscribe("crash/test/t", "check", StartPosition::Earliest).await.expect("subscribe");
-    let mut held: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for _ in 0..end {
-        let m = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-            .await
-            .expect("delivery")
-            .expect("next")
-            .expect("msg");
+    let held = read_seqs(&node, "crash/test/t", end, |m| {
         let payload = String::from_utf8(m.message.payload.clone()).expect("utf-8");
         assert_eq!(payload, format!("{}-{}", m.message.id.producer, m.message.id.seq), "payload matches its id");
-        held.entry(m.message.id.producer.as_str().to_string()).or_default().push(m.message.id.seq);
-        consumer.ack(m.offset);
-    }
+    })
+    .await;
     let acked = acked.lock().expect("lock");
     for (producer, seqs) in &held {
         if let Some(at) = seqs.windows(2).position(|w| w[0] >= w[1]) {

@@ -6,14 +6,11 @@ use std::{
     time::Duration,
 };
 
-use rill_node::{
-    client::{Client, Outgoing},
-    protocol::StartPosition,
-};
+use rill_node::client::{Client, Outgoing};
 use rill_replication::namespace::Edit;
 use tokio::time::Instant;
 
-use crate::support::TestNode;
+use crate::support::{TestNode, read_seqs};
 
 const TOPIC: &str = "acme/sensors/temp";
 
@@ -121,19 +118,8 @@ async fn converge(nodes: &[&TestNode], want: u64) {
 /// Reads the whole topic on `node` and checks: each (producer, seq) once, per-producer
 /// order, and exactly the expected seqs `0..count` for every producer.
 async fn check_exactly_once_in_order(node: &TestNode, producers: &BTreeMap<String, u64>) {
-    let client = node.client().await;
-    let mut consumer = client.subscribe(TOPIC, "check", StartPosition::Earliest).await.expect("subscribe");
     let total: u64 = producers.values().sum();
-    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for _ in 0..total {
-        let m = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-            .await
-            .expect("delivery")
-            .expect("next")
-            .expect("msg");
-        seen.entry(m.message.id.producer.as_str().to_string()).or_default().push(m.message.id.seq);
-        consumer.ack(m.offset);
-    }
+    let seen = read_seqs(node, TOPIC, total, |_| {}).await;
     for (producer, &count) in producers {
         let seqs = seen.get(producer).cloned().unwrap_or_default();
         assert_eq!(seqs, (0..count).collect::<Vec<_>>(), "{producer} on {}: exactly once, in order", node.addr);

@@ -9,7 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rill_node::client::{Client, ClientOptions};
+use rill_node::{
+    client::{Client, ClientOptions},
+    protocol::StartPosition,
+};
+use rill_storage::StoredMessage;
 use rill_transport::net::Limits;
 
 /// Longest a node may take to start.
@@ -216,4 +220,26 @@ pub(crate) fn run(cwd: &Path, args: &[String], stdin: &str) -> Output {
 /// Text of an output stream.
 pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Reads `count` messages of `topic` from the start on a fresh subscription and returns
+/// each producer's seqs in the order the node holds them; `inspect` sees every message.
+pub(crate) async fn read_seqs(
+    node: &TestNode,
+    topic: &str,
+    count: u64,
+    mut inspect: impl FnMut(&StoredMessage),
+) -> std::collections::BTreeMap<String, Vec<u64>> {
+    let client = node.client().await;
+    let mut consumer = client.subscribe(topic, "check", StartPosition::Earliest).await.expect("subscribe");
+    let mut seqs: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for _ in 0..count {
+        let next =
+            tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a delivery within 10 s");
+        let m = next.expect("next").expect("a message");
+        inspect(&m);
+        seqs.entry(m.message.id.producer.as_str().to_string()).or_default().push(m.message.id.seq);
+        consumer.ack(m.offset);
+    }
+    seqs
 }
