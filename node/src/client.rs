@@ -133,7 +133,7 @@ impl Client {
         };
         let addr = options.addr;
         let fail = |reason: String| ClientError::Connect { addr, reason };
-        let mut endpoint = rill_transport::net::endpoint(net, local, None).map_err(|e| fail(e.to_string()))?;
+        let mut endpoint = rill_transport::net::endpoint(net, local, None).await.map_err(|e| fail(e.to_string()))?;
         endpoint.set_default_client_config(config);
         let connecting = endpoint.connect(addr, &options.server_name).map_err(|e| fail(e.to_string()))?;
         let conn = connecting.await.map_err(|e| fail(e.to_string()))?;

@@ -177,6 +177,7 @@ impl Node {
         let topic_count = topics.len();
 
         let endpoint = net::endpoint(env.net.as_ref(), config.listen, Some(server))
+            .await
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let (mesh_handle, mesh_events) = MeshHandle::new();

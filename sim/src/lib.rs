@@ -1,8 +1,18 @@
-//! rill-sim: deterministic simulation of whole rill meshes under turmoil.
+//! rill-sim: deterministic simulation of rill meshes under turmoil.
 //!
-//! Not built yet (its own issue). The node is already shaped for it: every I/O edge comes
-//! from `rill_node::env::Env` (clock, randomness, the segment log's file system, the
-//! metadata store, the UDP socket and quinn runtime, the TLS clock), and
-//! `rill_storage::meta::MemMeta` is the crash-losing metadata store the simulation will use.
+//! The nodes are the production code (`rill_node::Node`); only their I/O edges are
+//! swapped through `rill_node::env::Env`: quinn runs over turmoil's simulated UDP
+//! ([`net`]), the segment log over turmoil's simulated disk, which drops unsynced writes on
+//! a crash ([`fs`]), metadata in a `MemMeta` that loses unflushed writes, and clock and
+//! randomness come from the simulation and the seed ([`env`]).
+//!
+//! This is the first slice of the simulation: the edges and a scenario harness. Fault
+//! schedules drawn per seed, the invariant checker over many topologies and the seed
+//! sweep come next.
 //!
 //! Architecture invariant: nothing depends on this crate.
+
+pub mod env;
+pub mod fs;
+pub mod net;
+pub mod scenario;

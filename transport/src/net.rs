@@ -1,14 +1,17 @@
 //! The network edge of a node: where its UDP socket, quinn runtime, endpoint randomness and
 //! TLS clock come from. Production uses [`TokioNet`]; the simulation supplies its own.
-use std::{fmt, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{fmt, future::Future, io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use quinn::{AsyncUdpSocket, Endpoint, EndpointConfig, Runtime, TransportConfig, VarInt};
 use rustls::time_provider::TimeProvider;
 
+/// A bound UDP socket, or why binding failed.
+pub type BindResult = io::Result<Arc<dyn AsyncUdpSocket>>;
+
 /// The I/O edges quinn and rustls need.
 pub trait Net: Send + Sync + fmt::Debug {
-    /// Binds a UDP socket.
-    fn bind(&self, addr: SocketAddr) -> io::Result<Arc<dyn AsyncUdpSocket>>;
+    /// Binds a UDP socket (async: a simulated network binds through its own runtime).
+    fn bind(&self, addr: SocketAddr) -> Pin<Box<dyn Future<Output = BindResult> + Send + '_>>;
     /// The runtime quinn spawns its driver on and takes timers and `now()` from.
     fn runtime(&self) -> Arc<dyn Runtime>;
     /// Endpoint configuration (reset key, connection-id generator, RNG seed).
@@ -22,9 +25,11 @@ pub trait Net: Send + Sync + fmt::Debug {
 pub struct TokioNet;
 
 impl Net for TokioNet {
-    fn bind(&self, addr: SocketAddr) -> io::Result<Arc<dyn AsyncUdpSocket>> {
-        let socket = std::net::UdpSocket::bind(addr)?;
-        quinn::TokioRuntime.wrap_udp_socket(socket)
+    fn bind(&self, addr: SocketAddr) -> Pin<Box<dyn Future<Output = BindResult> + Send + '_>> {
+        Box::pin(async move {
+            let socket = std::net::UdpSocket::bind(addr)?;
+            quinn::TokioRuntime.wrap_udp_socket(socket)
+        })
     }
     fn runtime(&self) -> Arc<dyn Runtime> {
         Arc::new(quinn::TokioRuntime)
@@ -91,8 +96,8 @@ impl Limits {
 }
 
 /// Binds an endpoint on `addr`; a server when `server` is given.
-pub fn endpoint(net: &dyn Net, addr: SocketAddr, server: Option<quinn::ServerConfig>) -> io::Result<Endpoint> {
-    let socket = net.bind(addr)?;
+pub async fn endpoint(net: &dyn Net, addr: SocketAddr, server: Option<quinn::ServerConfig>) -> io::Result<Endpoint> {
+    let socket = net.bind(addr).await?;
     Endpoint::new_with_abstract_socket(net.endpoint_config(), server, socket, net.runtime())
 }
 
