@@ -16,3 +16,4 @@ pub mod env;
 pub mod fs;
 pub mod net;
 pub mod scenario;
+pub mod sweep;
