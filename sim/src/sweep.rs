@@ -118,7 +118,7 @@ impl Plan {
                 faults.push((heal.min(FAULTS_END), Fault::Repair(a, b)));
             }
         }
-        faults.sort_by(|x, y| x.0.cmp(&y.0));
+        faults.sort_by_key(|f| f.0);
         let mut producers: Vec<(String, String)> =
             (1..=edges).map(|e| (format!("edge-{e}"), format!("sensor-{e}"))).collect();
         producers.push(("region-a".into(), "model".into()));
@@ -194,6 +194,9 @@ fn node_config(name: &str, certs: &Path, plan: &Plan) -> NodeConfig {
     }
 }
 
+/// What a node holds: (origin, producer, seq) in log order.
+type Held = Vec<(String, String, u64)>;
+
 /// Shared between the harness and the simulated clients.
 #[derive(Default)]
 struct Shared {
@@ -202,7 +205,7 @@ struct Shared {
     producers_done: Mutex<usize>,
     healed: Mutex<bool>,
     /// Per node: the (origin, producer, seq) it holds, in log order; and its catalogue.
-    holdings: Mutex<BTreeMap<String, Vec<(String, String, u64)>>>,
+    holdings: Mutex<BTreeMap<String, Held>>,
     catalogues: Mutex<BTreeMap<String, String>>,
 }
 
