@@ -218,7 +218,15 @@ impl Driver {
             }
             Event::Edit { namespace, edit, reply } => {
                 let now = self.shared.env.clock.now_ms();
-                let _ = reply.send(self.rep.edit_config(&namespace, edit, now).map_err(|e| e.to_string()));
+                let result = self.rep.edit_config(&namespace, edit, now).map_err(|e| e.to_string());
+                // An acknowledged edit is durable, like an acknowledged message: save the
+                // catalogue and flush before answering (found by the simulation: a crash
+                // right after 'ns set-clusters' lost the edit, and nothing replicated).
+                self.execute();
+                let result = result.and_then(|()| {
+                    self.shared.meta.flush().map_err(|e| format!("the edit could not be made durable: {e}"))
+                });
+                let _ = reply.send(result);
             }
             Event::Config { reply } => {
                 let _ = reply.send(self.rep.config().clone());
