@@ -48,12 +48,24 @@ impl MetaOpener for SharedMeta {
     }
 }
 
+/// Bugs a test can inject into the simulated edges, to show the checker catches them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Bugs {
+    /// The disk acknowledges syncs without syncing (acknowledge before durable).
+    pub skip_sync: bool,
+}
+
 /// The environment of one boot of a simulated host.
 pub fn sim_env(seed: u64, meta: Arc<MemMeta>, trace: Arc<Trace>) -> Env {
+    sim_env_with(seed, meta, trace, Bugs::default())
+}
+
+/// [`sim_env`] with injected bugs.
+pub fn sim_env_with(seed: u64, meta: Arc<MemMeta>, trace: Arc<Trace>, bugs: Bugs) -> Env {
     Env {
         clock: Arc::new(SimClock),
         random: Arc::new(SeededRandom(Mutex::new(seed))),
-        fs: Arc::new(SimFs),
+        fs: Arc::new(SimFs { bug_skip_sync: bugs.skip_sync }),
         meta: Arc::new(SharedMeta(meta)),
         net: Arc::new(SimNet::new(seed, trace)),
         blocking: Blocking::Inline,

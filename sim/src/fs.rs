@@ -12,33 +12,43 @@ use turmoil::fs::shim::std::fs as sfs;
 
 /// turmoil's file system for the host the caller runs on.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SimFs;
+pub struct SimFs {
+    /// Test-only injected bug: `sync_data` returns without syncing, so the node
+    /// acknowledges writes a crash can still take back. The sweep must catch it.
+    pub bug_skip_sync: bool,
+}
 
 #[derive(Debug)]
-struct SimFile(sfs::File);
+struct SimFile {
+    file: sfs::File,
+    bug_skip_sync: bool,
+}
 
 impl LogFile for SimFile {
     fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<usize> {
-        FileExt::read_at(&self.0, buf, position)
+        FileExt::read_at(&self.file, buf, position)
     }
     fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
-        FileExt::write_all_at(&self.0, buf, position)
+        FileExt::write_all_at(&self.file, buf, position)
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        if self.bug_skip_sync {
+            return Ok(());
+        }
+        self.file.sync_data()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 }
 
 impl FileSystem for SimFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
         let file = sfs::OpenOptions::new().read(true).write(true).create(create).open(path)?;
-        Ok(Arc::new(SimFile(file)))
+        Ok(Arc::new(SimFile { file, bug_skip_sync: self.bug_skip_sync }))
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         sfs::create_dir_all(path)

@@ -19,7 +19,11 @@ use rill_node::{
 use rill_replication::namespace::Edit;
 use rill_storage::meta::MemMeta;
 
-use crate::{env::sim_env, net::SimNet, net::Trace};
+use crate::{
+    env::{Bugs, sim_env_with},
+    net::SimNet,
+    net::Trace,
+};
 
 const PORT: u16 = 7400;
 const EPOCH_S: u64 = 1_893_456_000;
@@ -211,6 +215,11 @@ struct Shared {
 
 /// Runs one seed.
 pub fn run_seed(seed: u64) -> anyhow::Result<Report> {
+    run_seed_with(seed, Bugs::default())
+}
+
+/// Runs one seed with injected bugs.
+pub fn run_seed_with(seed: u64, bugs: Bugs) -> anyhow::Result<Report> {
     let plan = Plan::from_seed(seed);
     let dir = tempfile::tempdir()?;
     let certs = make_certs(dir.path(), &plan.nodes)?;
@@ -236,7 +245,7 @@ pub fn run_seed(seed: u64) -> anyhow::Result<Report> {
                     *b += 1;
                     *b
                 };
-                let env = sim_env(seed.wrapping_mul(1_000_003).wrapping_add(boot), meta, trace);
+                let env = sim_env_with(seed.wrapping_mul(1_000_003).wrapping_add(boot), meta, trace, bugs);
                 let _node = Node::start(node_config(&name, &certs, &plan), env).await?;
                 std::future::pending::<()>().await;
                 Ok(())
@@ -473,12 +482,39 @@ mod tests {
         assert!(plans.iter().all(|p| p.faults.iter().all(|(t, _)| *t <= FAULTS_END)));
     }
 
-    #[test]
-    fn a_sweep_of_seeds_holds_every_invariant() {
-        for seed in 0..12 {
+    /// CI sweeps 200 seeds, in four tests so they run in parallel.
+    fn sweep(seeds: std::ops::Range<u64>) {
+        for seed in seeds {
             let report = run_seed(seed).unwrap();
             assert!(report.violations.is_empty(), "seed {seed}: {:?}\nplan {:?}", report.violations, report.plan);
         }
+    }
+
+    #[test]
+    fn seeds_0_to_50_hold_every_invariant() {
+        sweep(0..50);
+    }
+
+    #[test]
+    fn seeds_50_to_100_hold_every_invariant() {
+        sweep(50..100);
+    }
+
+    #[test]
+    fn seeds_100_to_150_hold_every_invariant() {
+        sweep(100..150);
+    }
+
+    #[test]
+    fn seeds_150_to_200_hold_every_invariant() {
+        sweep(150..200);
+    }
+
+    #[test]
+    fn the_sweep_catches_acknowledging_before_sync() {
+        let bugs = Bugs { skip_sync: true };
+        let caught = (0..40).find(|&seed| run_seed_with(seed, bugs).map_or(true, |r| !r.violations.is_empty()));
+        assert!(caught.is_some(), "40 seeds with syncs skipped and no violation: the checker is blind");
     }
 
     #[test]
