@@ -173,8 +173,16 @@ struct Lane {
     peer_holds: DedupIndex,
     /// Lowest offset skipped because the origin delivers it itself, since the last rewind.
     skip_floor: Option<u64>,
-    /// The cursor was restored at start-up: what was skipped before is unknown.
-    skips_unknown: bool,
+}
+
+impl Lane {
+    /// The cursor to persist: never past a message skipped because its origin was to
+    /// deliver it. After a restart this node does not yet know the origin's links and
+    /// relays again; it must start at or before the first skip, or it would deliver the
+    /// origin's later messages before the skipped ones (found by the simulation).
+    fn durable_cursor(&self) -> u64 {
+        self.skip_floor.map_or(self.cursor, |f| f.min(self.cursor))
+    }
 }
 
 /// A configured peer.
@@ -248,7 +256,6 @@ impl Replicator {
             let lane = p.lanes.entry(topic.clone()).or_default();
             lane.cursor = offset;
             lane.next_read = offset;
-            lane.skips_unknown = offset > 0;
         }
     }
 
@@ -399,8 +406,8 @@ impl Replicator {
 
     /// Records a peer's live links. Where one of them went down, messages we skipped
     /// for that node (its link to the origin was to deliver them) must now go through us:
-    /// lanes to it rewind to the lowest skipped offset, or to the start when that is
-    /// unknown (after a restart). What the node holds is still left out.
+    /// lanes to it rewind to the lowest skipped offset. What the node holds is still left
+    /// out.
     fn learn_links(&mut self, peer: &str, links: BTreeSet<String>) {
         let dropped: Vec<String> = match self.links_of.get(peer) {
             Some(old) => old.difference(&links).cloned().collect(),
@@ -410,7 +417,7 @@ impl Replicator {
         for q in dropped {
             let Some(p) = self.peers.get_mut(&q) else { continue };
             for (topic, lane) in &mut p.lanes {
-                let skipped_at = if lane.skips_unknown { 0 } else { lane.skip_floor.unwrap_or(u64::MAX) };
+                let skipped_at = lane.skip_floor.unwrap_or(u64::MAX);
                 // The skip may sit in a batch still in flight, at or past the cursor.
                 if skipped_at >= lane.next_read {
                     continue;
@@ -421,7 +428,6 @@ impl Replicator {
                 lane.in_flight.clear();
                 lane.reading = None;
                 lane.skip_floor = None;
-                lane.skips_unknown = false;
                 self.actions.push_back(Action::SaveCursor { peer: q.clone(), topic: topic.clone(), offset: target });
             }
         }
@@ -454,16 +460,17 @@ impl Replicator {
     /// Moves the cursor past every acknowledged batch at the front of the lane.
     fn advance(&mut self, peer: &str, topic: &TopicName) {
         let Some(lane) = self.peers.get_mut(peer).and_then(|p| p.lanes.get_mut(topic)) else { return };
-        let before = lane.cursor;
+        let before = lane.durable_cursor();
         while lane.in_flight.front().is_some_and(|b| b.acked) {
             let done = lane.in_flight.pop_front().expect("front exists");
             lane.cursor = done.end;
         }
-        if lane.cursor != before {
+        let durable = lane.durable_cursor();
+        if durable != before {
             self.actions.push_back(Action::SaveCursor {
                 peer: peer.to_string(),
                 topic: topic.clone(),
-                offset: lane.cursor,
+                offset: durable,
             });
         }
     }
