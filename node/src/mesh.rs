@@ -245,7 +245,9 @@ impl Driver {
         if let Some(current) = self.links.get(&peer)
             && current.conn.close_reason().is_none()
         {
-            if current.dialed_by <= dialed_by {
+            // Keep the link the smaller name dialed. The same dialer dialing again means its
+            // old link is dead (it restarted): the new one wins.
+            if current.dialed_by < dialed_by {
                 conn.close(0u32.into(), b"duplicate link");
                 *self.closed_link_bytes.entry(peer).or_default() += conn.stats().udp_tx.bytes;
                 return;
@@ -325,8 +327,13 @@ impl Driver {
 
     fn send(&mut self, peer: &str, message: PeerMessage) {
         let Some(link) = self.links.get_mut(peer) else { return };
-        if let PeerMessage::Batch { topic, messages, .. } = &message {
+        if let PeerMessage::Batch { topic, messages, batch } = &message {
             self.counters.entry((peer.to_string(), topic.clone())).or_default().sent += messages.len() as u64;
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let first = messages.first().map(|m| (m.origin.to_string(), m.id.to_string()));
+                let last = messages.last().map(|m| (m.origin.to_string(), m.id.to_string()));
+                tracing::debug!(peer, %topic, batch, count = messages.len(), ?first, ?last, "shipping batch");
+            }
         }
         let stream = match &message {
             PeerMessage::Batch { topic, .. } => format!("ns:{}/{}", topic.tenant(), topic.namespace()),
