@@ -6,14 +6,12 @@
 //! a crash ([`fs`]), metadata in a `MemMeta` that loses unflushed writes, and clock and
 //! randomness come from the simulation and the seed ([`env`]).
 //!
-//! This is the first slice of the simulation: the edges and a scenario harness. Fault
-//! schedules drawn per seed, the invariant checker over many topologies and the seed
-//! sweep come next.
+//! [`sweep`] draws a topology, a fault schedule and a workload from each seed, runs it and
+//! checks the invariants; `rill-sim --seeds A..B` sweeps seeds.
 //!
 //! Architecture invariant: nothing depends on this crate.
 
 pub mod env;
 pub mod fs;
 pub mod net;
-pub mod scenario;
 pub mod sweep;

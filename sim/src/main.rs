@@ -29,6 +29,13 @@ fn parse_range(s: &str) -> Result<Range<u64>, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        // Replays with node logs: RUST_LOG=rill_node=debug rill-sim --seeds S..S+1
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let total = args.seeds.end - args.seeds.start;
     let started = std::time::Instant::now();
     let (mut simulated, mut faults, mut failed) = (Duration::ZERO, BTreeMap::<&str, u64>::new(), Vec::new());

@@ -389,10 +389,22 @@ async fn collect(
             }
         }
         shared.holdings.lock().expect("holdings").insert(node.clone(), held);
-        let catalogue = format!("{:?}", client.ns_get().await?);
-        shared.catalogues.lock().expect("catalogues").insert(node.clone(), catalogue);
     }
-    Ok(())
+    // Invariant 4 is convergence after heal: poll every node's catalogue until all agree
+    // or the same deadline passes, then record what each holds.
+    loop {
+        let mut catalogues = BTreeMap::new();
+        for node in nodes {
+            let client = connect_retrying(net, certs, node).await;
+            catalogues.insert(node.clone(), format!("{:?}", client.ns_get().await?));
+        }
+        let agreed = catalogues.values().collect::<BTreeSet<_>>().len() <= 1;
+        if agreed || tokio::time::Instant::now() >= deadline {
+            *shared.catalogues.lock().expect("catalogues") = catalogues;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Applies the fault schedule, heals everything at FAULTS_END, and steps until the
@@ -464,7 +476,8 @@ fn check(plan: &Plan, shared: &Shared) -> Vec<Violation> {
     }
     let catalogues = shared.catalogues.lock().expect("catalogues");
     if catalogues.values().collect::<BTreeSet<_>>().len() > 1 {
-        out.push(Violation { invariant: 4, detail: "nodes hold different namespace catalogues".into() });
+        let views: Vec<String> = catalogues.iter().map(|(n, c)| format!("{n}: {}", &c[..c.len().min(160)])).collect();
+        out.push(Violation { invariant: 4, detail: format!("nodes hold different namespace catalogues: {views:?}") });
     }
     out
 }
