@@ -226,6 +226,8 @@ impl Drop for ChildNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The log sits beside the scratch data dir, which removes only itself.
+        let _ = std::fs::remove_file(self.data.path().with_extension("log"));
     }
 }
 
