@@ -23,18 +23,22 @@ impl Clock for SimClock {
     }
 }
 
-/// splitmix64 from a seed: deterministic per host boot.
+/// One step of splitmix64: the simulation's deterministic randomness.
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Randomness from a seed: deterministic per host boot.
 #[derive(Debug)]
 struct SeededRandom(Mutex<u64>);
 
 impl Random for SeededRandom {
     fn next_u64(&self) -> u64 {
-        let mut s = self.0.lock().expect("rng lock");
-        *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        splitmix64(&mut self.0.lock().expect("rng lock"))
     }
 }
 

@@ -20,7 +20,7 @@ use rill_replication::namespace::Edit;
 use rill_storage::meta::MemMeta;
 
 use crate::{
-    env::{Bugs, sim_env_with},
+    env::{Bugs, sim_env_with, splitmix64},
     net::SimNet,
     net::Trace,
 };
@@ -37,16 +37,12 @@ const CONVERGE_WAIT: Duration = Duration::from_secs(120);
 const BATCHES: u64 = 8;
 const BATCH: u64 = 10;
 
-/// splitmix64: the plan's randomness, from the seed alone.
+/// The plan's randomness, from the seed alone.
 struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        splitmix64(&mut self.0)
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
@@ -166,11 +162,7 @@ fn addr(host: &str) -> SocketAddr {
 
 fn make_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<PathBuf> {
     let certs = dir.join("certs");
-    rill_transport::certs::create_ca(&certs)?;
-    for n in nodes {
-        rill_transport::certs::issue_node(&certs, n)?;
-    }
-    rill_transport::certs::issue_client(&certs)?;
+    rill_transport::certs::create_mesh(&certs, nodes)?;
     Ok(certs)
 }
 

@@ -154,6 +154,17 @@ fn issue(dir: &Path, id: &Identity, params: CertificateParams) -> Result<Identit
     Ok(id.clone())
 }
 
+/// Creates a mesh in `dir`: a new CA, a certificate for each node, and the client
+/// certificate (refuses a directory that already holds a CA).
+pub fn create_mesh<S: AsRef<str>>(dir: &Path, nodes: &[S]) -> Result<(), CertError> {
+    create_ca(dir)?;
+    for n in nodes {
+        issue_node(dir, n.as_ref())?;
+    }
+    issue_client(dir)?;
+    Ok(())
+}
+
 /// Makes sure `dir` holds a CA, a certificate for node `name` and a client certificate,
 /// creating what is missing. Returns the node's identity. Used for dev certificates on a
 /// node's first start.

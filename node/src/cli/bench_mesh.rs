@@ -58,11 +58,7 @@ impl Bench {
     fn new(dir: &Path, names: &[&str]) -> anyhow::Result<Bench> {
         let scratch = tempfile_in(dir)?;
         let certs = scratch.path().join("certs");
-        rill_transport::certs::create_ca(&certs)?;
-        for n in names {
-            rill_transport::certs::issue_node(&certs, n)?;
-        }
-        rill_transport::certs::issue_client(&certs)?;
+        rill_transport::certs::create_mesh(&certs, names)?;
         let addrs = names.iter().map(|n| Ok((n.to_string(), free_addr()?))).collect::<anyhow::Result<_>>()?;
         Ok(Bench { scratch, addrs })
     }

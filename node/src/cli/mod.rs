@@ -140,11 +140,7 @@ fn certs_init(dir: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
     for n in nodes {
         rill_storage::NodeName::parse(n)?;
     }
-    rill_transport::certs::create_ca(dir)?;
-    for n in nodes {
-        rill_transport::certs::issue_node(dir, n)?;
-    }
-    rill_transport::certs::issue_client(dir)?;
+    rill_transport::certs::create_mesh(dir, nodes)?;
     println!("wrote CA, {} node certificate(s) and a client certificate to {}", nodes.len(), dir.display());
     Ok(())
 }

@@ -29,11 +29,7 @@ impl MeshDir {
     fn new(names: &[&str]) -> MeshDir {
         let root = tempfile::tempdir().expect("tempdir");
         let certs = root.path().join("certs");
-        rill_transport::certs::create_ca(&certs).expect("CA");
-        for n in names {
-            rill_transport::certs::issue_node(&certs, n).expect("node cert");
-        }
-        rill_transport::certs::issue_client(&certs).expect("client cert");
+        rill_transport::certs::create_mesh(&certs, names).expect("mesh certificates");
         let addrs = names.iter().map(|n| (n.to_string(), free_addr())).collect();
         MeshDir { root, addrs }
     }
