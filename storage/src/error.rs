@@ -58,9 +58,9 @@ pub enum StorageError {
         /// Why it could not be opened.
         reason: String,
     },
-    /// The log was poisoned by an earlier failed write that could not be undone; the node
-    /// must restart (recovery truncates what was not synced).
-    #[error("topic log {topic} is unusable after a failed write ({reason}); restart the node to recover")]
+    /// A write or sync of the topic's log failed: nothing written since its last good sync
+    /// is stored, and the next write first cuts the log back to that point.
+    #[error("topic {topic}: a disk write failed ({reason}); nothing since the last sync was stored, retry")]
     Poisoned {
         /// The topic.
         topic: String,

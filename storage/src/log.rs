@@ -83,8 +83,11 @@ fn create_dir_durably(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
 }
 
 impl TopicLog {
-    /// Opens (or creates) the log in `dir`, recovering its last segment.
-    pub fn open(fs: Arc<dyn FileSystem>, dir: &Path, config: LogConfig) -> Result<Self> {
+    /// Opens (or creates) the log in `dir`, recovering its last segment. `durable_through`,
+    /// when known, is an offset every message below which was synced (a checkpoint's): damage
+    /// below it is corruption, damage at or above it the remains of writes a crash cut short
+    /// (see [`Segment::open`]).
+    pub fn open(fs: Arc<dyn FileSystem>, dir: &Path, config: LogConfig, durable_through: Option<u64>) -> Result<Self> {
         create_dir_durably(fs.as_ref(), dir)?;
         let mut bases: Vec<(u64, PathBuf)> = fs
             .read_dir(dir)
@@ -97,7 +100,13 @@ impl TopicLog {
         let mut expected: Option<u64> = None;
         for (i, (base, path)) in bases.iter().enumerate() {
             let is_last = i + 1 == bases.len();
-            let (seg, _) = Segment::open(fs.as_ref(), path, *base, is_last, config.index_interval_bytes)?;
+            let (seg, _) = Segment::open(
+                fs.as_ref(),
+                path,
+                *base,
+                is_last.then_some(durable_through),
+                config.index_interval_bytes,
+            )?;
             if let Some(want) = expected.filter(|&w| w != *base) {
                 return Err(StorageError::Corruption {
                     path: path.clone(),
@@ -155,6 +164,22 @@ impl TopicLog {
             self.dirty.push(active_base);
         }
         Ok(base)
+    }
+
+    /// After a failed write or sync: cuts every segment back to what its last good sync made
+    /// durable (dropping whatever a failed write may have left past it) and reopens the log
+    /// from disk.
+    pub fn cut_to_synced_and_reopen(&mut self) -> Result<()> {
+        for seg in self.segments.values() {
+            let file = seg.file();
+            let len = file.len().map_err(|e| StorageError::io(seg.path(), e))?;
+            if len > seg.synced_bytes() {
+                file.set_len(seg.synced_bytes()).map_err(|e| StorageError::io(seg.path(), e))?;
+                file.sync_data().map_err(|e| StorageError::io(seg.path(), e))?;
+            }
+        }
+        *self = TopicLog::open(Arc::clone(&self.fs), &self.dir, self.config, Some(self.committed_offset))?;
+        Ok(())
     }
 
     /// Seals the active segment (syncing it, so sealed segments never have torn tails) and
@@ -248,8 +273,13 @@ mod tests {
     use crate::{format::tests::msg, fs::StdFs};
 
     fn open(dir: &Path, seg_bytes: u64) -> TopicLog {
-        TopicLog::open(Arc::new(StdFs), dir, LogConfig { segment_bytes_max: seg_bytes, index_interval_bytes: 256 })
-            .unwrap()
+        TopicLog::open(
+            Arc::new(StdFs),
+            dir,
+            LogConfig { segment_bytes_max: seg_bytes, index_interval_bytes: 256 },
+            None,
+        )
+        .unwrap()
     }
 
     fn append_sync(log: &mut TopicLog, ms: &[Message]) -> u64 {
@@ -319,7 +349,7 @@ mod tests {
         std::fs::create_dir(root.path().join("t")).unwrap();
         let fs = Arc::new(DirSyncs::default());
         let dir = root.path().join("t/n/x");
-        TopicLog::open(Arc::clone(&fs) as Arc<dyn FileSystem>, &dir, LogConfig::default()).unwrap();
+        TopicLog::open(Arc::clone(&fs) as Arc<dyn FileSystem>, &dir, LogConfig::default(), None).unwrap();
         let synced = fs.0.lock().unwrap().clone();
         for want in [root.path().join("t"), root.path().join("t/n"), dir.clone()] {
             assert!(synced.contains(&want), "{} not synced: {synced:?}", want.display());
@@ -382,10 +412,65 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[second_frame_at as usize + 40] ^= 0xFF;
         std::fs::write(&path, &bytes).unwrap();
-        let err = TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default()).unwrap_err();
+        let err = TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default(), None).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, StorageError::Corruption { position, .. } if position == second_frame_at), "{text}");
         assert!(text.contains(&path.display().to_string()) && text.contains("valid frames follow"), "{text}");
+    }
+
+    /// A crash can keep a later unsynced frame whole and an earlier one in part (the disk
+    /// writes pages in any order). Past the last durable point that is not corruption: the
+    /// log is cut at the damage. Below it, the same damage is refused.
+    #[test]
+    fn damage_past_the_durable_point_is_cut_even_with_whole_frames_after_it() {
+        let damaged = || {
+            let dir = tempfile::tempdir().unwrap();
+            let mut log = open(dir.path(), 1 << 20);
+            append_sync(&mut log, &batch("p", 0..10));
+            let second_frame_at = std::fs::metadata(active_segment(dir.path())).unwrap().len();
+            append_sync(&mut log, &batch("p", 10..20));
+            append_sync(&mut log, &batch("p", 20..30));
+            drop(log);
+            let path = active_segment(dir.path());
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[second_frame_at as usize + 40] ^= 0xFF;
+            std::fs::write(&path, &bytes).unwrap();
+            (dir, second_frame_at)
+        };
+        let (dir, _) = damaged();
+        let log = TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default(), Some(10)).unwrap();
+        assert_eq!(log.next_offset(), 10);
+        assert_eq!(log.read(0, 100, usize::MAX).unwrap().len(), 10);
+        drop(log);
+        assert_eq!(
+            TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default(), Some(10)).unwrap().next_offset(),
+            10
+        );
+
+        let (dir, at) = damaged();
+        let err = TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default(), Some(20)).unwrap_err();
+        assert!(matches!(err, StorageError::Corruption { position, .. } if position == at), "{err}");
+        assert!(err.to_string().contains("at offset 10 which was synced (below 20)"), "{err}");
+    }
+
+    /// After a failed sync the log is cut back to what was synced and reopened; appends go on
+    /// from there.
+    #[test]
+    fn a_failed_sync_is_cut_back_to_the_last_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 1 << 20);
+        append_sync(&mut log, &batch("p", 0..10));
+        let refs = batch("p", 10..20);
+        log.append(&refs.iter().collect::<Vec<_>>()).unwrap();
+        let _never_synced = log.prepare_sync();
+        log.cut_to_synced_and_reopen().unwrap();
+        assert_eq!((log.next_offset(), log.committed_offset()), (10, 10));
+        assert_eq!(append_sync(&mut log, &batch("q", 0..5)), 10);
+        drop(log);
+        let log = open(dir.path(), 1 << 20);
+        let read = log.read(0, 100, usize::MAX).unwrap();
+        assert_eq!(read.len(), 15);
+        assert_eq!(read[10].message.id.producer.to_string(), "q");
     }
 
     #[test]

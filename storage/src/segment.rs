@@ -69,17 +69,25 @@ impl Segment {
         }
     }
 
-    /// Opens an existing segment. The last segment of a log (`is_last`) is fully checked
-    /// and a torn tail is truncated; sealed segments were synced before the next one was
-    /// created, so any damage found in their frame headers is corruption. Frame bodies of
-    /// sealed segments are checked when read.
+    /// Opens an existing segment.
+    ///
+    /// Sealed segments (`last: None`) were synced before the next one was created, so any
+    /// damage found in their frame headers is corruption; their frame bodies are checked
+    /// when read. The last segment (`last: Some(durable_through)`) is fully checked, and
+    /// where a frame is damaged:
+    /// - at or above `durable_through` (an offset below which everything was synced), it is
+    ///   what a crash left of unsynced writes, which the disk may have kept in any order and
+    ///   in part: the segment is cut there, even if whole frames follow;
+    /// - below it, the damage is in synced data: corruption, refused;
+    /// - with no `durable_through` known, it is a torn tail unless a valid frame follows.
     pub fn open(
         fs: &dyn FileSystem,
         path: &Path,
         base_offset: u64,
-        is_last: bool,
+        last: Option<Option<u64>>,
         index_interval_bytes: u64,
     ) -> Result<(Self, Recovered)> {
+        let is_last = last.is_some();
         let file = fs.open(path, false).map_err(|e| StorageError::io(path, e))?;
         let file_len = file.len().map_err(|e| StorageError::io(path, e))?;
         let mut seg = Segment::empty(path.to_path_buf(), file, base_offset, index_interval_bytes);
@@ -97,8 +105,18 @@ impl Segment {
                     position += header.frame_bytes();
                 }
                 Err(reason) if is_last => {
-                    if seg.valid_frame_after(position, file_len)? {
-                        return Err(seg.corruption(position, format!("{reason}, and valid frames follow it")));
+                    match last.flatten() {
+                        Some(durable) if seg.next_offset < durable => {
+                            return Err(seg.corruption(
+                                position,
+                                format!("{reason}, at offset {} which was synced (below {durable})", seg.next_offset),
+                            ));
+                        }
+                        Some(_) => {}
+                        None if seg.valid_frame_after(position, file_len)? => {
+                            return Err(seg.corruption(position, format!("{reason}, and valid frames follow it")));
+                        }
+                        None => {}
                     }
                     tracing::warn!(path = %seg.path.display(), position, torn_bytes = file_len - position,
                         %reason, "truncating torn tail of log segment");
@@ -263,7 +281,11 @@ impl Segment {
     pub fn next_offset(&self) -> u64 {
         self.next_offset
     }
-    /// Bytes written.
+    /// Bytes known to be on disk (synced).
+    pub fn synced_bytes(&self) -> u64 {
+        self.synced_bytes
+    }
+    /// Bytes appended (synced or not).
     pub fn len_bytes(&self) -> u64 {
         self.len_bytes
     }

@@ -52,7 +52,11 @@ pub struct TopicStore {
     /// Written but not yet synced: merged into `dedup` when the sync succeeds.
     unsynced: DedupIndex,
     checkpointed_offset: u64,
+    /// Why the last write or sync failed; until [`TopicStore::recover`] cuts the log back
+    /// to its last sync, nothing is written.
     poisoned: Option<String>,
+    /// Injected bug (see `rill_node::env::Bugs`): store every message, held or not.
+    bug_no_dedup: bool,
 }
 
 /// A group's sync, taken out of the lock.
@@ -79,8 +83,11 @@ impl TopicStore {
         name: TopicName,
         config: LogConfig,
     ) -> Result<Self> {
-        let log = TopicLog::open(fs, &root.join(name.dir()), config)?;
         let snapshot: Option<DedupSnapshot> = meta::get_record(meta, &dedup_key(&name))?;
+        // A snapshot is taken of synced data only, so its offset is a durable point.
+        let durable_through =
+            snapshot.as_ref().filter(|s| s.version == DEDUP_SNAPSHOT_VERSION).map(|s| s.through_offset);
+        let log = TopicLog::open(fs, &root.join(name.dir()), config, durable_through)?;
         let (mut dedup, from) = match snapshot {
             Some(s) if s.version == DEDUP_SNAPSHOT_VERSION && s.through_offset <= log.next_offset() => {
                 let from = s.through_offset;
@@ -103,7 +110,15 @@ impl TopicStore {
             }
         }
         let checkpointed_offset = from;
-        Ok(TopicStore { name, log, dedup, unsynced: DedupIndex::default(), checkpointed_offset, poisoned: None })
+        Ok(TopicStore {
+            name,
+            log,
+            dedup,
+            unsynced: DedupIndex::default(),
+            checkpointed_offset,
+            poisoned: None,
+            bug_no_dedup: false,
+        })
     }
 
     /// Writes the messages not already held as one frame (page cache only) and says what
@@ -112,6 +127,9 @@ impl TopicStore {
     /// Dedup works on runs (consecutive seqs of one producer, usually a whole client
     /// batch): a run that touches nothing held is checked and recorded with one lookup;
     /// only a run that overlaps held seqs is checked message by message.
+    ///
+    /// A failed write poisons the topic: this and every later write of the group fail, the
+    /// group is not published, and the next group starts with [`TopicStore::recover`].
     pub fn write(&mut self, messages: &[Message]) -> Result<Vec<AppendOutcome>> {
         if let Some(reason) = &self.poisoned {
             return Err(StorageError::Poisoned { topic: self.name.to_string(), reason: reason.clone() });
@@ -127,7 +145,7 @@ impl TopicStore {
             let (producer, first) = (&run[0].id.producer, run[0].id.seq);
             let seqs = first..first + run.len() as u64;
             let held = |d: &DedupIndex| d.intersects(producer, &seqs);
-            if !held(&self.dedup) && !held(&self.unsynced) && !held(&batch) {
+            if self.bug_no_dedup || !held(&self.dedup) && !held(&self.unsynced) && !held(&batch) {
                 let offset = base + fresh.len() as u64;
                 batch.record_run(producer, first, offset, run.len() as u64);
                 outcomes.extend((0..run.len() as u64).map(|i| AppendOutcome::Appended { offset: offset + i }));
@@ -147,10 +165,55 @@ impl TopicStore {
             }
         }
         if !fresh.is_empty() {
-            self.log.append(&fresh)?;
+            if let Err(e) = self.log.append(&fresh) {
+                if matches!(e, StorageError::Io { .. }) {
+                    self.poison(e.to_string());
+                }
+                return Err(e);
+            }
             self.unsynced.merge(batch);
         }
         Ok(outcomes)
+    }
+
+    fn poison(&mut self, reason: String) {
+        tracing::error!(topic = %self.name, %reason, "disk write failed; the next write cuts the log back to its last sync");
+        self.poisoned = Some(reason);
+    }
+
+    /// After a failed write or sync: cuts the log back to what its last good sync made
+    /// durable, reopens it from disk, and clears the poison. Nothing is lost that was
+    /// acknowledged: only synced data was ever published. Fails (and stays poisoned) while
+    /// the disk still fails.
+    ///
+    /// Why cut back rather than sync again: after a failed fdatasync the kernel may have
+    /// dropped the dirty pages and marked them clean, so a later sync that succeeds proves
+    /// nothing about them.
+    pub fn recover(&mut self) -> Result<()> {
+        let Some(reason) = self.poisoned.clone() else { return Ok(()) };
+        match self.log.cut_to_synced_and_reopen() {
+            Ok(()) => {
+                self.unsynced = DedupIndex::default();
+                self.poisoned = None;
+                tracing::info!(topic = %self.name, through_offset = self.log.committed_offset(),
+                    "topic recovered after a failed disk write");
+                Ok(())
+            }
+            Err(e) => Err(StorageError::Poisoned {
+                topic: self.name.to_string(),
+                reason: format!("{reason}; cutting back to the last sync failed too: {e}"),
+            }),
+        }
+    }
+
+    /// True while a failed write awaits [`TopicStore::recover`].
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    /// Injects a bug for the simulation's checker to find: no deduplication.
+    pub fn inject_bug_no_dedup(&mut self) {
+        self.bug_no_dedup = true;
     }
 
     /// `Some` when `id` is held, synced or not: with its offset if remembered.
@@ -168,10 +231,10 @@ impl TopicStore {
     /// trusted until recovery re-reads the file.
     pub fn complete_sync(&mut self, group: GroupSync, synced: std::io::Result<()>) -> Result<()> {
         if let Err(e) = synced {
-            let reason = format!("fdatasync failed: {e}");
-            tracing::error!(topic = %self.name, %reason, "poisoning topic log");
-            self.poisoned = Some(reason.clone());
-            return Err(StorageError::Poisoned { topic: self.name.to_string(), reason });
+            self.poison(format!("fdatasync failed: {e}"));
+        }
+        if let Some(reason) = &self.poisoned {
+            return Err(StorageError::Poisoned { topic: self.name.to_string(), reason: reason.clone() });
         }
         self.log.complete_sync(&group.log);
         self.dedup.merge(group.ids);
@@ -214,23 +277,57 @@ fn runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
     messages.chunk_by(|a, b| a.id.producer == b.id.producer && a.id.seq.checked_add(1) == Some(b.id.seq))
 }
 
+/// The same error for another request of the group (storage errors hold an `io::Error`,
+/// which cannot be cloned).
+fn copy_error(e: &StorageError) -> StorageError {
+    match e {
+        StorageError::Poisoned { topic, reason } => {
+            StorageError::Poisoned { topic: topic.clone(), reason: reason.clone() }
+        }
+        other => StorageError::Poisoned { topic: String::new(), reason: other.to_string() },
+    }
+}
+
 /// One request's result within a group.
 pub type GroupResult = Result<Vec<AppendOutcome>>;
 
 /// Group commit: writes every request's messages, syncs once, and returns each request's
-/// outcome. Blocking; call it from a thread that may block.
+/// outcome. Blocking; call it from a thread that may block. The node runs its three steps
+/// ([`write_group`], [`sync_group`], [`publish_group`]) as separate blocking calls.
 pub fn commit_group(store: &Mutex<TopicStore>, requests: &[&[Message]]) -> Vec<GroupResult> {
-    let (mut results, group) = {
-        let mut topic = store.lock().expect("topic lock poisoned");
-        let results: Vec<GroupResult> = requests.iter().map(|msgs| topic.write(msgs)).collect();
-        (results, topic.prepare_sync())
+    let (results, group) = write_group(store, requests);
+    let synced = sync_group(store, &group);
+    publish_group(store, results, group, synced)
+}
+
+/// Step 1 of a group commit: under the topic's lock, cuts the log back if the last group
+/// failed, then writes every request's messages to the page cache.
+pub fn write_group(store: &Mutex<TopicStore>, requests: &[&[Message]]) -> (Vec<GroupResult>, GroupSync) {
+    let mut topic = store.lock().expect("topic lock poisoned");
+    let results = match topic.recover() {
+        Ok(()) => requests.iter().map(|msgs| topic.write(msgs)).collect(),
+        Err(e) => requests.iter().map(|_| Err(copy_error(&e))).collect(),
     };
-    let synced = group.run();
+    (results, topic.prepare_sync())
+}
+
+/// Step 2: the group's fdatasync, outside the lock. A group that failed to write is not
+/// synced: the next group's recovery cuts it back.
+pub fn sync_group(store: &Mutex<TopicStore>, group: &GroupSync) -> std::io::Result<()> {
+    if store.lock().expect("topic lock poisoned").is_poisoned() { Ok(()) } else { group.run() }
+}
+
+/// Step 3: publishes the group if it was synced, and returns each request's outcome.
+pub fn publish_group(
+    store: &Mutex<TopicStore>,
+    mut results: Vec<GroupResult>,
+    group: GroupSync,
+    synced: std::io::Result<()>,
+) -> Vec<GroupResult> {
     let done = store.lock().expect("topic lock poisoned").complete_sync(group, synced);
     if let Err(e) = done {
-        let reason = e.to_string();
         for r in results.iter_mut().filter(|r| r.is_ok()) {
-            *r = Err(StorageError::Poisoned { topic: String::new(), reason: reason.clone() });
+            *r = Err(copy_error(&e));
         }
     }
     results
@@ -251,6 +348,111 @@ mod tests {
 
     fn offsets(r: &GroupResult) -> Vec<AppendOutcome> {
         r.as_ref().unwrap().clone()
+    }
+
+    /// Real files whose syncs (and, with `writes`, writes) fail while `failing` is set.
+    #[derive(Debug, Default)]
+    struct FlakyFs {
+        failing: std::sync::atomic::AtomicBool,
+        writes: bool,
+    }
+
+    #[derive(Debug)]
+    struct FlakyFile(Arc<dyn crate::fs::LogFile>, Arc<FlakyFs>);
+
+    impl FlakyFs {
+        fn check(&self) -> std::io::Result<()> {
+            if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(5));
+            }
+            Ok(())
+        }
+    }
+
+    impl crate::fs::LogFile for FlakyFile {
+        fn read_at(&self, buf: &mut [u8], position: u64) -> std::io::Result<usize> {
+            self.0.read_at(buf, position)
+        }
+        fn write_all_at(&self, buf: &[u8], position: u64) -> std::io::Result<()> {
+            if self.1.writes {
+                self.1.check()?;
+            }
+            self.0.write_all_at(buf, position)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.1.check()?;
+            self.0.sync_data()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.1.check()?;
+            self.0.set_len(len)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.len()
+        }
+    }
+
+    /// Shares its switch with the files it opens.
+    #[derive(Debug)]
+    struct FlakyRoot(Arc<FlakyFs>);
+
+    impl FileSystem for FlakyRoot {
+        fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn crate::fs::LogFile>> {
+            Ok(Arc::new(FlakyFile(StdFs.open(path, create)?, Arc::clone(&self.0))))
+        }
+        fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+            StdFs.create_dir_all(path)
+        }
+        fn read_dir(&self, path: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+            StdFs.read_dir(path)
+        }
+        fn is_dir(&self, path: &Path) -> bool {
+            StdFs.is_dir(path)
+        }
+        fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+            StdFs.remove_file(path)
+        }
+        fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+            StdFs.sync_dir(path)
+        }
+    }
+
+    /// While the disk fails, every group fails and nothing is published; once it works
+    /// again the next group cuts the log back to its last sync and goes on, and a reopen
+    /// sees exactly the acknowledged messages.
+    #[test]
+    fn a_failing_disk_fails_groups_and_the_topic_recovers_by_itself() {
+        for writes in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let meta = MemMeta::default();
+            let flaky = Arc::new(FlakyFs { writes, ..FlakyFs::default() });
+            let fs: Arc<dyn FileSystem> = Arc::new(FlakyRoot(Arc::clone(&flaky)));
+            let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), LogConfig::default()).unwrap());
+            let batch = |p: &str, seqs: std::ops::Range<u64>| seqs.map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
+            assert!(commit_group(&store, &[&batch("a", 0..3)])[0].is_ok());
+            flaky.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+            let r = commit_group(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
+            assert!(r.iter().all(|r| r.is_err()), "writes={writes}: {r:?}");
+            let again = commit_group(&store, &[&batch("b", 0..3)]);
+            let text = again[0].as_ref().unwrap_err().to_string();
+            assert!(text.contains("Input/output error"), "{text}");
+            assert_eq!(store.lock().unwrap().log().committed_offset(), 3);
+            flaky.failing.store(false, std::sync::atomic::Ordering::Relaxed);
+            // The retry is stored once, at the offset after the last acknowledged message.
+            let r = commit_group(&store, &[&batch("b", 0..3)]);
+            assert_eq!(offsets(&r[0])[0], AppendOutcome::Appended { offset: 3 });
+            drop(store);
+            let store = open(dir.path(), &meta);
+            let held: Vec<String> = store
+                .lock()
+                .unwrap()
+                .read(0, 100, usize::MAX)
+                .unwrap()
+                .iter()
+                .map(|m| format!("{}", m.message.id.producer))
+                .collect();
+            assert_eq!(held, ["a", "a", "a", "b", "b", "b"], "writes={writes}");
+        }
     }
 
     #[test]
