@@ -33,8 +33,9 @@ pub trait MetaOpener: Send + Sync + fmt::Debug {
 pub enum Blocking {
     /// On tokio's blocking thread pool (production).
     Pool,
-    /// Inline on the calling task (the simulation, whose disk never blocks).
-    Inline,
+    /// Inline on the calling task after a pause (the simulation: its disk never blocks,
+    /// but takes this long, so a crash can fall between a write and its sync).
+    Simulated(std::time::Duration),
 }
 
 /// Every I/O edge of a node.
@@ -52,6 +53,19 @@ pub struct Env {
     pub net: Arc<dyn Net>,
     /// Where blocking work runs.
     pub blocking: Blocking,
+    /// Known bugs to inject: always off, except where the simulation proves its checker
+    /// catches them.
+    pub bugs: Bugs,
+}
+
+/// Bugs the simulation injects into the node to show that its checker notices them.
+/// Production code never turns one on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Bugs {
+    /// Topics store every message, held or not (no deduplication).
+    pub no_dedup: bool,
+    /// The replicator skips one batch per lane: it advances past it without sending it.
+    pub skip_batch: bool,
 }
 
 impl Env {
@@ -64,13 +78,17 @@ impl Env {
             meta: Arc::new(SledOpener),
             net: Arc::new(TokioNet),
             blocking: Blocking::Pool,
+            bugs: Bugs::default(),
         }
     }
 
     /// Runs blocking work (disk I/O) without stalling the async runtime.
     pub async fn run_blocking<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
         match self.blocking {
-            Blocking::Inline => f(),
+            Blocking::Simulated(pause) => {
+                tokio::time::sleep(pause).await;
+                f()
+            }
             Blocking::Pool => match tokio::task::spawn_blocking(f).await {
                 Ok(r) => r,
                 Err(e) => std::panic::resume_unwind(e.into_panic()),

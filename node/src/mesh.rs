@@ -132,7 +132,11 @@ pub(crate) fn start(
     rx: mpsc::Receiver<Event>,
 ) -> Result<(), StorageError> {
     let config: ConfigDoc = meta::get_record(shared.meta.as_ref(), CONFIG_KEY)?.unwrap_or_default();
-    let mut rep = Replicator::new(&shared.name, Settings::default(), config);
+    let mut rep = Replicator::new(
+        &shared.name,
+        Settings { bug_skip_batch: shared.env.bugs.skip_batch, ..Settings::default() },
+        config,
+    );
     let mut link_state = BTreeMap::new();
     for p in &shared.config.peers {
         rep.add_peer(&p.name);

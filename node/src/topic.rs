@@ -10,7 +10,7 @@ use std::{
 
 use rill_storage::{
     Message, StorageError, StoredMessage, TopicName,
-    topic::{AppendOutcome, GroupResult, TopicStore, commit_group},
+    topic::{AppendOutcome, GroupResult, TopicStore, publish_group, sync_group, write_group},
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -74,6 +74,10 @@ impl Topic {
         queue_max: usize,
         group_max: usize,
     ) -> Arc<Topic> {
+        let mut store = store;
+        if env.bugs.no_dedup {
+            store.inject_bug_no_dedup();
+        }
         let name = store.name().clone();
         let (committed_tx, committed) = watch::channel(store.log().committed_offset());
         let store = Arc::new(Mutex::new(store));
@@ -139,11 +143,20 @@ impl Writer {
         while rx.recv_many(&mut jobs, self.group_max).await > 0 {
             let (batches, replies): (Vec<Vec<Message>>, Vec<_>) = jobs.drain(..).map(|j| (j.messages, j.reply)).unzip();
             let store = Arc::clone(&self.store);
-            let results = self
+            let (results, group) = self
                 .env
                 .run_blocking(move || {
                     let refs: Vec<&[Message]> = batches.iter().map(Vec::as_slice).collect();
-                    commit_group(&store, &refs)
+                    write_group(&store, &refs)
+                })
+                .await;
+            // Written, not yet synced: a crash here loses the group, which nobody was told of.
+            let store = Arc::clone(&self.store);
+            let results = self
+                .env
+                .run_blocking(move || {
+                    let synced = sync_group(&store, &group);
+                    publish_group(&store, results, group, synced)
                 })
                 .await;
             let committed = self.store.lock().expect("topic lock poisoned").log().committed_offset();

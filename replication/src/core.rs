@@ -41,13 +41,16 @@ pub struct Settings {
     /// Batches in flight per lane; with the batch limits this bounds the memory a lane pins
     /// on both sides.
     pub inflight_batches_max: usize,
+    /// An injected bug for the simulation's checker to find: each lane skips its second
+    /// batch (advances past it without sending it). Never set outside that test.
+    pub bug_skip_batch: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         // 1000 x 256 B messages per batch amortise a round trip; 8 in flight keep a 10 ms
         // link busy at ~200 MB/s while pinning at most 8 MiB per lane.
-        Settings { batch_messages_max: 1000, batch_bytes_max: 1 << 20, inflight_batches_max: 8 }
+        Settings { batch_messages_max: 1000, batch_bytes_max: 1 << 20, inflight_batches_max: 8, bug_skip_batch: false }
     }
 }
 
@@ -533,7 +536,7 @@ impl Replicator {
         let batch = lane.next_batch;
         lane.next_batch += 1;
         lane.next_read = end;
-        let acked = fresh.is_empty();
+        let acked = fresh.is_empty() || (self.settings.bug_skip_batch && batch == 1);
         lane.in_flight.push_back(InFlight { batch, end, ids, acked });
         if !acked {
             self.actions.push_back(Action::Send {
@@ -656,7 +659,12 @@ mod tests {
         fn new(names: &[&str], links: &[(&str, &str)], seed: u64) -> Mesh {
             let mut nodes = BTreeMap::new();
             for &n in names {
-                let settings = Settings { batch_messages_max: 7, batch_bytes_max: 1 << 20, inflight_batches_max: 3 };
+                let settings = Settings {
+                    batch_messages_max: 7,
+                    batch_bytes_max: 1 << 20,
+                    inflight_batches_max: 3,
+                    ..Settings::default()
+                };
                 let rep = Replicator::new(n, settings, ConfigDoc::default());
                 nodes.insert(
                     n.to_string(),
