@@ -5,21 +5,27 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use rill_node::env::{Blocking, Clock, Env, MetaOpener, Random};
+use rill_node::env::{Blocking, Bugs as NodeBugs, Clock, Env, MetaOpener, Random};
 use rill_storage::{
     StorageError,
     meta::{MemMeta, MetaStore},
 };
 
-use crate::{fs::SimFs, net::SimNet, net::Trace};
+use crate::{
+    fs::{DiskFaults, SimFs},
+    net::SimNet,
+};
 
-/// turmoil's simulated wall clock.
+/// turmoil's simulated wall clock, off by the host's skew.
 #[derive(Debug)]
-struct SimClock;
+struct SimClock {
+    skew_ms: i64,
+}
 
 impl Clock for SimClock {
     fn now_ms(&self) -> u64 {
-        turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64)
+        let now = turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64);
+        now.saturating_add_signed(self.skew_ms)
     }
 }
 
@@ -52,26 +58,37 @@ impl MetaOpener for SharedMeta {
     }
 }
 
-/// Bugs a test can inject into the simulated edges, to show the checker catches them.
+/// Bugs a test can inject, to show the checker catches them.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Bugs {
     /// The disk acknowledges syncs without syncing (acknowledge before durable).
     pub skip_sync: bool,
+    /// The node's own injectable bugs (no dedup, a replicator that skips a batch).
+    pub node: NodeBugs,
 }
 
-/// The environment of one boot of a simulated host.
-pub fn sim_env(seed: u64, meta: Arc<MemMeta>, trace: Arc<Trace>) -> Env {
-    sim_env_with(seed, meta, trace, Bugs::default())
+/// What a simulated host keeps across its boots: its metadata store (which the harness
+/// crashes), its disk's fault switch, and its clock's skew.
+#[derive(Debug, Default, Clone)]
+pub struct Host {
+    /// The metadata store.
+    pub meta: Arc<MemMeta>,
+    /// The disk's fault switch.
+    pub disk: Arc<DiskFaults>,
+    /// How far the host's clock is off, in milliseconds.
+    pub skew_ms: i64,
 }
 
-/// [`sim_env`] with injected bugs.
-pub fn sim_env_with(seed: u64, meta: Arc<MemMeta>, trace: Arc<Trace>, bugs: Bugs) -> Env {
+/// The environment of one boot of a simulated host, with its randomness from `seed`.
+pub fn sim_env(seed: u64, host: &Host, net: SimNet, bugs: Bugs) -> Env {
     Env {
-        clock: Arc::new(SimClock),
+        clock: Arc::new(SimClock { skew_ms: host.skew_ms }),
         random: Arc::new(SeededRandom(Mutex::new(seed))),
-        fs: Arc::new(SimFs { bug_skip_sync: bugs.skip_sync }),
-        meta: Arc::new(SharedMeta(meta)),
-        net: Arc::new(SimNet::new(seed, trace)),
-        blocking: Blocking::Inline,
+        fs: Arc::new(SimFs { bug_skip_sync: bugs.skip_sync, faults: Arc::clone(&host.disk) }),
+        meta: Arc::new(SharedMeta(Arc::clone(&host.meta))),
+        net: Arc::new(net),
+        // One tick of turmoil's clock: a crash can fall between a write and its sync.
+        blocking: Blocking::Simulated(std::time::Duration::from_millis(1)),
+        bugs: bugs.node,
     }
 }

@@ -1,6 +1,6 @@
 //! `rill-sim`: sweeps seeds of the deterministic simulation and reports invariant
 //! violations with the command that replays each.
-use std::{collections::BTreeMap, ops::Range, process::ExitCode, time::Duration};
+use std::{collections::BTreeMap, io::IsTerminal, ops::Range, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use rill_sim::sweep::run_seed;
@@ -39,12 +39,14 @@ fn main() -> ExitCode {
     let total = args.seeds.end - args.seeds.start;
     let started = std::time::Instant::now();
     let (mut simulated, mut faults, mut failed) = (Duration::ZERO, BTreeMap::<&str, u64>::new(), Vec::new());
+    let mut failovers = 0;
     for (i, seed) in args.seeds.clone().enumerate() {
         match run_seed(seed) {
             Ok(report) => {
                 simulated += report.simulated;
-                for (_, f) in &report.plan.faults {
-                    *faults.entry(f.kind()).or_default() += 1;
+                failovers += report.failovers;
+                for (kind, n) in report.plan.fault_kinds() {
+                    *faults.entry(kind).or_default() += n;
                 }
                 if args.verbose {
                     eprintln!("seed {seed}: trace {:016x} {:?}", report.trace_hash, report.plan);
@@ -55,25 +57,22 @@ fn main() -> ExitCode {
                         eprintln!("  {v}");
                     }
                     eprintln!("  plan: {:?}", report.plan);
-                    eprintln!("  replay: cargo run -p rill-sim --release -- --seeds {seed}..{} --verbose", seed + 1);
+                    eprintln!("  replay: {}", replay(seed));
                     failed.push(seed);
                 }
             }
             Err(e) => {
                 eprintln!("\nseed {seed} did not complete: {e}");
-                eprintln!("  replay: cargo run -p rill-sim --release -- --seeds {seed}..{} --verbose", seed + 1);
+                eprintln!("  replay: {}", replay(seed));
                 failed.push(seed);
             }
         }
-        let done = i as u64 + 1;
-        if done.is_multiple_of(10) || done == total {
-            eprint!("\r{done}/{total} seeds, {} failed, {:.0}s", failed.len(), started.elapsed().as_secs_f64());
-        }
+        progress(i as u64 + 1, total, failed.len(), started.elapsed());
     }
     eprintln!();
     let faults: Vec<String> = faults.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!(
-        "{total} seeds in {:.1}s wall, {:.2} simulated hours; faults: {}; seeds with violations: {} {:?}",
+        "{total} seeds in {:.1}s wall, {:.2} simulated hours\nfaults injected: {}; producer failovers {failovers}\nseeds with violations: {} {:?}",
         started.elapsed().as_secs_f64(),
         simulated.as_secs_f64() / 3600.0,
         faults.join(", "),
@@ -81,4 +80,29 @@ fn main() -> ExitCode {
         failed
     );
     if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn replay(seed: u64) -> String {
+    format!("RUST_LOG=rill_node=debug cargo run -p rill-sim --release -- --seeds {seed}..{} --verbose", seed + 1)
+}
+
+/// A progress bar on one line of stderr, redrawn after every seed (on a terminal; else a
+/// line every tenth of the way).
+fn progress(done: u64, total: u64, failed: usize, elapsed: Duration) {
+    const WIDTH: u64 = 30;
+    let terminal = std::io::stderr().is_terminal();
+    let new_tenth = done * 10 / total > (done - 1) * 10 / total;
+    if !terminal && !new_tenth {
+        return;
+    }
+    let filled = (done * WIDTH / total) as usize;
+    let eta = elapsed.as_secs_f64() / done as f64 * (total - done) as f64;
+    eprint!(
+        "{}[{}{}] {done}/{total} seeds, {failed} with violations, {:.0}s, about {eta:.0}s left {}",
+        if terminal { "\r" } else { "" },
+        "#".repeat(filled),
+        ".".repeat(WIDTH as usize - filled),
+        elapsed.as_secs_f64(),
+        if terminal { "" } else { "\n" },
+    );
 }

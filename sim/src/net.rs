@@ -2,10 +2,11 @@
 //! and spawning on turmoil's runtime, seeded endpoint randomness, and the TLS clock on
 //! simulated time.
 use std::{
+    collections::BTreeMap,
     fmt,
     future::Future,
     io::{self, IoSliceMut},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -20,6 +21,8 @@ use quinn::{
     udp::{RecvMeta, Transmit},
 };
 use rill_transport::net::{BindResult, Net};
+
+use crate::env::splitmix64;
 
 /// Datagrams seen, as (simulated microseconds, sender, receiver, length), for the trace
 /// hash that shows a seed replays identically.
@@ -57,19 +60,60 @@ impl Trace {
     }
 }
 
+/// Thousandths of the datagrams lost, per (sender, receiver).
+type LossRates = BTreeMap<(IpAddr, IpAddr), u32>;
+
+/// Datagram loss per link (turmoil's own loss model partitions links at random instead),
+/// drawn from one seeded generator in send order, so a seed replays identically.
+#[derive(Debug)]
+pub struct Loss {
+    state: Mutex<(u64, LossRates)>,
+}
+
+impl Loss {
+    /// No loss yet; draws derive from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Loss { state: Mutex::new((seed, BTreeMap::new())) }
+    }
+
+    /// Drops this share (in thousandths) of the datagrams between `a` and `b`, both ways.
+    pub fn set(&self, a: IpAddr, b: IpAddr, permille: u32) {
+        let mut state = self.state.lock().expect("loss lock");
+        for pair in [(a, b), (b, a)] {
+            if permille == 0 {
+                state.1.remove(&pair);
+            } else {
+                state.1.insert(pair, permille);
+            }
+        }
+    }
+
+    fn drops(&self, from: IpAddr, to: IpAddr) -> bool {
+        let mut state = self.state.lock().expect("loss lock");
+        let Some(&permille) = state.1.get(&(from, to)) else { return false };
+        splitmix64(&mut state.0) % 1000 < u64::from(permille)
+    }
+}
+
 /// The simulated network of one host boot.
 #[derive(Debug)]
 pub struct SimNet {
     seed: u64,
     endpoints: AtomicU64,
     trace: Arc<Trace>,
+    loss: Option<Arc<Loss>>,
 }
 
 impl SimNet {
     /// A network edge whose endpoint randomness derives from `seed` (salt it per host and
     /// boot so a restarted node never reuses connection ids).
     pub fn new(seed: u64, trace: Arc<Trace>) -> Self {
-        SimNet { seed, endpoints: AtomicU64::new(0), trace }
+        SimNet { seed, endpoints: AtomicU64::new(0), trace, loss: None }
+    }
+
+    /// The same, losing datagrams as `loss` says.
+    pub fn with_loss(self, loss: Arc<Loss>) -> Self {
+        SimNet { loss: Some(loss), ..self }
     }
 }
 
@@ -77,7 +121,8 @@ impl Net for SimNet {
     fn bind(&self, addr: SocketAddr) -> Pin<Box<dyn Future<Output = BindResult> + Send + '_>> {
         Box::pin(async move {
             let socket = turmoil::net::UdpSocket::bind(addr).await?;
-            let socket: Arc<dyn AsyncUdpSocket> = Arc::new(SimUdp { socket, trace: Arc::clone(&self.trace) });
+            let socket: Arc<dyn AsyncUdpSocket> =
+                Arc::new(SimUdp { socket, trace: Arc::clone(&self.trace), loss: self.loss.clone() });
             Ok(socket)
         })
     }
@@ -170,6 +215,7 @@ impl AsyncTimer for SimTimer {
 struct SimUdp {
     socket: turmoil::net::UdpSocket,
     trace: Arc<Trace>,
+    loss: Option<Arc<Loss>>,
 }
 
 impl fmt::Debug for SimUdp {
@@ -197,6 +243,9 @@ impl AsyncUdpSocket for SimUdp {
         let segment = t.segment_size.unwrap_or(t.contents.len()).max(1);
         for datagram in t.contents.chunks(segment) {
             self.trace.record(local, t.destination, datagram.len());
+            if self.loss.as_ref().is_some_and(|l| l.drops(local.ip(), t.destination.ip())) {
+                continue;
+            }
             // With no link to the destination turmoil errors; real UDP drops silently.
             let _ = self.socket.try_send_to(datagram, t.destination);
         }
