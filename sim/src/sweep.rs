@@ -1002,7 +1002,14 @@ mod tests {
 
     #[test]
     fn a_seed_replays_to_the_same_trace() {
-        let (a, b) = (run_seed(5).unwrap(), run_seed(5).unwrap());
-        assert_eq!(a.trace_hash, b.trace_hash);
+        // A seed whose faults draw on every source of randomness: loss, torn writes, skew.
+        let busy = |seed: &u64| {
+            let kinds = Plan::from_seed(*seed).fault_kinds();
+            ["latency+loss", "crash", "disk errors", "clock skew"].iter().all(|k| kinds.contains_key(k))
+        };
+        let seed = (0..1000).find(busy).expect("a seed with every kind of randomness");
+        let (a, b) = (run_seed(seed).unwrap(), run_seed(seed).unwrap());
+        assert_eq!(a.trace_hash, b.trace_hash, "seed {seed}");
+        assert_ne!(a.trace_hash, run_seed(seed + 1).unwrap().trace_hash);
     }
 }

@@ -91,3 +91,84 @@ impl FileSystem for StdFs {
         std::fs::File::open(path)?.sync_all()
     }
 }
+
+/// Real files for tests, with faults: while `failing` is set, syncs and truncations (and,
+/// with `fail_writes`, writes) fail with EIO. Directory syncs are recorded.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct TestFs {
+    pub(crate) failing: std::sync::atomic::AtomicBool,
+    pub(crate) fail_writes: bool,
+    pub(crate) dir_syncs: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+#[cfg(test)]
+impl TestFs {
+    pub(crate) fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        Ok(())
+    }
+}
+
+/// A file of a [`TestFs`].
+#[cfg(test)]
+#[derive(Debug)]
+struct TestFile(Arc<dyn LogFile>, Arc<TestFs>);
+
+#[cfg(test)]
+impl LogFile for TestFile {
+    fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<usize> {
+        self.0.read_at(buf, position)
+    }
+    fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
+        if self.1.fail_writes {
+            self.1.check()?;
+        }
+        self.0.write_all_at(buf, position)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.1.check()?;
+        self.0.sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.1.check()?;
+        self.0.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+}
+
+/// The [`FileSystem`] of a shared [`TestFs`], whose files share its switch.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct TestRoot(pub(crate) Arc<TestFs>);
+
+#[cfg(test)]
+impl FileSystem for TestRoot {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
+        Ok(Arc::new(TestFile(StdFs.open(path, create)?, Arc::clone(&self.0))))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        StdFs.create_dir_all(path)
+    }
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        StdFs.read_dir(path)
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        StdFs.is_dir(path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        StdFs.remove_file(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.0.dir_syncs.lock().expect("dir syncs").push(path.to_path_buf());
+        StdFs.sync_dir(path)
+    }
+}

@@ -270,7 +270,10 @@ impl TopicLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{format::tests::msg, fs::StdFs};
+    use crate::{
+        format::tests::msg,
+        fs::{StdFs, TestFs, TestRoot},
+    };
 
     fn open(dir: &Path, seg_bytes: u64) -> TopicLog {
         TopicLog::open(
@@ -316,41 +319,15 @@ mod tests {
         assert_eq!(log.read(195, 100, usize::MAX).unwrap().len(), 5);
     }
 
-    /// Records which directories were synced.
-    #[derive(Debug, Default)]
-    struct DirSyncs(std::sync::Mutex<Vec<PathBuf>>);
-
-    impl FileSystem for DirSyncs {
-        fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn LogFile>> {
-            StdFs.open(path, create)
-        }
-        fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
-            StdFs.create_dir_all(path)
-        }
-        fn read_dir(&self, path: &Path) -> std::io::Result<Vec<PathBuf>> {
-            StdFs.read_dir(path)
-        }
-        fn is_dir(&self, path: &Path) -> bool {
-            StdFs.is_dir(path)
-        }
-        fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-            StdFs.remove_file(path)
-        }
-        fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
-            self.0.lock().unwrap().push(path.to_path_buf());
-            StdFs.sync_dir(path)
-        }
-    }
-
     #[test]
     fn a_new_topic_syncs_the_parent_of_every_directory_it_creates() {
         // Found by the simulation: without this a crash dropped a new topic's directories.
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("t")).unwrap();
-        let fs = Arc::new(DirSyncs::default());
+        let fs = Arc::new(TestFs::default());
         let dir = root.path().join("t/n/x");
-        TopicLog::open(Arc::clone(&fs) as Arc<dyn FileSystem>, &dir, LogConfig::default(), None).unwrap();
-        let synced = fs.0.lock().unwrap().clone();
+        TopicLog::open(Arc::new(TestRoot(Arc::clone(&fs))), &dir, LogConfig::default(), None).unwrap();
+        let synced = fs.dir_syncs.lock().unwrap().clone();
         for want in [root.path().join("t"), root.path().join("t/n"), dir.clone()] {
             assert!(synced.contains(&want), "{} not synced: {synced:?}", want.display());
         }
@@ -399,8 +376,9 @@ mod tests {
         assert_eq!(log.next_offset(), 10);
     }
 
-    #[test]
-    fn corruption_in_the_middle_is_refused_with_file_and_position() {
+    /// A log of three frames (offsets 0..30) whose second frame is damaged; and where that
+    /// frame starts.
+    fn damaged_log() -> (tempfile::TempDir, u64) {
         let dir = tempfile::tempdir().unwrap();
         let mut log = open(dir.path(), 1 << 20);
         append_sync(&mut log, &batch("p", 0..10));
@@ -412,6 +390,13 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[second_frame_at as usize + 40] ^= 0xFF;
         std::fs::write(&path, &bytes).unwrap();
+        (dir, second_frame_at)
+    }
+
+    #[test]
+    fn corruption_in_the_middle_is_refused_with_file_and_position() {
+        let (dir, second_frame_at) = damaged_log();
+        let path = active_segment(dir.path());
         let err = TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default(), None).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, StorageError::Corruption { position, .. } if position == second_frame_at), "{text}");
@@ -423,21 +408,7 @@ mod tests {
     /// log is cut at the damage. Below it, the same damage is refused.
     #[test]
     fn damage_past_the_durable_point_is_cut_even_with_whole_frames_after_it() {
-        let damaged = || {
-            let dir = tempfile::tempdir().unwrap();
-            let mut log = open(dir.path(), 1 << 20);
-            append_sync(&mut log, &batch("p", 0..10));
-            let second_frame_at = std::fs::metadata(active_segment(dir.path())).unwrap().len();
-            append_sync(&mut log, &batch("p", 10..20));
-            append_sync(&mut log, &batch("p", 20..30));
-            drop(log);
-            let path = active_segment(dir.path());
-            let mut bytes = std::fs::read(&path).unwrap();
-            bytes[second_frame_at as usize + 40] ^= 0xFF;
-            std::fs::write(&path, &bytes).unwrap();
-            (dir, second_frame_at)
-        };
-        let (dir, _) = damaged();
+        let (dir, _) = damaged_log();
         let log = TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default(), Some(10)).unwrap();
         assert_eq!(log.next_offset(), 10);
         assert_eq!(log.read(0, 100, usize::MAX).unwrap().len(), 10);
@@ -447,7 +418,7 @@ mod tests {
             10
         );
 
-        let (dir, at) = damaged();
+        let (dir, at) = damaged_log();
         let err = TopicLog::open(Arc::new(StdFs), dir.path(), LogConfig::default(), Some(20)).unwrap_err();
         assert!(matches!(err, StorageError::Corruption { position, .. } if position == at), "{err}");
         assert!(err.to_string().contains("at offset 10 which was synced (below 20)"), "{err}");

@@ -336,7 +336,11 @@ pub fn publish_group(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{format::tests::msg, fs::StdFs, meta::MemMeta};
+    use crate::{
+        format::tests::msg,
+        fs::{StdFs, TestFs, TestRoot},
+        meta::MemMeta,
+    };
 
     fn topic() -> TopicName {
         TopicName::parse("t/n/x").unwrap()
@@ -350,73 +354,6 @@ mod tests {
         r.as_ref().unwrap().clone()
     }
 
-    /// Real files whose syncs (and, with `writes`, writes) fail while `failing` is set.
-    #[derive(Debug, Default)]
-    struct FlakyFs {
-        failing: std::sync::atomic::AtomicBool,
-        writes: bool,
-    }
-
-    #[derive(Debug)]
-    struct FlakyFile(Arc<dyn crate::fs::LogFile>, Arc<FlakyFs>);
-
-    impl FlakyFs {
-        fn check(&self) -> std::io::Result<()> {
-            if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(std::io::Error::from_raw_os_error(5));
-            }
-            Ok(())
-        }
-    }
-
-    impl crate::fs::LogFile for FlakyFile {
-        fn read_at(&self, buf: &mut [u8], position: u64) -> std::io::Result<usize> {
-            self.0.read_at(buf, position)
-        }
-        fn write_all_at(&self, buf: &[u8], position: u64) -> std::io::Result<()> {
-            if self.1.writes {
-                self.1.check()?;
-            }
-            self.0.write_all_at(buf, position)
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            self.1.check()?;
-            self.0.sync_data()
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.1.check()?;
-            self.0.set_len(len)
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.0.len()
-        }
-    }
-
-    /// Shares its switch with the files it opens.
-    #[derive(Debug)]
-    struct FlakyRoot(Arc<FlakyFs>);
-
-    impl FileSystem for FlakyRoot {
-        fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn crate::fs::LogFile>> {
-            Ok(Arc::new(FlakyFile(StdFs.open(path, create)?, Arc::clone(&self.0))))
-        }
-        fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
-            StdFs.create_dir_all(path)
-        }
-        fn read_dir(&self, path: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
-            StdFs.read_dir(path)
-        }
-        fn is_dir(&self, path: &Path) -> bool {
-            StdFs.is_dir(path)
-        }
-        fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-            StdFs.remove_file(path)
-        }
-        fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
-            StdFs.sync_dir(path)
-        }
-    }
-
     /// While the disk fails, every group fails and nothing is published; once it works
     /// again the next group cuts the log back to its last sync and goes on, and a reopen
     /// sees exactly the acknowledged messages.
@@ -425,19 +362,19 @@ mod tests {
         for writes in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let meta = MemMeta::default();
-            let flaky = Arc::new(FlakyFs { writes, ..FlakyFs::default() });
-            let fs: Arc<dyn FileSystem> = Arc::new(FlakyRoot(Arc::clone(&flaky)));
+            let flaky = Arc::new(TestFs { fail_writes: writes, ..TestFs::default() });
+            let fs: Arc<dyn FileSystem> = Arc::new(TestRoot(Arc::clone(&flaky)));
             let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), LogConfig::default()).unwrap());
             let batch = |p: &str, seqs: std::ops::Range<u64>| seqs.map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
             assert!(commit_group(&store, &[&batch("a", 0..3)])[0].is_ok());
-            flaky.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+            flaky.set_failing(true);
             let r = commit_group(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
             assert!(r.iter().all(|r| r.is_err()), "writes={writes}: {r:?}");
             let again = commit_group(&store, &[&batch("b", 0..3)]);
             let text = again[0].as_ref().unwrap_err().to_string();
             assert!(text.contains("Input/output error"), "{text}");
             assert_eq!(store.lock().unwrap().log().committed_offset(), 3);
-            flaky.failing.store(false, std::sync::atomic::Ordering::Relaxed);
+            flaky.set_failing(false);
             // The retry is stored once, at the offset after the last acknowledged message.
             let r = commit_group(&store, &[&batch("b", 0..3)]);
             assert_eq!(offsets(&r[0])[0], AppendOutcome::Appended { offset: 3 });
