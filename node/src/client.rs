@@ -18,7 +18,9 @@ use rill_transport::{
 };
 use tokio::time::Instant;
 
-use crate::protocol::{ErrorCode, NewMessage, NodeStats, Produced, Request, Response, StartPosition, TopicStats};
+use crate::protocol::{
+    ConsumerOptions, ErrorCode, NewMessage, NodeStats, Produced, Request, Response, StartPosition, TopicStats,
+};
 
 /// Largest frame the client accepts from a node (a delivery is at most half of the
 /// node's frame limit, 16 MiB by default).
@@ -220,14 +222,31 @@ impl Client {
         subscription: &str,
         start: StartPosition,
     ) -> Result<Consumer, ClientError> {
+        self.subscribe_with(topic, subscription, start, ConsumerOptions::default()).await
+    }
+
+    /// [`Client::subscribe`] with a subscription type and redelivery policy.
+    pub async fn subscribe_with(
+        &self,
+        topic: &str,
+        subscription: &str,
+        start: StartPosition,
+        options: ConsumerOptions,
+    ) -> Result<Consumer, ClientError> {
         let (mut send, mut recv) = self.open_stream().await?;
         let mut buf = Vec::new();
-        let request = Request::Subscribe { topic: topic.into(), subscription: subscription.into(), start };
+        let request = Request::Subscribe { topic: topic.into(), subscription: subscription.into(), start, options };
         frame::write_frame(&mut send, &request, &mut buf).await?;
         match frame::read_frame(&mut recv, CLIENT_FRAME_BYTES_MAX, &mut buf).await?.ok_or(ClientError::Closed)? {
-            Response::Subscribed { start_offset } => {
-                Ok(Consumer { send, recv, start_offset, buffer: VecDeque::new(), acks: Vec::new(), buf })
-            }
+            Response::Subscribed { start_offset } => Ok(Consumer {
+                send,
+                recv,
+                start_offset,
+                buffer: VecDeque::new(),
+                acks: Vec::new(),
+                nacks: Vec::new(),
+                buf,
+            }),
             other => Err(refused_or_unexpected(other)),
         }
     }
@@ -385,6 +404,7 @@ pub struct Consumer {
     start_offset: u64,
     buffer: VecDeque<StoredMessage>,
     acks: Vec<u64>,
+    nacks: Vec<u64>,
     buf: Vec<u8>,
 }
 
@@ -424,11 +444,29 @@ impl Consumer {
         self.acks.push(offset);
     }
 
-    /// Sends buffered acks.
+    /// Records a negative ack: the message is delivered again after the consumer's nack
+    /// delay. Sent like acks.
+    pub fn nack(&mut self, offset: u64) {
+        self.nacks.push(offset);
+    }
+
+    /// Acks every message up to and including `offset` (Exclusive and Failover
+    /// subscriptions; others ignore it). Sends buffered acks first.
+    pub async fn ack_cumulative(&mut self, offset: u64) -> Result<(), ClientError> {
+        self.flush_acks().await?;
+        frame::write_frame(&mut self.send, &Request::AckCumulative { offset }, &mut self.buf).await?;
+        Ok(())
+    }
+
+    /// Sends buffered acks and nacks.
     pub async fn flush_acks(&mut self) -> Result<(), ClientError> {
         if !self.acks.is_empty() {
             let offsets = std::mem::take(&mut self.acks);
             frame::write_frame(&mut self.send, &Request::Ack { offsets }, &mut self.buf).await?;
+        }
+        if !self.nacks.is_empty() {
+            let offsets = std::mem::take(&mut self.nacks);
+            frame::write_frame(&mut self.send, &Request::Nack { offsets }, &mut self.buf).await?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 mod consume;
+mod dispatch;
 pub mod env;
 mod mesh;
 pub mod protocol;

@@ -67,9 +67,21 @@ pub enum Request {
         subscription: String,
         /// Where a new subscription starts.
         start: StartPosition,
+        /// How this consumer shares the subscription, and its redelivery policy.
+        options: ConsumerOptions,
     },
-    /// Acknowledges delivered offsets.
+    /// Acknowledges delivered offsets (on a subscription stream).
     Ack {
+        /// The offsets.
+        offsets: Vec<u64>,
+    },
+    /// Acknowledges every offset up to and including this one (Exclusive and Failover).
+    AckCumulative {
+        /// The offset.
+        offset: u64,
+    },
+    /// Asks for delivered offsets to be delivered again after the consumer's nack delay.
+    Nack {
         /// The offsets.
         offsets: Vec<u64>,
     },
@@ -86,6 +98,66 @@ pub enum Request {
     },
     /// The namespace catalogue as this node sees it.
     NsGet,
+}
+
+/// How the consumers of one subscription share its messages (as in Apache Pulsar).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SubscriptionType {
+    /// One consumer; a second is refused.
+    #[default]
+    Exclusive,
+    /// One active consumer; the others stand by, in the order they attached, and the next
+    /// takes over (with the unacked messages) when the active one goes.
+    Failover,
+    /// Messages go round-robin to every consumer.
+    Shared,
+    /// All messages of a key go to one consumer while it is attached; a key moves to
+    /// another only once none of its messages is in flight.
+    KeyShared,
+}
+
+impl std::str::FromStr for SubscriptionType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "exclusive" => Ok(SubscriptionType::Exclusive),
+            "failover" => Ok(SubscriptionType::Failover),
+            "shared" => Ok(SubscriptionType::Shared),
+            "key_shared" | "keyshared" => Ok(SubscriptionType::KeyShared),
+            _ => Err(format!("'{s}' is not a subscription type (exclusive, failover, shared, key_shared)")),
+        }
+    }
+}
+
+/// A consumer's terms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerOptions {
+    /// How the subscription is shared.
+    pub kind: SubscriptionType,
+    /// The consumer's name, for statistics.
+    pub name: String,
+    /// Messages unacked this long are delivered again; `None`: never.
+    pub ack_timeout_ms: Option<u64>,
+    /// How long a nacked message waits before it is delivered again.
+    pub nack_delay_ms: u64,
+    /// A message delivered again more often than this goes to the dead-letter topic
+    /// instead; `None`: it is delivered again forever.
+    pub max_redeliveries: Option<u32>,
+    /// The dead-letter topic; `None`: `<topic>-DLQ`.
+    pub dead_letter_topic: Option<String>,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            kind: SubscriptionType::Exclusive,
+            name: String::new(),
+            ack_timeout_ms: None,
+            nack_delay_ms: 1000,
+            max_redeliveries: None,
+            dead_letter_topic: None,
+        }
+    }
 }
 
 /// What happened to one produced message.
@@ -166,10 +238,19 @@ pub struct SubscriptionStats {
     pub name: String,
     /// Every offset below this is acked.
     pub ack_floor: u64,
-    /// Messages from the ack floor to the end (an upper bound on the backlog).
+    /// Messages not yet acked.
     pub backlog_messages: u64,
-    /// True when a consumer is attached.
-    pub connected: bool,
+    /// Bytes on disk from the ack floor to the end.
+    pub backlog_bytes: u64,
+    /// How long ago the oldest unacked message was published (by its origin's clock).
+    pub backlog_age_ms: Option<u64>,
+    /// Consumers attached.
+    pub consumers: u64,
+    /// Messages given back to be delivered again (nacked, timed out, or held by a consumer
+    /// that left) since the node started.
+    pub redelivered: u64,
+    /// Messages moved to the dead-letter topic since the node started.
+    pub dead_lettered: u64,
 }
 
 /// Replication of one topic to one peer.

@@ -1,11 +1,11 @@
 //! The node: start-up (data dir, certificates, metadata, topics, endpoint), the accept
 //! loop, and the request conversations on client streams.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::Duration,
@@ -93,8 +93,8 @@ pub(crate) struct Shared {
     /// until an operator repairs them and restarts the node.
     unavailable: BTreeMap<TopicName, String>,
     create_lock: tokio::sync::Mutex<()>,
-    /// Subscriptions that have a consumer attached.
-    pub(crate) attached: Mutex<BTreeSet<(TopicName, String)>>,
+    /// The subscriptions' dispatchers.
+    pub(crate) subscriptions: crate::dispatch::Registry,
     started_ms: u64,
     /// Topics whose durable end moved, for the replication driver.
     pub(crate) growth: Arc<Growth>,
@@ -195,7 +195,7 @@ impl Node {
             topics: RwLock::new(topics),
             unavailable,
             create_lock: tokio::sync::Mutex::new(()),
-            attached: Mutex::new(BTreeSet::new()),
+            subscriptions: crate::dispatch::Registry::default(),
             shutting_down: AtomicBool::new(false),
             connections: AtomicU32::new(0),
         });
@@ -375,8 +375,8 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
             return;
         }
     };
-    if let Request::Subscribe { topic, subscription, start } = first {
-        consume::serve(shared, topic, subscription, start, send, recv).await;
+    if let Request::Subscribe { topic, subscription, start, options } = first {
+        consume::serve(shared, topic, subscription, start, options, send, recv).await;
         return;
     }
     let (tx, rx) = mpsc::channel(PIPELINE_REQUESTS_MAX);
@@ -461,8 +461,8 @@ async fn handle_request(shared: &Shared, request: Request, request_bytes: usize)
         Request::Subscribe { .. } => {
             Pending::Ready(error(ErrorCode::Malformed, "Subscribe must be the first frame of its own stream"))
         }
-        Request::Ack { .. } => {
-            Pending::Ready(error(ErrorCode::Malformed, "Ack is only valid on a subscription stream"))
+        Request::Ack { .. } | Request::AckCumulative { .. } | Request::Nack { .. } => {
+            Pending::Ready(error(ErrorCode::Malformed, "acks and nacks are only valid on a subscription stream"))
         }
     }
 }

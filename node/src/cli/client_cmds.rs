@@ -13,7 +13,7 @@ use super::Conn;
 use crate::{
     client::{BatchAck, Client, ClientError, ClientOptions, Outgoing, Producer},
     env::Env,
-    protocol::{Produced, StartPosition},
+    protocol::{ConsumerOptions, Produced, StartPosition, SubscriptionType},
 };
 
 /// Longest a produce waits for a node to come back before giving up.
@@ -299,6 +299,28 @@ pub(crate) struct ConsumeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// How consumers share the subscription: exclusive, failover, shared or key_shared.
+    #[arg(long = "type", default_value = "exclusive")]
+    kind: SubscriptionType,
+    /// This consumer's name (Failover and Key_Shared use it; default: random).
+    #[arg(long)]
+    name: Option<String>,
+    /// Deliver unacked messages again after this many milliseconds.
+    #[arg(long)]
+    ack_timeout: Option<u64>,
+    /// How long a nacked message waits before it is delivered again, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    nack_delay: u64,
+    /// A message delivered again more often than this goes to the dead-letter topic.
+    #[arg(long)]
+    max_redeliveries: Option<u32>,
+    /// The dead-letter topic (default `<topic>-DLQ`).
+    #[arg(long)]
+    dlq: Option<String>,
+    /// Nack (instead of ack) every message whose payload contains this text: a stand-in
+    /// for an application that fails on some messages.
+    #[arg(long)]
+    nack_matching: Option<String>,
 }
 
 fn parse_start(s: &str) -> Result<StartPosition, String> {
@@ -331,7 +353,18 @@ fn message_json(m: &rill_storage::StoredMessage) -> serde_json::Value {
 
 pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     let client = args.conn.connect().await?;
-    let mut consumer = client.subscribe(&args.topic, &args.subscription, args.from).await?;
+    let options = ConsumerOptions {
+        kind: args.kind,
+        name: args.name.clone().unwrap_or_default(),
+        ack_timeout_ms: args.ack_timeout,
+        nack_delay_ms: args.nack_delay,
+        max_redeliveries: args.max_redeliveries,
+        dead_letter_topic: args.dlq.clone(),
+    };
+    let mut consumer = client.subscribe_with(&args.topic, &args.subscription, args.from, options).await?;
+    let fails = |payload: &[u8]| {
+        args.nack_matching.as_ref().is_some_and(|text| payload.windows(text.len().max(1)).any(|w| w == text.as_bytes()))
+    };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut seen = 0u64;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -345,6 +378,11 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
             eprintln!("consume: the node closed the subscription");
             break;
         };
+        if fails(&m.message.payload) {
+            consumer.nack(m.offset);
+            consumer.flush_acks().await?;
+            continue;
+        }
         match args.format {
             Format::Text => {
                 out.write_all(&m.message.payload)?;
@@ -429,12 +467,17 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
             t.duplicates
         );
         for s in &t.subscriptions {
+            let age = s.backlog_age_ms.map_or("-".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
             println!(
-                "  subscription {:<26} ack floor {:>10}  backlog {:>10}  {}",
+                "  subscription {:<26} ack floor {:>10}  backlog {:>10} msgs {:>12} B age {:>9}  consumers {:>3}  redelivered {:>8}  dead-lettered {:>6}",
                 s.name,
                 s.ack_floor,
                 s.backlog_messages,
-                if s.connected { "connected" } else { "idle" }
+                s.backlog_bytes,
+                age,
+                s.consumers,
+                s.redelivered,
+                s.dead_lettered,
             );
         }
     }

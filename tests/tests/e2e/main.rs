@@ -4,5 +4,6 @@ mod consume;
 mod crash;
 mod mesh;
 mod produce;
+mod subscriptions;
 mod support;
 mod walkthrough;

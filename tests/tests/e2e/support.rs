@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
@@ -242,4 +242,73 @@ pub(crate) async fn read_seqs(
         consumer.ack(m.offset);
     }
     seqs
+}
+
+/// A `rill consume --format json` process whose printed messages are collected as they
+/// arrive.
+pub(crate) struct ConsumerProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl ConsumerProcess {
+    /// Starts `rill consume TOPIC -s SUBSCRIPTION --format json` plus `extra` against `node`.
+    pub(crate) fn start(node: &TestNode, topic: &str, subscription: &str, extra: &[&str]) -> ConsumerProcess {
+        let mut child = Command::new(bin())
+            .current_dir(&node.cwd)
+            .args(["consume", topic, "-s", subscription, "--format", "json", "--addr", &node.addr.to_string()])
+            .args(["--certs", &node.certs.display().to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn rill consume");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(v) = serde_json::from_str(&line) {
+                    sink.lock().expect("lines").push(v);
+                }
+            }
+        });
+        ConsumerProcess { child, lines }
+    }
+
+    /// The messages printed so far.
+    pub(crate) fn messages(&self) -> Vec<serde_json::Value> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// The offsets printed so far, in order.
+    pub(crate) fn offsets(&self) -> Vec<u64> {
+        self.messages().iter().filter_map(|m| m["offset"].as_u64()).collect()
+    }
+
+    /// Kills the process (SIGKILL).
+    pub(crate) fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ConsumerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits up to `timeout` for `done`, polling; true when it held.
+pub(crate) async fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
 }
