@@ -49,7 +49,7 @@ pub(crate) enum Event {
     LinkClosed { peer: String, id: u64 },
     Message { peer: String, id: u64, message: PeerMessage },
     Read { peer: String, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
-    Appended { peer: String, topic: TopicName, batch: u64, result: Result<u64, String> },
+    Appended { peer: String, link: u64, topic: TopicName, batch: u64, result: Result<u64, String> },
     Edit { namespace: String, edit: Edit, reply: oneshot::Sender<Result<(), String>> },
     Config { reply: oneshot::Sender<ConfigDoc> },
     Stats { reply: oneshot::Sender<Vec<PeerStats>> },
@@ -214,7 +214,13 @@ impl Driver {
                 });
                 self.rep.handle_read(&peer, &topic, ticket, messages);
             }
-            Event::Appended { peer, topic, batch, result } => {
+            Event::Appended { peer, link, topic, batch, result } => {
+                // Batch numbers belong to a link: a result from an appender of a link that
+                // has since been replaced must not acknowledge the new link's batch with the
+                // same number (that lost messages; found by the simulation).
+                if self.links.get(&peer).is_none_or(|l| l.id != link) {
+                    return;
+                }
                 if let Ok(duplicates) = &result {
                     self.counters.entry((peer.clone(), topic.clone())).or_default().deduplicated += duplicates;
                 }
@@ -354,16 +360,23 @@ impl Driver {
     }
 
     fn append(&mut self, peer: String, topic: TopicName, batch: u64, messages: Vec<Message>) {
+        let Some(link) = self.links.get(&peer).map(|l| l.id) else { return };
         let key = (peer.clone(), topic.clone());
         let queue = self.appenders.entry(key).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(APPEND_QUEUE_MAX);
             let appender =
-                Appender { shared: Arc::clone(&self.shared), peer: peer.clone(), topic, events: self.tx.clone() };
+                Appender { shared: Arc::clone(&self.shared), peer: peer.clone(), link, topic, events: self.tx.clone() };
             tokio::spawn(appender.run(rx).in_current_span());
             tx
         });
-        if queue.try_send((batch, messages)).is_err() {
-            self.link_down(&peer, "peer sent more batches than allowed in flight");
+        match queue.try_send((batch, messages)) {
+            Ok(()) => {}
+            // The lane's appender stopped at a failed append; the link is being dropped and
+            // the peer resends from its cursor.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.link_down(&peer, "peer sent more batches than allowed in flight");
+            }
         }
     }
 
@@ -421,6 +434,8 @@ impl Driver {
 struct Appender {
     shared: Arc<Shared>,
     peer: String,
+    /// The link whose batches it appends.
+    link: u64,
     topic: TopicName,
     events: mpsc::Sender<Event>,
 }
@@ -441,8 +456,13 @@ impl Appender {
                 },
                 Err(e) => Err(e.to_string()),
             };
-            let event = Event::Appended { peer: self.peer.clone(), topic: self.topic.clone(), batch, result };
-            if self.events.send(event).await.is_err() {
+            let failed = result.is_err();
+            let event =
+                Event::Appended { peer: self.peer.clone(), link: self.link, topic: self.topic.clone(), batch, result };
+            if self.events.send(event).await.is_err() || failed {
+                // After a failed append the batches queued behind it must not be stored: that
+                // would put later messages before the failed ones, which the peer resends
+                // once the link is back. (Found by the simulation's disk faults.)
                 return;
             }
         }
