@@ -19,7 +19,8 @@ use rill_transport::{
 use tokio::time::Instant;
 
 use crate::protocol::{
-    ConsumerOptions, ErrorCode, NewMessage, NodeStats, Produced, Request, Response, StartPosition, TopicStats,
+    ConsumerOptions, ErrorCode, NewMessage, NodeStats, Produced, Request, Response, SeekTarget, StartPosition,
+    TopicStats,
 };
 
 /// Largest frame the client accepts from a node (a delivery is at most half of the
@@ -182,6 +183,16 @@ impl Client {
     pub async fn ns_edit(&self, namespace: &str, edit: rill_replication::namespace::Edit) -> Result<(), ClientError> {
         match self.call(&Request::NsEdit { namespace: namespace.into(), edit }).await? {
             Response::NsDone => Ok(()),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
+    /// Moves an existing subscription; answers its new position. Its consumers are
+    /// disconnected and continue from there when they attach again.
+    pub async fn seek(&self, topic: &str, subscription: &str, target: SeekTarget) -> Result<u64, ClientError> {
+        let request = Request::Seek { topic: topic.into(), subscription: subscription.into(), target };
+        match self.call(&request).await? {
+            Response::Sought { offset } => Ok(offset),
             other => Err(refused_or_unexpected(other)),
         }
     }

@@ -25,6 +25,9 @@ pub mod defaults {
     pub const PRODUCE_QUEUE_REQUESTS_MAX: usize = 1024;
     /// How often dedup snapshots are written and the metadata store flushed.
     pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
+    /// How often retention and backlog quotas are enforced (Pulsar checks quotas every 60 s;
+    /// an edge disk fills faster than that).
+    pub const RETENTION_CHECK_INTERVAL_MS: u64 = 1000;
     /// 1 MiB per message (payload, key and headers), as Pulsar's default 5 MB is too much
     /// for an edge gateway's memory.
     pub const MESSAGE_BYTES_MAX: u32 = 1 << 20;
@@ -137,6 +140,9 @@ pub struct StorageConfig {
     pub produce_queue_requests_max: usize,
     /// Milliseconds between dedup snapshots and metadata flushes. Default 1000, minimum 10.
     pub checkpoint_interval_ms: u64,
+    /// Milliseconds between enforcements of retention and backlog quotas. Default 1000,
+    /// minimum 10.
+    pub retention_check_interval_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -147,6 +153,7 @@ impl Default for StorageConfig {
             group_commit_requests_max: defaults::GROUP_COMMIT_REQUESTS_MAX,
             produce_queue_requests_max: defaults::PRODUCE_QUEUE_REQUESTS_MAX,
             checkpoint_interval_ms: defaults::CHECKPOINT_INTERVAL_MS,
+            retention_check_interval_ms: defaults::RETENTION_CHECK_INTERVAL_MS,
         }
     }
 }
@@ -244,6 +251,9 @@ impl NodeConfig {
         }
         if s.checkpoint_interval_ms < 10 {
             return Err(invalid("storage.checkpoint_interval_ms", "must be at least 10"));
+        }
+        if s.retention_check_interval_ms < 10 {
+            return Err(invalid("storage.retention_check_interval_ms", "must be at least 10"));
         }
         let l = &self.limits;
         if l.message_bytes_max == 0 {

@@ -9,8 +9,10 @@ use rill_transport::frame;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    dispatch::Command,
-    protocol::{ConsumerOptions, ErrorCode, Request, Response, StartPosition, SubscriptionStats, TopicStats},
+    dispatch::{Command, cursor_key},
+    protocol::{
+        ConsumerOptions, ErrorCode, Request, Response, SeekTarget, StartPosition, SubscriptionStats, TopicStats,
+    },
     server::{Shared, error, parse_topic, storage_error},
     topic::Topic,
 };
@@ -85,6 +87,53 @@ async fn attach(
     Ok((commands, attached.consumer, attached.start_offset))
 }
 
+/// Moves an existing subscription (see [`Request::Seek`]).
+pub(crate) async fn seek(
+    shared: &Arc<Shared>,
+    topic: &str,
+    subscription: &str,
+    target: SeekTarget,
+) -> Result<Response, Response> {
+    let name = parse_topic(topic)?;
+    check_part("subscription", subscription).map_err(|e| error(ErrorCode::InvalidName, e.to_string()))?;
+    let topic = shared.topic(&name).await.map_err(|e| storage_error(&e))?;
+    let exists = shared.meta.get(&cursor_key(&name, subscription)).map_err(|e| storage_error(&e))?.is_some();
+    if !exists {
+        return Err(error(ErrorCode::NotFound, format!("{name} has no subscription '{subscription}'")));
+    }
+    let (first, end) = {
+        let store = topic.store.lock().expect("topic lock poisoned");
+        (store.log().start_offset(), store.log().committed_offset())
+    };
+    let offset = match target {
+        SeekTarget::Earliest => first,
+        SeekTarget::Latest => end,
+        SeekTarget::Offset(o) => o.clamp(first, end),
+        SeekTarget::PublishTime(t) => first_published_at(&topic, first, end, t).await?,
+    };
+    let (commands, _) = shared.subscriptions.get_or_start(shared, &topic, subscription, StartPosition::Earliest)?;
+    let (reply, done) = oneshot::channel();
+    let stopped = || error(ErrorCode::ShuttingDown, "the subscription's dispatcher stopped");
+    commands.send(Command::Seek { offset, reply }).map_err(|_| stopped())?;
+    done.await.map_err(|_| stopped())?;
+    Ok(Response::Sought { offset })
+}
+
+/// The offset of the first message (in log order) published at or after `time_ms`, or
+/// `end`. A linear scan in chunks; the log keeps no time index.
+async fn first_published_at(topic: &Topic, from: u64, end: u64, time_ms: u64) -> Result<u64, Response> {
+    let mut at = from;
+    while at < end {
+        let chunk = topic.read(at, 1000, 1 << 20).await.map_err(|e| storage_error(&e))?;
+        let Some(last) = chunk.last() else { break };
+        if let Some(m) = chunk.iter().find(|m| m.message.publish_time_ms >= time_ms) {
+            return Ok(m.offset);
+        }
+        at = last.offset + 1;
+    }
+    Ok(end)
+}
+
 /// Forwards the client's acks and nacks to the dispatcher; ends when the client finishes
 /// the stream or sends something else.
 async fn read_acks(max: u32, mut recv: RecvStream, consumer: u64, commands: mpsc::UnboundedSender<Command>) {
@@ -134,6 +183,8 @@ pub(crate) fn topic_stats(shared: &Shared, topic: &Topic) -> TopicStats {
         producers: producers as u64,
         messages_in: topic.counters.messages_in.load(Ordering::Relaxed),
         duplicates: topic.counters.duplicates.load(Ordering::Relaxed),
+        retention_deleted: topic.counters.retention_deleted.load(Ordering::Relaxed),
+        quota_dropped: topic.counters.quota_dropped.load(Ordering::Relaxed),
         subscriptions,
         error: None,
     }
@@ -150,18 +201,22 @@ fn subscription_stats(shared: &Shared, topic: &Topic, prefix: &str, end: u64) ->
             let count = |f: fn(&crate::dispatch::Counters) -> &std::sync::atomic::AtomicU64| {
                 counters.as_ref().map_or(0, |c| f(c).load(Ordering::Relaxed))
             };
-            let acked_beyond: u64 = cursor.acked.iter().map(|r| r.end.min(end).saturating_sub(r.start)).sum();
-            let first_unacked = cursor.next_unacked(cursor.ack_floor);
+            // Messages below the log's start were deleted (retention, quota): not backlog.
+            let start = topic.store.lock().expect("topic lock poisoned").log().start_offset();
+            let floor = cursor.ack_floor.max(start);
+            let acked_beyond: u64 =
+                cursor.acked.iter().map(|r| r.end.min(end).saturating_sub(r.start.max(floor))).sum();
+            let first_unacked = cursor.next_unacked(floor);
             let (bytes, oldest) = {
                 let store = topic.store.lock().expect("topic lock poisoned");
                 let oldest =
                     store.read(first_unacked, 1, 1).ok().and_then(|m| m.first().map(|m| m.message.publish_time_ms));
-                (store.log().bytes_from(cursor.ack_floor), oldest.filter(|_| first_unacked < end))
+                (store.log().bytes_from(floor), oldest.filter(|_| first_unacked < end))
             };
             Some(SubscriptionStats {
                 backlog_age_ms: oldest.map(|t| shared.env.clock.now_ms().saturating_sub(t)),
-                backlog_messages: end.saturating_sub(cursor.ack_floor).saturating_sub(acked_beyond),
-                backlog_bytes: if cursor.ack_floor < end { bytes } else { 0 },
+                backlog_messages: end.saturating_sub(floor).saturating_sub(acked_beyond),
+                backlog_bytes: if floor < end { bytes } else { 0 },
                 ack_floor: cursor.ack_floor,
                 consumers: count(|c| &c.consumers),
                 redelivered: count(|c| &c.redelivered),

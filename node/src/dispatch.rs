@@ -58,6 +58,7 @@ pub(crate) enum Command {
     Ack { offsets: Vec<u64> },
     AckCumulative { consumer: u64, offset: u64 },
     Nack { consumer: u64, offsets: Vec<u64> },
+    Seek { offset: u64, reply: oneshot::Sender<()> },
 }
 
 /// A consumer's place in its subscription.
@@ -249,6 +250,10 @@ impl Dispatcher {
                         "cumulative ack ignored: only Exclusive and Failover subscriptions take them");
                 }
             }
+            Command::Seek { offset, reply } => {
+                self.seek(offset);
+                let _ = reply.send(());
+            }
             Command::Nack { consumer, offsets } => {
                 let delay = self.consumer(consumer).map_or(0, |c| c.options.nack_delay_ms);
                 for o in offsets {
@@ -298,6 +303,24 @@ impl Dispatcher {
         for o in held {
             self.give_back(o, 0);
         }
+    }
+
+    /// Moves the cursor to `offset` and disconnects every consumer (dropping its delivery
+    /// channel ends its stream), as Pulsar does: in-flight acks would refer to the old
+    /// position.
+    fn seek(&mut self, offset: u64) {
+        tracing::info!(topic = %self.topic.name, subscription = %self.subscription, offset,
+            consumers = self.consumers.len(), "subscription moved");
+        self.cursor = CursorState::at(offset);
+        self.next = offset;
+        self.consumers.clear();
+        self.counters.consumers.store(0, Ordering::Relaxed);
+        self.pending.clear();
+        self.replay.clear();
+        self.delayed.clear();
+        self.redeliveries.clear();
+        self.keys.clear();
+        self.store_cursor();
     }
 
     fn consumer(&self, id: u64) -> Option<&Consumer> {

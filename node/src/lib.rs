@@ -13,6 +13,7 @@ mod dispatch;
 pub mod env;
 mod mesh;
 pub mod protocol;
+mod retention;
 mod server;
 mod topic;
 

@@ -53,6 +53,7 @@ pub(crate) enum Event {
     Edit { namespace: String, edit: Edit, reply: oneshot::Sender<Result<(), String>> },
     Config { reply: oneshot::Sender<ConfigDoc> },
     Stats { reply: oneshot::Sender<Vec<PeerStats>> },
+    Retained { topics: Vec<TopicName>, reply: oneshot::Sender<Vec<u64>> },
 }
 
 /// The node's handle on its driver.
@@ -89,6 +90,15 @@ impl MeshHandle {
         let (reply, rx) = oneshot::channel();
         let _ = self.tx.send(Event::Stats { reply }).await;
         rx.await.unwrap_or_default()
+    }
+
+    /// Per topic, the lowest offset a peer may still need from this node (0 when the
+    /// driver cannot answer: keep everything).
+    pub(crate) async fn retained_from(&self, topics: Vec<TopicName>) -> Vec<u64> {
+        let n = topics.len();
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Event::Retained { topics, reply }).await;
+        rx.await.unwrap_or_else(|_| vec![0; n])
     }
 }
 
@@ -243,6 +253,9 @@ impl Driver {
             }
             Event::Stats { reply } => {
                 let _ = reply.send(self.stats());
+            }
+            Event::Retained { topics, reply } => {
+                let _ = reply.send(topics.iter().map(|t| self.rep.retained_from(t)).collect());
             }
         }
     }

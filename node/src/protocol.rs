@@ -40,6 +40,20 @@ pub enum StartPosition {
     Offset(u64),
 }
 
+/// Where [`Request::Seek`] moves a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeekTarget {
+    /// The first message held.
+    Earliest,
+    /// After the last message held now.
+    Latest,
+    /// A given offset.
+    Offset(u64),
+    /// The first message (in log order) published at or after this time, in milliseconds
+    /// since the Unix epoch.
+    PublishTime(u64),
+}
+
 /// Client to node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -84,6 +98,16 @@ pub enum Request {
     Nack {
         /// The offsets.
         offsets: Vec<u64>,
+    },
+    /// Moves a subscription: every message before the target counts as acked, none after
+    /// it. Its consumers are disconnected (they attach again and continue from there).
+    Seek {
+        /// `tenant/namespace/topic`.
+        topic: String,
+        /// Subscription name (it must exist).
+        subscription: String,
+        /// Where to.
+        target: SeekTarget,
     },
     /// Lists topics.
     ListTopics,
@@ -197,12 +221,17 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A namespace change was refused.
     Namespace,
+    /// The namespace's backlog quota is full (`on_full = reject`); retry once consumers
+    /// or replication catch up.
+    BacklogFull,
+    /// What the request names does not exist.
+    NotFound,
 }
 
 impl ErrorCode {
     /// True when the same request may succeed later.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ErrorCode::DiskFull | ErrorCode::Storage | ErrorCode::ShuttingDown)
+        matches!(self, ErrorCode::DiskFull | ErrorCode::Storage | ErrorCode::ShuttingDown | ErrorCode::BacklogFull)
     }
 }
 
@@ -225,6 +254,12 @@ pub struct TopicStats {
     pub messages_in: u64,
     /// Retries answered as duplicates since start.
     pub duplicates: u64,
+    /// Messages deleted by retention since the node started (every subscription and
+    /// peer had them).
+    pub retention_deleted: u64,
+    /// Messages dropped by a full backlog quota (`on_full = drop_oldest`) since the node
+    /// started, before every subscription or peer had them.
+    pub quota_dropped: u64,
     /// Subscriptions.
     pub subscriptions: Vec<SubscriptionStats>,
     /// Why the topic is unavailable (it failed to open at start-up), if it is.
@@ -316,6 +351,11 @@ pub enum Response {
     Subscribed {
         /// The offset deliveries start from.
         start_offset: u64,
+    },
+    /// Answer to [`Request::Seek`].
+    Sought {
+        /// The subscription's new position.
+        offset: u64,
     },
     /// Messages pushed to a consumer.
     Deliver(Vec<StoredMessage>),

@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::Duration,
@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     create_lock: tokio::sync::Mutex<()>,
     /// The subscriptions' dispatchers.
     pub(crate) subscriptions: crate::dispatch::Registry,
+    /// Namespaces whose backlog quota is full with `on_full = reject`.
+    pub(crate) backlog_full: Mutex<BTreeMap<String, String>>,
     started_ms: u64,
     /// Topics whose durable end moved, for the replication driver.
     pub(crate) growth: Arc<Growth>,
@@ -196,6 +198,7 @@ impl Node {
             unavailable,
             create_lock: tokio::sync::Mutex::new(()),
             subscriptions: crate::dispatch::Registry::default(),
+            backlog_full: Mutex::new(BTreeMap::new()),
             shutting_down: AtomicBool::new(false),
             connections: AtomicU32::new(0),
         });
@@ -203,6 +206,7 @@ impl Node {
         span.in_scope(|| mesh::start(Arc::clone(&shared), endpoint.clone(), peer_client, &mesh_handle, mesh_events))?;
         tokio::spawn(accept_loop(Arc::clone(&shared), endpoint.clone()).instrument(span.clone()));
         tokio::spawn(checkpoint_loop(Arc::clone(&shared)).instrument(span.clone()));
+        tokio::spawn(crate::retention::run(Arc::clone(&shared)).instrument(span.clone()));
         span.in_scope(|| tracing::info!(%local_addr, topics = topic_count, "node listening"));
         Ok(Node { shared, endpoint, local_addr })
     }
@@ -267,6 +271,10 @@ impl Shared {
     /// The topic if it is open (never creates one).
     pub(crate) fn topic_if_open(&self, name: &TopicName) -> Option<Arc<Topic>> {
         self.topics.read().expect("topics lock poisoned").get(name).cloned()
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
     }
 
     pub(crate) fn topic_list(&self) -> Vec<Arc<Topic>> {
@@ -387,7 +395,7 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
 
 /// Reads requests in order and queues their (possibly pending) responses.
 async fn read_requests(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     first: Request,
     first_bytes: usize,
     mut recv: RecvStream,
@@ -440,7 +448,7 @@ async fn write_responses(mut send: SendStream, mut rx: mpsc::Receiver<Pending>) 
     let _ = send.finish();
 }
 
-async fn handle_request(shared: &Shared, request: Request, request_bytes: usize) -> Pending {
+async fn handle_request(shared: &Arc<Shared>, request: Request, request_bytes: usize) -> Pending {
     match request {
         Request::Produce { topic, producer, messages } => {
             produce(shared, &topic, producer, messages, request_bytes).await
@@ -458,6 +466,9 @@ async fn handle_request(shared: &Shared, request: Request, request_bytes: usize)
             Err(message) => error(ErrorCode::Namespace, message),
         }),
         Request::NsGet => Pending::Ready(Response::Namespaces(shared.mesh.config().await)),
+        Request::Seek { topic, subscription, target } => {
+            Pending::Ready(consume::seek(shared, &topic, &subscription, target).await.unwrap_or_else(|e| e))
+        }
         Request::Subscribe { .. } => {
             Pending::Ready(error(ErrorCode::Malformed, "Subscribe must be the first frame of its own stream"))
         }
@@ -524,6 +535,10 @@ async fn prepare_produce(
         return Err(error(ErrorCode::ShuttingDown, "node is shutting down"));
     }
     let name = parse_topic(topic)?;
+    let namespace = format!("{}/{}", name.tenant(), name.namespace());
+    if let Some(why) = shared.backlog_full.lock().expect("backlog lock poisoned").get(&namespace) {
+        return Err(error(ErrorCode::BacklogFull, why.clone()));
+    }
     let producer = check_producer(&producer)?;
     let limit = shared.config.limits.message_bytes_max as usize;
     let now_ms = shared.env.clock.now_ms();
@@ -568,6 +583,8 @@ fn topic_stats(shared: &Shared) -> Vec<TopicStats> {
         producers: 0,
         messages_in: 0,
         duplicates: 0,
+        retention_deleted: 0,
+        quota_dropped: 0,
         subscriptions: Vec::new(),
         error: Some(reason.clone()),
     }));

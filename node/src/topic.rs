@@ -30,6 +30,11 @@ pub(crate) type AppendReply = oneshot::Receiver<GroupResult>;
 pub(crate) struct TopicCounters {
     pub(crate) messages_in: AtomicU64,
     pub(crate) duplicates: AtomicU64,
+    /// Messages deleted by retention (every subscription and peer had them).
+    pub(crate) retention_deleted: AtomicU64,
+    /// Messages dropped by a full backlog quota (`drop_oldest`) before every subscription
+    /// or peer had them.
+    pub(crate) quota_dropped: AtomicU64,
 }
 
 /// Topics whose durable end moved, for the replication driver: one entry per topic

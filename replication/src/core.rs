@@ -262,6 +262,19 @@ impl Replicator {
         }
     }
 
+    /// The lowest offset of `topic` some peer of its namespace's clusters may still need
+    /// from this node: retention must keep everything from here on. A peer whose lane was
+    /// never set up (no cursor yet) needs everything.
+    pub fn retained_from(&self, topic: &TopicName) -> u64 {
+        let namespace = namespace_of(topic);
+        self.peers
+            .iter()
+            .filter(|(peer, _)| self.config.replicates_between(&namespace, &self.node, peer))
+            .map(|(_, p)| p.lanes.get(topic).map_or(0, Lane::durable_cursor))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     /// The catalogue.
     pub fn config(&self) -> &ConfigDoc {
         &self.config

@@ -50,6 +50,8 @@ pub struct NamespacePolicy {
     pub retention_age_s: Field<Option<u64>>,
     /// Keep at most this many bytes per topic; `None`: no size limit.
     pub retention_bytes: Field<Option<u64>>,
+    /// Keep at most this many messages per topic; `None`: no count limit.
+    pub retention_messages: Field<Option<u64>>,
     /// Backlog limit per namespace in bytes; `None`: unlimited.
     pub backlog_bytes_max: Field<Option<u64>>,
     /// What happens when the backlog limit is reached.
@@ -67,6 +69,8 @@ pub enum Edit {
     RetentionAge(Option<u64>),
     /// Sets the retention size.
     RetentionBytes(Option<u64>),
+    /// Sets the retention count.
+    RetentionMessages(Option<u64>),
     /// Sets the backlog limit.
     BacklogBytesMax(Option<u64>),
     /// Sets the backlog policy.
@@ -116,6 +120,7 @@ impl NamespacePolicy {
         merge_field(&mut self.clusters, &other.clusters)
             | merge_field(&mut self.retention_age_s, &other.retention_age_s)
             | merge_field(&mut self.retention_bytes, &other.retention_bytes)
+            | merge_field(&mut self.retention_messages, &other.retention_messages)
             | merge_field(&mut self.backlog_bytes_max, &other.backlog_bytes_max)
             | merge_field(&mut self.on_full, &other.on_full)
     }
@@ -126,6 +131,7 @@ impl NamespacePolicy {
             Edit::SetClusters(c) => self.clusters.update(c, stamp),
             Edit::RetentionAge(v) => self.retention_age_s.update(v, stamp),
             Edit::RetentionBytes(v) => self.retention_bytes.update(v, stamp),
+            Edit::RetentionMessages(v) => self.retention_messages.update(v, stamp),
             Edit::BacklogBytesMax(v) => self.backlog_bytes_max.update(v, stamp),
             Edit::OnFull(v) => self.on_full.update(v, stamp),
         }
@@ -137,12 +143,13 @@ impl NamespacePolicy {
             &self.clusters.marker,
             &self.retention_age_s.marker,
             &self.retention_bytes.marker,
+            &self.retention_messages.marker,
             &self.backlog_bytes_max.marker,
             &self.on_full.marker,
         ]
         .into_iter()
         .max()
-        .expect("five fields")
+        .expect("six fields")
     }
 }
 

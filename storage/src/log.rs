@@ -19,6 +19,17 @@ use crate::{
     segment::{self, Segment},
 };
 
+/// A segment's extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// First offset.
+    pub base_offset: u64,
+    /// One past the last offset.
+    pub end_offset: u64,
+    /// Bytes on disk.
+    pub bytes: u64,
+}
+
 /// Sizes that shape a log.
 #[derive(Debug, Clone, Copy)]
 pub struct LogConfig {
@@ -180,6 +191,27 @@ impl TopicLog {
         }
         *self = TopicLog::open(Arc::clone(&self.fs), &self.dir, self.config, Some(self.committed_offset))?;
         Ok(())
+    }
+
+    /// The sealed segments (every one but the active), oldest first.
+    pub fn sealed_segments(&self) -> Vec<SegmentInfo> {
+        let n = self.segments.len().saturating_sub(1);
+        self.segments
+            .values()
+            .take(n)
+            .map(|s| SegmentInfo { base_offset: s.base_offset(), end_offset: s.next_offset(), bytes: s.len_bytes() })
+            .collect()
+    }
+
+    /// Deletes the oldest sealed segment (never the active one): its messages are gone for
+    /// readers, who continue from the next segment. `None` when only the active is left.
+    pub fn delete_oldest_segment(&mut self) -> Result<Option<SegmentInfo>> {
+        let Some(info) = self.sealed_segments().into_iter().next() else { return Ok(None) };
+        let seg = self.segments.remove(&info.base_offset).expect("listed segment");
+        self.dirty.retain(|b| *b != info.base_offset);
+        self.fs.remove_file(seg.path()).map_err(|e| StorageError::io(seg.path(), e))?;
+        self.fs.sync_dir(&self.dir).map_err(|e| StorageError::io(&self.dir, e))?;
+        Ok(Some(info))
     }
 
     /// Seals the active segment (syncing it, so sealed segments never have torn tails) and
@@ -442,6 +474,28 @@ mod tests {
         let read = log.read(0, 100, usize::MAX).unwrap();
         assert_eq!(read.len(), 15);
         assert_eq!(read[10].message.id.producer.to_string(), "q");
+    }
+
+    #[test]
+    fn deleting_the_oldest_segments_moves_the_start_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path(), 1500);
+        for i in 0..12 {
+            append_sync(&mut log, &batch("p", i * 10..i * 10 + 10));
+        }
+        let sealed = log.sealed_segments();
+        assert!(sealed.len() >= 2, "{sealed:?}");
+        let first = log.delete_oldest_segment().unwrap().unwrap();
+        assert_eq!(first, sealed[0]);
+        assert_eq!(log.start_offset(), sealed[1].base_offset);
+        assert_eq!(log.read(0, 1, usize::MAX).unwrap()[0].offset, sealed[1].base_offset, "reads start at the start");
+        while log.delete_oldest_segment().unwrap().is_some() {}
+        assert!(log.sealed_segments().is_empty(), "the active segment is never deleted");
+        let (start, end) = (log.start_offset(), log.next_offset());
+        drop(log);
+        let log = open(dir.path(), 1500);
+        assert_eq!((log.start_offset(), log.next_offset()), (start, end));
+        assert_eq!(log.read(0, 100, usize::MAX).unwrap().len() as u64, end - start);
     }
 
     #[test]

@@ -258,6 +258,11 @@ impl TopicStore {
         Ok(true)
     }
 
+    /// Deletes the oldest sealed segment (see [`TopicLog::delete_oldest_segment`]).
+    pub fn delete_oldest_segment(&mut self) -> Result<Option<crate::log::SegmentInfo>> {
+        self.log.delete_oldest_segment()
+    }
+
     /// The topic's name.
     pub fn name(&self) -> &TopicName {
         &self.name

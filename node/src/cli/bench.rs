@@ -33,6 +33,9 @@ pub(crate) enum BenchCommand {
     Rss(RssArgs),
     /// Replication: backlog catch-up, steady-state lag, wire amplification.
     Replication(super::bench_mesh::ReplicationArgs),
+    /// A Shared subscription with several consumers draining a backlog, one ack per
+    /// message; the size of the ack state after.
+    Subscriptions(super::bench_subs::SubscriptionArgs),
 }
 
 pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -41,6 +44,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Produce(a) => produce(a).await,
         BenchCommand::Rss(a) => rss(a).await,
         BenchCommand::Replication(a) => super::bench_mesh::run(a).await,
+        BenchCommand::Subscriptions(a) => super::bench_subs::run(a).await,
     }
 }
 
@@ -213,6 +217,16 @@ impl ChildNode {
     /// The node's log so far.
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.data.path().with_extension("log")).unwrap_or_default()
+    }
+
+    /// SIGTERM and a clean exit (the node flushes its metadata); the data dir stays until
+    /// this value is dropped.
+    pub(crate) fn stop(&mut self) -> anyhow::Result<std::path::PathBuf> {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "could not signal the node");
+        let exit = self.child.wait()?;
+        anyhow::ensure!(exit.success(), "the node did not stop cleanly: {exit}");
+        Ok(self.data.path().to_path_buf())
     }
 
     fn rss_kib(&self) -> anyhow::Result<u64> {

@@ -6,9 +6,11 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod bench_mesh;
+mod bench_subs;
 mod client_cmds;
 mod node_cmd;
 mod ns;
+mod subs;
 
 /// Default address of client commands.
 const DEFAULT_ADDR: &str = "127.0.0.1:7400";
@@ -42,6 +44,9 @@ enum Command {
     /// Topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Subscriptions: list them, move one to an offset or a time, reset one.
+    #[command(subcommand)]
+    Subs(subs::SubsCommand),
     /// Node statistics: per topic messages, bytes, offsets, subscriptions.
     Stats(client_cmds::StatsArgs),
     /// Benchmarks (print figures; not tests).
@@ -131,6 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => client_cmds::consume(args).await,
         Command::Ns(cmd) => ns::run(cmd).await,
         Command::Topics(TopicsCommand::List(args)) => client_cmds::topics_list(args).await,
+        Command::Subs(cmd) => subs::run(cmd).await,
         Command::Stats(args) => client_cmds::stats(args).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }

@@ -31,6 +31,9 @@ pub(crate) enum NsCommand {
         /// Retention size per topic: bytes, or with a unit (500MiB, 2GiB); "none" to lift.
         #[arg(long)]
         retention_size: Option<String>,
+        /// Retention count per topic: a number of messages; "none" to lift.
+        #[arg(long)]
+        retention_messages: Option<String>,
         /// Backlog limit per namespace: bytes or with a unit; "none" to lift.
         #[arg(long)]
         backlog_max: Option<String>,
@@ -66,7 +69,7 @@ pub(crate) enum OnFullArg {
 }
 
 /// Parses "none" or a number with an optional unit from `units` (name, multiplier).
-fn parse_amount(text: &str, units: &[(&str, u64)], what: &str) -> anyhow::Result<Option<u64>> {
+pub(crate) fn parse_amount(text: &str, units: &[(&str, u64)], what: &str) -> anyhow::Result<Option<u64>> {
     if text == "none" {
         return Ok(None);
     }
@@ -80,7 +83,7 @@ fn parse_amount(text: &str, units: &[(&str, u64)], what: &str) -> anyhow::Result
     n.checked_mul(*mult).map(Some).ok_or_else(|| anyhow::anyhow!("{what} '{text}' is too large"))
 }
 
-const DURATION_UNITS: &[(&str, u64)] = &[("", 1), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)];
+pub(crate) const DURATION_UNITS: &[(&str, u64)] = &[("", 1), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)];
 const SIZE_UNITS: &[(&str, u64)] =
     &[("", 1), ("B", 1), ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB", 1 << 40)];
 
@@ -94,13 +97,16 @@ pub(crate) async fn run(cmd: NsCommand) -> anyhow::Result<()> {
             }
             edit(&ns, vec![Edit::SetClusters(set)]).await
         }
-        NsCommand::Policy { ns, retention_age, retention_size, backlog_max, on_full } => {
+        NsCommand::Policy { ns, retention_age, retention_size, retention_messages, backlog_max, on_full } => {
             let mut edits = Vec::new();
             if let Some(a) = retention_age {
                 edits.push(Edit::RetentionAge(parse_amount(&a, DURATION_UNITS, "retention age")?));
             }
             if let Some(s) = retention_size {
                 edits.push(Edit::RetentionBytes(parse_amount(&s, SIZE_UNITS, "retention size")?));
+            }
+            if let Some(m) = retention_messages {
+                edits.push(Edit::RetentionMessages(parse_amount(&m, &[("", 1)], "retention count")?));
             }
             if let Some(b) = backlog_max {
                 edits.push(Edit::BacklogBytesMax(parse_amount(&b, SIZE_UNITS, "backlog limit")?));
@@ -112,7 +118,9 @@ pub(crate) async fn run(cmd: NsCommand) -> anyhow::Result<()> {
                 }));
             }
             if edits.is_empty() {
-                bail!("nothing to change: give --retention-age, --retention-size, --backlog-max or --on-full");
+                bail!(
+                    "nothing to change: give --retention-age, --retention-size, --retention-messages, --backlog-max or --on-full"
+                );
             }
             edit(&ns, edits).await
         }
@@ -145,6 +153,7 @@ async fn get(namespace: Option<String>, conn: &Conn) -> anyhow::Result<()> {
         println!("  clusters        {}", clusters.join(","));
         println!("  retention age   {} s", show(&p.retention_age_s.val));
         println!("  retention size  {} bytes", show(&p.retention_bytes.val));
+        println!("  retention count {} messages", show(&p.retention_messages.val));
         println!("  backlog max     {} bytes", show(&p.backlog_bytes_max.val));
         println!("  on full         {:?}", p.on_full.val);
     }

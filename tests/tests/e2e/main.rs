@@ -2,8 +2,10 @@
 mod bad_input;
 mod consume;
 mod crash;
+mod disk_full;
 mod mesh;
 mod produce;
+mod retention;
 mod subscriptions;
 mod support;
 mod walkthrough;

@@ -273,3 +273,49 @@ async fn a_consumer_of_another_type_is_refused_by_name() {
     assert!(err.to_string().contains("is Shared; a Failover consumer cannot join"), "{err}");
     let _second = client.subscribe_with("t/n/x", "s", start, options(SubscriptionType::Shared, "c")).await.expect("c");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subs_seek_and_reset_move_a_subscription_by_offset_and_time() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = TestNode::start(tmp.path(), "seek");
+    let client = node.client().await;
+    produce(&client, "t/n/x", payloads(0, 5)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    produce(&client, "t/n/x", payloads(5, 5)).await;
+    let consume = |n: &str| {
+        let out = node.cli(&["consume", "t/n/x", "-s", "s", "-n", n], "");
+        assert!(out.status.success(), "{}", crate::support::text(&out.stderr));
+        crate::support::text(&out.stdout)
+    };
+    assert_eq!(consume("10").lines().count(), 10);
+    let seek = |args: &[&str]| {
+        let mut all = vec!["subs", "seek", "t/n/x", "s"];
+        all.extend(args);
+        let out = node.cli(&all, "");
+        (out.status.success(), crate::support::text(&out.stdout) + &crate::support::text(&out.stderr))
+    };
+    let (ok, said) = seek(&["--offset", "7"]);
+    assert!(ok && said.contains("now at offset 7"), "{said}");
+    assert_eq!(consume("3"), "m7\nm8\nm9\n");
+    let (ok, said) = seek(&["--time", &later.to_string()]);
+    assert!(ok && said.contains("now at offset 5"), "{said}");
+    assert_eq!(consume("5"), "m5\nm6\nm7\nm8\nm9\n");
+    let out = node.cli(&["subs", "reset", "t/n/x", "s"], "");
+    assert!(out.status.success());
+    let list = crate::support::text(&node.cli(&["subs", "list", "t/n/x"], "").stdout);
+    let row = list.lines().find(|l| l.starts_with("s ")).unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(row.split_whitespace().collect::<Vec<_>>()[..4], ["s", "0", "0", "10"], "{list}");
+    // A consumer attached during a seek is disconnected, and continues from the new place.
+    let mut attached = client.subscribe("t/n/x", "s", StartPosition::Earliest).await.expect("subscribe");
+    assert_eq!(next_within(&mut attached, WAIT).await.map(|m| m.0), Some(0));
+    assert!(seek(&["--offset", "9"]).0);
+    let after = tokio::time::timeout(WAIT, async { while attached.next().await.is_ok_and(|m| m.is_some()) {} });
+    assert!(after.await.is_ok(), "the consumer was disconnected");
+    let mut again = client.subscribe("t/n/x", "s", StartPosition::Earliest).await.expect("subscribe");
+    assert_eq!(next_within(&mut again, WAIT).await.map(|m| m.0), Some(9));
+    let out = node.cli(&["subs", "seek", "t/n/x", "nobody", "--offset", "1"], "");
+    let err = crate::support::text(&out.stderr);
+    assert!(!out.status.success() && err.contains("t/n/x has no subscription 'nobody'"), "{err}");
+}

@@ -1,0 +1,102 @@
+//! `rill bench subscriptions`: a Shared subscription with several consumers draining a
+//! backlog, acking every message individually.
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use rill_storage::meta::{MetaStore, SledMeta};
+use tokio::time::Instant;
+
+use super::bench::{ChildNode, payloads, tempfile_in};
+use crate::{
+    client::Client,
+    protocol::{ConsumerOptions, StartPosition, SubscriptionType},
+};
+
+const TOPIC: &str = "bench/subs/backlog";
+
+/// Flags of `rill bench subscriptions`.
+#[derive(Debug, Args)]
+pub(crate) struct SubscriptionArgs {
+    /// Messages in the backlog.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Consumers on the Shared subscription, each on its own connection.
+    #[arg(long, default_value_t = 4)]
+    consumers: usize,
+    /// Directory for the node's scratch data dir.
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+}
+
+pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
+    let mut node = ChildNode::start_with(tempfile_in(&a.dir)?, &["--name", "bench-node", "--listen", "127.0.0.1:0"])?;
+    let client = Client::connect(&node.options()).await?;
+    eprintln!("bench subscriptions: producing a backlog of {} x {} B", a.messages, a.size);
+    let mut p = client.producer(TOPIC, "bench-backlog".into()).await?;
+    let mut sent = 0;
+    while sent < a.messages {
+        while p.in_flight() >= 16 {
+            p.next_ack().await?;
+        }
+        let n = 1000.min(a.messages - sent);
+        p.send(payloads(n as usize, a.size)).await?;
+        sent += n;
+    }
+    p.close().await?;
+    eprintln!("bench subscriptions: draining with {} Shared consumers, one ack per message", a.consumers);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..a.consumers {
+        let options = node.options();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect(&options).await?;
+            let opts = ConsumerOptions {
+                kind: SubscriptionType::Shared,
+                name: format!("worker-{i}"),
+                ..ConsumerOptions::default()
+            };
+            let mut c = client.subscribe_with(TOPIC, "work", StartPosition::Earliest, opts).await?;
+            let mut got = 0u64;
+            // A consumer that sees nothing for 2 s is done (the others took the rest).
+            while let Ok(m) = tokio::time::timeout(Duration::from_secs(2), c.next()).await {
+                let Some(m) = m? else { break };
+                c.ack(m.offset);
+                got += 1;
+            }
+            c.close().await?;
+            client.close().await;
+            anyhow::Ok((got, Instant::now()))
+        }));
+    }
+    let mut total = 0;
+    let mut shares = Vec::new();
+    let mut last = started;
+    for t in tasks {
+        let (got, done) = t.await??;
+        total += got;
+        shares.push(got);
+        // Each consumer waited 2 s of silence before it stopped.
+        last = last.max(done - Duration::from_secs(2));
+    }
+    let secs = (last - started).as_secs_f64();
+    println!(
+        "shared drain: {total} msgs by {} consumers ({shares:?}) in {secs:.2}s = {:.0} msgs/s, per-message acks (target >= 200000)",
+        a.consumers,
+        total as f64 / secs
+    );
+    anyhow::ensure!(total >= a.messages, "only {total} of {} messages delivered", a.messages);
+    let stats = client.stats().await?;
+    client.close().await;
+    let sub = stats.topics.iter().flat_map(|t| &t.subscriptions).find(|s| s.name == "work").context("subscription")?;
+    println!("backlog after the drain: {} messages, ack floor {}", sub.backlog_messages, sub.ack_floor);
+    let data = node.stop()?;
+    let meta = SledMeta::open(&data.join("meta"))?;
+    let key = format!("sub/{TOPIC}/work");
+    let record = meta.get(&key)?.map_or(0, |v| v.len());
+    println!("ack state in sled: {record} bytes for the subscription's record");
+    Ok(())
+}
