@@ -101,10 +101,7 @@ pub(crate) async fn seek(
     if !exists {
         return Err(error(ErrorCode::NotFound, format!("{name} has no subscription '{subscription}'")));
     }
-    let (first, end) = {
-        let store = topic.store.lock().expect("topic lock poisoned");
-        (store.log().start_offset(), store.log().committed_offset())
-    };
+    let (first, end) = topic.bounds();
     let offset = match target {
         SeekTarget::Earliest => first,
         SeekTarget::Latest => end,

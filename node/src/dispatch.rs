@@ -107,10 +107,7 @@ impl Registry {
             match meta::get_record::<CursorState>(shared.meta.as_ref(), &meta_key).map_err(|e| storage_error(&e))? {
                 Some(c) => c,
                 None => {
-                    let (first, end) = {
-                        let store = topic.store.lock().expect("topic lock poisoned");
-                        (store.log().start_offset(), store.log().committed_offset())
-                    };
+                    let (first, end) = topic.bounds();
                     let at = match start {
                         StartPosition::Earliest => first,
                         StartPosition::Latest => end,

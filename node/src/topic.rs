@@ -122,6 +122,12 @@ impl Topic {
             .await
     }
 
+    /// The first offset held and one past the last durable one.
+    pub(crate) fn bounds(&self) -> (u64, u64) {
+        let store = self.store.lock().expect("topic lock poisoned");
+        (store.log().start_offset(), store.log().committed_offset())
+    }
+
     /// A receiver of the durable end offset, which changes after every group commit.
     pub(crate) fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()

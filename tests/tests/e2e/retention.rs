@@ -153,3 +153,20 @@ async fn a_full_backlog_with_drop_oldest_drops_whole_segments_and_counts_them() 
     let client = node.client().await;
     assert_eq!(topic(&client).await.start_offset, t.start_offset, "dropped segments stay dropped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_deletes_consumed_segments_once_they_are_old_enough() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = node(tmp.path(), "age", "");
+    ns(&node, &["ns", "create", "t/n"]);
+    ns(&node, &["ns", "policy", "t/n", "--retention-age", "2s"]);
+    let client = node.client().await;
+    client.subscribe(TOPIC, "s", StartPosition::Earliest).await.expect("subscribe").close().await.expect("close");
+    produce(&client, "p", 3000).await.expect("produce");
+    consume(&client, 3000).await;
+    let young = topic(&client).await;
+    assert_eq!(young.start_offset, 0, "consumed but younger than 2 s: kept: {young:?}");
+    let t = until(&client, "old consumed segments deleted", |t| t.start_offset > 0).await;
+    assert_eq!(t.end_offset, 3000);
+    assert!(t.segments >= 1 && t.retention_deleted == t.start_offset, "{t:?}");
+}

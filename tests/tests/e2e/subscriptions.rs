@@ -319,3 +319,21 @@ async fn subs_seek_and_reset_move_a_subscription_by_offset_and_time() {
     let err = crate::support::text(&out.stderr);
     assert!(!out.status.success() && err.contains("t/n/x has no subscription 'nobody'"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cumulative_ack_acks_everything_up_to_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = TestNode::start(tmp.path(), "cumulative");
+    let client = node.client().await;
+    produce(&client, "t/n/x", payloads(0, 10)).await;
+    let start = StartPosition::Earliest;
+    let mut c = client.subscribe_with("t/n/x", "s", start, options(SubscriptionType::Failover, "a")).await.expect("a");
+    for want in 0..10 {
+        assert_eq!(next_within(&mut c, WAIT).await.map(|m| m.0), Some(want));
+    }
+    c.ack_cumulative(6).await.expect("cumulative ack");
+    c.close().await.expect("close");
+    let mut c = client.subscribe_with("t/n/x", "s", start, options(SubscriptionType::Failover, "a")).await.expect("a");
+    assert_eq!(c.start_offset(), 7);
+    assert_eq!(next_within(&mut c, WAIT).await.map(|m| m.0), Some(7));
+}
