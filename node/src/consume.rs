@@ -218,6 +218,7 @@ fn subscription_stats(shared: &Shared, topic: &Topic, prefix: &str, end: u64) ->
                 consumers: count(|c| &c.consumers),
                 redelivered: count(|c| &c.redelivered),
                 dead_lettered: count(|c| &c.dead_lettered),
+                ack_state_bytes: value.len() as u64,
                 name,
             })
         })

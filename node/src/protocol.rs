@@ -286,6 +286,8 @@ pub struct SubscriptionStats {
     pub redelivered: u64,
     /// Messages moved to the dead-letter topic since the node started.
     pub dead_lettered: u64,
+    /// Size of the stored acked state (floor plus acked ranges), bytes.
+    pub ack_state_bytes: u64,
 }
 
 /// Replication of one topic to one peer.

@@ -72,6 +72,25 @@ pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
             anyhow::Ok((got, Instant::now()))
         }));
     }
+    // The ack state while consumers ack out of order, sampled from the node's stats.
+    let sampler = {
+        let options = node.options();
+        tokio::spawn(async move {
+            let client = Client::connect(&options).await?;
+            let mut peak = 0;
+            loop {
+                let stats = client.stats().await?;
+                let sub = stats.topics.iter().flat_map(|t| &t.subscriptions).find(|s| s.name == "work");
+                let Some(sub) = sub else { continue };
+                peak = peak.max(sub.ack_state_bytes);
+                if sub.backlog_messages == 0 {
+                    client.close().await;
+                    return anyhow::Ok(peak);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
     let mut total = 0;
     let mut shares = Vec::new();
     let mut last = started;
@@ -93,6 +112,8 @@ pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
     client.close().await;
     let sub = stats.topics.iter().flat_map(|t| &t.subscriptions).find(|s| s.name == "work").context("subscription")?;
     println!("backlog after the drain: {} messages, ack floor {}", sub.backlog_messages, sub.ack_floor);
+    let peak = sampler.await??;
+    println!("ack state during the drain: up to {peak} bytes (sampled every 50 ms)");
     let data = node.stop()?;
     let meta = SledMeta::open(&data.join("meta"))?;
     let key = format!("sub/{TOPIC}/work");
