@@ -36,6 +36,8 @@ const STREAM_QUEUE_MAX: usize = 4096;
 const APPEND_QUEUE_MAX: usize = 64;
 /// Largest frame accepted from a peer (a batch is at most ~1 MiB of payload).
 const PEER_FRAME_BYTES_MAX: u32 = 16 << 20;
+/// How long a lane whose append failed (a disk error) waits before its link is dropped.
+const FAILED_APPEND_PAUSE: Duration = Duration::from_secs(1);
 /// Metadata key of the catalogue.
 const CONFIG_KEY: &str = "repl/config";
 
@@ -470,6 +472,11 @@ impl Appender {
                 Err(e) => Err(e.to_string()),
             };
             let failed = result.is_err();
+            if failed {
+                // The link is dropped and the peer resends after it reconnects; waiting first
+                // keeps a failing disk from turning into hundreds of reconnects a second.
+                tokio::time::sleep(FAILED_APPEND_PAUSE).await;
+            }
             let event =
                 Event::Appended { peer: self.peer.clone(), link: self.link, topic: self.topic.clone(), batch, result };
             if self.events.send(event).await.is_err() || failed {
