@@ -66,6 +66,8 @@ pub enum StorageError {
         topic: String,
         /// The error that poisoned it.
         reason: String,
+        /// The disk (or a quota) was full.
+        disk_full: bool,
     },
 }
 
@@ -76,10 +78,18 @@ impl StorageError {
 
     /// True when the error says the disk (or quota) is full.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StorageError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull
-            || source.kind() == io::ErrorKind::QuotaExceeded)
+        match self {
+            StorageError::Io { source, .. } => is_full(source.kind()),
+            StorageError::Poisoned { disk_full, .. } => *disk_full,
+            _ => false,
+        }
     }
 }
 
 /// Shorthand for results in this crate.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// True for the error kinds of a full disk or quota.
+pub(crate) fn is_full(kind: io::ErrorKind) -> bool {
+    kind == io::ErrorKind::StorageFull || kind == io::ErrorKind::QuotaExceeded
+}

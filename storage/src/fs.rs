@@ -93,12 +93,14 @@ impl FileSystem for StdFs {
 }
 
 /// Real files for tests, with faults: while `failing` is set, syncs and truncations (and,
-/// with `fail_writes`, writes) fail with EIO. Directory syncs are recorded.
+/// with `fail_writes`, writes) fail with `errno` (EIO by default). Directory syncs are recorded.
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct TestFs {
     pub(crate) failing: std::sync::atomic::AtomicBool,
     pub(crate) fail_writes: bool,
+    /// The errno of the failures (0: EIO).
+    pub(crate) errno: i32,
     pub(crate) dir_syncs: std::sync::Mutex<Vec<PathBuf>>,
 }
 
@@ -110,7 +112,7 @@ impl TestFs {
 
     fn check(&self) -> io::Result<()> {
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(5));
+            return Err(io::Error::from_raw_os_error(if self.errno == 0 { 5 } else { self.errno }));
         }
         Ok(())
     }

@@ -52,9 +52,9 @@ pub struct TopicStore {
     /// Written but not yet synced: merged into `dedup` when the sync succeeds.
     unsynced: DedupIndex,
     checkpointed_offset: u64,
-    /// Why the last write or sync failed; until [`TopicStore::recover`] cuts the log back
-    /// to its last sync, nothing is written.
-    poisoned: Option<String>,
+    /// Why the last write or sync failed (and whether the disk was full); until
+    /// [`TopicStore::recover`] cuts the log back to its last sync, nothing is written.
+    poisoned: Option<(String, bool)>,
     /// Injected bug (see `rill_node::env::Bugs`): store every message, held or not.
     bug_no_dedup: bool,
 }
@@ -131,8 +131,8 @@ impl TopicStore {
     /// A failed write poisons the topic: this and every later write of the group fail, the
     /// group is not published, and the next group starts with [`TopicStore::recover`].
     pub fn write(&mut self, messages: &[Message]) -> Result<Vec<AppendOutcome>> {
-        if let Some(reason) = &self.poisoned {
-            return Err(StorageError::Poisoned { topic: self.name.to_string(), reason: reason.clone() });
+        if let Some(e) = self.poisoned_error() {
+            return Err(e);
         }
         if let Some(m) = messages.iter().find(|m| m.id.seq == u64::MAX) {
             return Err(StorageError::InvalidMessage(format!("{}: seq {} is reserved", m.id.producer, u64::MAX)));
@@ -167,7 +167,7 @@ impl TopicStore {
         if !fresh.is_empty() {
             if let Err(e) = self.log.append(&fresh) {
                 if matches!(e, StorageError::Io { .. }) {
-                    self.poison(e.to_string());
+                    self.poison(e.to_string(), e.is_disk_full());
                 }
                 return Err(e);
             }
@@ -176,9 +176,14 @@ impl TopicStore {
         Ok(outcomes)
     }
 
-    fn poison(&mut self, reason: String) {
+    fn poison(&mut self, reason: String, disk_full: bool) {
         tracing::error!(topic = %self.name, %reason, "disk write failed; the next write cuts the log back to its last sync");
-        self.poisoned = Some(reason);
+        self.poisoned = Some((reason, disk_full));
+    }
+
+    fn poisoned_error(&self) -> Option<StorageError> {
+        let (reason, disk_full) = self.poisoned.clone()?;
+        Some(StorageError::Poisoned { topic: self.name.to_string(), reason, disk_full })
     }
 
     /// After a failed write or sync: cuts the log back to what its last good sync made
@@ -190,7 +195,7 @@ impl TopicStore {
     /// dropped the dirty pages and marked them clean, so a later sync that succeeds proves
     /// nothing about them.
     pub fn recover(&mut self) -> Result<()> {
-        let Some(reason) = self.poisoned.clone() else { return Ok(()) };
+        let Some((reason, disk_full)) = self.poisoned.clone() else { return Ok(()) };
         match self.log.cut_to_synced_and_reopen() {
             Ok(()) => {
                 self.unsynced = DedupIndex::default();
@@ -202,6 +207,7 @@ impl TopicStore {
             Err(e) => Err(StorageError::Poisoned {
                 topic: self.name.to_string(),
                 reason: format!("{reason}; cutting back to the last sync failed too: {e}"),
+                disk_full: disk_full || e.is_disk_full(),
             }),
         }
     }
@@ -231,10 +237,10 @@ impl TopicStore {
     /// trusted until recovery re-reads the file.
     pub fn complete_sync(&mut self, group: GroupSync, synced: std::io::Result<()>) -> Result<()> {
         if let Err(e) = synced {
-            self.poison(format!("fdatasync failed: {e}"));
+            self.poison(format!("fdatasync failed: {e}"), crate::error::is_full(e.kind()));
         }
-        if let Some(reason) = &self.poisoned {
-            return Err(StorageError::Poisoned { topic: self.name.to_string(), reason: reason.clone() });
+        if let Some(e) = self.poisoned_error() {
+            return Err(e);
         }
         self.log.complete_sync(&group.log);
         self.dedup.merge(group.ids);
@@ -286,10 +292,12 @@ fn runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
 /// which cannot be cloned).
 fn copy_error(e: &StorageError) -> StorageError {
     match e {
-        StorageError::Poisoned { topic, reason } => {
-            StorageError::Poisoned { topic: topic.clone(), reason: reason.clone() }
+        StorageError::Poisoned { topic, reason, disk_full } => {
+            StorageError::Poisoned { topic: topic.clone(), reason: reason.clone(), disk_full: *disk_full }
         }
-        other => StorageError::Poisoned { topic: String::new(), reason: other.to_string() },
+        other => {
+            StorageError::Poisoned { topic: String::new(), reason: other.to_string(), disk_full: other.is_disk_full() }
+        }
     }
 }
 
@@ -357,6 +365,25 @@ mod tests {
 
     fn offsets(r: &GroupResult) -> Vec<AppendOutcome> {
         r.as_ref().unwrap().clone()
+    }
+
+    /// On a full disk every request of the group says so, not only the one whose write hit
+    /// ENOSPC, and so does the next group while the disk stays full.
+    #[test]
+    fn a_full_disk_is_reported_as_full_to_every_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemMeta::default();
+        let full = Arc::new(TestFs { fail_writes: true, errno: 28, ..TestFs::default() });
+        let fs: Arc<dyn FileSystem> = Arc::new(TestRoot(Arc::clone(&full)));
+        let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), LogConfig::default()).unwrap());
+        let batch = |p: &str| (0..3).map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
+        full.set_failing(true);
+        let r = commit_group(&store, &[&batch("a"), &batch("b")]);
+        assert!(r.iter().all(|r| r.as_ref().is_err_and(StorageError::is_disk_full)), "{r:?}");
+        let again = commit_group(&store, &[&batch("a")]);
+        assert!(again[0].as_ref().is_err_and(StorageError::is_disk_full), "{again:?}");
+        full.set_failing(false);
+        assert!(commit_group(&store, &[&batch("a")])[0].is_ok());
     }
 
     /// While the disk fails, every group fails and nothing is published; once it works

@@ -123,7 +123,8 @@ async fn a_full_disk_refuses_produces_keeps_serving_and_recovers_when_space_retu
         c.ack(want);
     }
     c.close().await.expect("close");
-    assert!(produce(&client, "still-full", 0, 100).await.is_err(), "still full");
+    let still = produce(&client, "still-full", 0, 100).await.expect_err("still full");
+    assert!(matches!(still, ClientError::Refused { code: ErrorCode::DiskFull, .. }), "{still}");
     // Space returns: the node takes writes again by itself, and nothing was torn.
     disk.capacity.store(u64::MAX, Ordering::SeqCst);
     produce(&client, "after", 0, 100).await.expect("produce after space returned");
