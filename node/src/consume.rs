@@ -169,8 +169,7 @@ pub(crate) fn topic_stats(shared: &Shared, topic: &Topic) -> TopicStats {
             store.dedup().producer_count(),
         )
     };
-    let prefix = format!("sub/{}/", topic.name);
-    let subscriptions = subscription_stats(shared, topic, &prefix, end);
+    let subscriptions = subscription_stats(shared, topic, start, end);
     TopicStats {
         topic: topic.name.to_string(),
         start_offset: start,
@@ -187,28 +186,30 @@ pub(crate) fn topic_stats(shared: &Shared, topic: &Topic) -> TopicStats {
     }
 }
 
-fn subscription_stats(shared: &Shared, topic: &Topic, prefix: &str, end: u64) -> Vec<SubscriptionStats> {
-    let entries = shared.meta.scan_prefix(prefix).unwrap_or_default();
+/// Statistics of the subscriptions of `topic`, whose log holds `start..end`.
+fn subscription_stats(shared: &Shared, topic: &Topic, start: u64, end: u64) -> Vec<SubscriptionStats> {
+    let prefix = cursor_key(&topic.name, "");
+    let entries = shared.meta.scan_prefix(&prefix).unwrap_or_default();
     entries
         .into_iter()
         .filter_map(|(key, value)| {
-            let name = key.strip_prefix(prefix)?.to_string();
+            let name = key.strip_prefix(&prefix)?.to_string();
             let cursor: CursorState = postcard::from_bytes(&value).ok()?;
             let counters = shared.subscriptions.counters(&topic.name, &name);
             let count = |f: fn(&crate::dispatch::Counters) -> &std::sync::atomic::AtomicU64| {
                 counters.as_ref().map_or(0, |c| f(c).load(Ordering::Relaxed))
             };
             // Messages below the log's start were deleted (retention, quota): not backlog.
-            let start = topic.store.lock().expect("topic lock poisoned").log().start_offset();
             let floor = cursor.ack_floor.max(start);
             let acked_beyond: u64 =
                 cursor.acked.iter().map(|r| r.end.min(end).saturating_sub(r.start.max(floor))).sum();
             let first_unacked = cursor.next_unacked(floor);
             let (bytes, oldest) = {
                 let store = topic.store.lock().expect("topic lock poisoned");
-                let oldest =
-                    store.read(first_unacked, 1, 1).ok().and_then(|m| m.first().map(|m| m.message.publish_time_ms));
-                (store.log().bytes_from(floor), oldest.filter(|_| first_unacked < end))
+                let oldest = (first_unacked < end)
+                    .then(|| store.read(first_unacked, 1, 1).ok()?.first().map(|m| m.message.publish_time_ms))
+                    .flatten();
+                (store.log().bytes_from(floor), oldest)
             };
             Some(SubscriptionStats {
                 backlog_age_ms: oldest.map(|t| shared.env.clock.now_ms().saturating_sub(t)),
