@@ -263,23 +263,19 @@ impl Dispatcher {
     }
 
     fn attach(&mut self, options: ConsumerOptions, deliver: Deliveries) -> Result<Attached, Response> {
-        if let Some(kind) = self.kind() {
-            let why = if kind == SubscriptionType::Exclusive {
-                format!(
-                    "subscription '{}' on {} already has a consumer (exclusive)",
-                    self.subscription, self.topic.name
-                )
-            } else if kind != options.kind {
-                format!(
-                    "subscription '{}' on {} is {kind:?}; a {:?} consumer cannot join it",
-                    self.subscription, self.topic.name, options.kind
-                )
-            } else {
-                String::new()
-            };
-            if !why.is_empty() {
-                return Err(error(ErrorCode::SubscriptionBusy, why));
-            }
+        let refused = match self.kind() {
+            Some(SubscriptionType::Exclusive) => Some(format!(
+                "subscription '{}' on {} already has a consumer (exclusive)",
+                self.subscription, self.topic.name
+            )),
+            Some(kind) if kind != options.kind => Some(format!(
+                "subscription '{}' on {} is {kind:?}; a {:?} consumer cannot join it",
+                self.subscription, self.topic.name, options.kind
+            )),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            return Err(error(ErrorCode::SubscriptionBusy, why));
         }
         let id = self.next_consumer;
         self.next_consumer += 1;
