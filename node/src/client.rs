@@ -319,6 +319,19 @@ impl Producer {
         &self.producer
     }
 
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The sequence numbers of the oldest batch in flight: the one
+    /// [`Producer::next_ack`] answers next.
+    pub fn oldest_in_flight(&self) -> Option<std::ops::Range<u64>> {
+        let batch = self.in_flight.front()?;
+        let first = batch.messages.first().map_or(self.next_seq, |m| m.seq);
+        Some(first..first + batch.messages.len() as u64)
+    }
+
     /// The sequence number the next message will get.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
