@@ -24,34 +24,51 @@ use rill_transport::net::{BindResult, Net};
 
 use crate::env::splitmix64;
 
-/// Datagrams seen, as (simulated microseconds, sender, receiver, length), for the trace
-/// hash that shows a seed replays identically.
-#[derive(Debug, Default)]
+/// A running hash of every datagram seen, as (simulated microseconds, sender, receiver,
+/// length): the trace that shows a seed replays identically, in constant memory.
+#[derive(Debug)]
 pub struct Trace {
-    lines: Mutex<Vec<(u128, SocketAddr, SocketAddr, usize)>>,
+    /// (FNV-1a state, datagrams)
+    state: Mutex<(u64, usize)>,
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Trace { state: Mutex::new((0xcbf2_9ce4_8422_2325, 0)) }
+    }
 }
 
 impl Trace {
     fn record(&self, from: SocketAddr, to: SocketAddr, len: usize) {
-        let t = turmoil::sim_elapsed().unwrap_or_default().as_micros();
-        self.lines.lock().expect("trace lock").push((t, from, to, len));
-    }
-
-    /// A hash of every datagram's time, addresses and length (FNV-1a: stable across
-    /// builds, unlike the std hasher).
-    pub fn hash(&self) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for line in self.lines.lock().expect("trace lock").iter() {
-            for b in format!("{line:?}").bytes() {
+        let t = turmoil::sim_elapsed().unwrap_or_default().as_micros() as u64;
+        let mut state = self.state.lock().expect("trace lock");
+        // FNV-1a: stable across builds, unlike the std hasher.
+        let mut h = state.0;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
                 h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
             }
+        };
+        eat(&t.to_le_bytes());
+        for addr in [from, to] {
+            match addr.ip() {
+                IpAddr::V4(ip) => eat(&ip.octets()),
+                IpAddr::V6(ip) => eat(&ip.octets()),
+            }
+            eat(&addr.port().to_le_bytes());
         }
-        h
+        eat(&(len as u64).to_le_bytes());
+        *state = (h, state.1 + 1);
+    }
+
+    /// The hash of every datagram's time, addresses and length so far.
+    pub fn hash(&self) -> u64 {
+        self.state.lock().expect("trace lock").0
     }
 
     /// Datagrams recorded.
     pub fn len(&self) -> usize {
-        self.lines.lock().expect("trace lock").len()
+        self.state.lock().expect("trace lock").1
     }
 
     /// True when nothing was recorded.
@@ -101,7 +118,9 @@ pub struct SimNet {
     seed: u64,
     endpoints: AtomicU64,
     trace: Arc<Trace>,
-    loss: Option<Arc<Loss>>,
+    /// The host's address and the loss model: sockets bind the unspecified address, so
+    /// the loss model needs the host's own.
+    loss: Option<(IpAddr, Arc<Loss>)>,
 }
 
 impl SimNet {
@@ -111,9 +130,9 @@ impl SimNet {
         SimNet { seed, endpoints: AtomicU64::new(0), trace, loss: None }
     }
 
-    /// The same, losing datagrams as `loss` says.
-    pub fn with_loss(self, loss: Arc<Loss>) -> Self {
-        SimNet { loss: Some(loss), ..self }
+    /// The same, losing datagrams as `loss` says; `host` is this host's address.
+    pub fn with_loss(self, host: IpAddr, loss: Arc<Loss>) -> Self {
+        SimNet { loss: Some((host, loss)), ..self }
     }
 }
 
@@ -215,7 +234,7 @@ impl AsyncTimer for SimTimer {
 struct SimUdp {
     socket: turmoil::net::UdpSocket,
     trace: Arc<Trace>,
-    loss: Option<Arc<Loss>>,
+    loss: Option<(IpAddr, Arc<Loss>)>,
 }
 
 impl fmt::Debug for SimUdp {
@@ -243,7 +262,7 @@ impl AsyncUdpSocket for SimUdp {
         let segment = t.segment_size.unwrap_or(t.contents.len()).max(1);
         for datagram in t.contents.chunks(segment) {
             self.trace.record(local, t.destination, datagram.len());
-            if self.loss.as_ref().is_some_and(|l| l.drops(local.ip(), t.destination.ip())) {
+            if self.loss.as_ref().is_some_and(|(host, l)| l.drops(*host, t.destination.ip())) {
                 continue;
             }
             // With no link to the destination turmoil errors; real UDP drops silently.

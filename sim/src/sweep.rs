@@ -4,27 +4,24 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, UNIX_EPOCH},
 };
 
 use rill_node::{
-    Node,
     client::{Client, ClientOptions, Outgoing},
-    config::{NodeConfig, PeerConfig, TlsConfig},
     protocol::StartPosition,
 };
 use rill_replication::namespace::{ConfigDoc, Edit};
 
 use crate::{
-    env::{Bugs, Host, sim_env, splitmix64},
+    client::{node_addr, sim_now as now},
+    env::{Bugs, Host, splitmix64},
+    mesh::{EPOCH_S, NetState, NodeSpawn, node_config},
     net::{Loss, SimNet, Trace},
 };
 
-const PORT: u16 = 7400;
-const EPOCH_S: u64 = 1_893_456_000;
 const NAMESPACE: &str = "acme/sensors";
 const TOPIC: &str = "acme/sensors/temp";
 /// Short faults happen in the first part of a run; a long edge outage may run past it.
@@ -335,38 +332,10 @@ pub struct Report {
     pub violations: Vec<Violation>,
 }
 
-fn addr(host: &str) -> SocketAddr {
-    (turmoil::lookup(host), PORT).into()
-}
-
 fn make_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<PathBuf> {
     let certs = dir.join("certs");
     rill_transport::certs::create_mesh(&certs, nodes)?;
     Ok(certs)
-}
-
-fn node_config(name: &str, certs: &Path, plan: &Plan) -> NodeConfig {
-    let peers = plan
-        .links
-        .iter()
-        .filter_map(|(a, b)| match (a == name, b == name) {
-            (true, _) => Some(PeerConfig { name: b.clone(), addr: Some(addr(b)) }),
-            (_, true) => Some(PeerConfig { name: a.clone(), addr: None }),
-            _ => None,
-        })
-        .collect();
-    NodeConfig {
-        name: Some(name.into()),
-        data_dir: PathBuf::from("/data"),
-        listen: (std::net::Ipv4Addr::UNSPECIFIED, PORT).into(),
-        tls: TlsConfig {
-            ca: Some(certs.join("ca.pem")),
-            cert: Some(certs.join(format!("{name}.pem"))),
-            key: Some(certs.join(format!("{name}.key"))),
-        },
-        peers,
-        ..NodeConfig::default()
-    }
 }
 
 /// A message as the checker identifies it: (origin, producer, seq).
@@ -392,10 +361,6 @@ struct Shared {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().expect("harness lock")
-}
-
-fn now() -> Duration {
-    turmoil::sim_elapsed().unwrap_or_default()
 }
 
 /// Runs one seed.
@@ -427,33 +392,16 @@ pub fn run_plan(seed: u64, plan: Plan, bugs: Bugs) -> anyhow::Result<Report> {
         .collect();
     let boots = Arc::new(Mutex::new(0u64));
     for name in &plan.nodes {
-        let (host, trace, loss, boots) =
-            (hosts[name].clone(), Arc::clone(&trace), Arc::clone(&loss), Arc::clone(&boots));
-        let (host_name, certs, plan) = (name.clone(), certs.clone(), plan.clone());
-        sim.host(name.as_str(), move || {
-            let (host, trace, loss, boots) = (host.clone(), Arc::clone(&trace), Arc::clone(&loss), Arc::clone(&boots));
-            // Inside the simulation: the peers' addresses come from turmoil's lookup.
-            let config = node_config(&host_name, &certs, &plan);
-            let host_name = host_name.clone();
-            async move {
-                let boot = {
-                    let mut b = lock(&boots);
-                    *b += 1;
-                    *b
-                };
-                // A supervisor: a node that cannot start (its disk fails) is started again.
-                for attempt in 0u64.. {
-                    let boot_seed = seed.wrapping_mul(1_000_003).wrapping_add(boot).wrapping_add(attempt << 32);
-                    let net = SimNet::new(boot_seed, Arc::clone(&trace)).with_loss(Arc::clone(&loss));
-                    match Node::start(config.clone(), sim_env(boot_seed, &host, net, bugs)).await {
-                        Ok(_node) => std::future::pending::<()>().await,
-                        Err(e) => tracing::warn!(node = %host_name, error = %e, "node did not start; starting again"),
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Ok(())
-            }
-        });
+        let spawn = NodeSpawn {
+            seed,
+            host: hosts[name].clone(),
+            trace: Arc::clone(&trace),
+            loss: Arc::clone(&loss),
+            boots: Arc::clone(&boots),
+            bugs,
+        };
+        let (n, certs, links) = (name.clone(), certs.clone(), plan.links.clone());
+        spawn.add(&mut sim, name, move || node_config(&n, &certs, &links));
     }
     let shared = Arc::new(Shared::default());
     spawn_clients(&mut sim, seed, &plan, &certs, &trace, &shared);
@@ -510,7 +458,7 @@ fn spawn_clients(
 
 /// A connection, if the node answers within a second.
 async fn connect(net: &SimNet, certs: &Path, host: &str) -> Option<Client> {
-    let options = ClientOptions::new(addr(host), certs);
+    let options = ClientOptions::new(node_addr(host), certs);
     tokio::time::timeout(Duration::from_secs(1), Client::connect_with(net, &options)).await.ok()?.ok()
 }
 
@@ -720,32 +668,6 @@ fn final_clusters(catalogues: &BTreeMap<String, ConfigDoc>) -> BTreeSet<String> 
     catalogues.values().next().and_then(|c| c.get(NAMESPACE)).map(|p| p.clusters.val.clone()).unwrap_or_default()
 }
 
-/// The state the fault events build up: which links are cut (by partitions or by a cut-off
-/// node), which nodes are down.
-#[derive(Default)]
-struct Faults {
-    cut_links: BTreeSet<(String, String)>,
-    isolated: BTreeSet<String>,
-    down: BTreeSet<String>,
-    /// Links currently partitioned in turmoil.
-    partitioned: BTreeSet<(String, String)>,
-}
-
-impl Faults {
-    /// Partitions and repairs turmoil's links to match the cut links and cut-off nodes.
-    fn apply_links(&mut self, sim: &turmoil::Sim, plan: &Plan) {
-        for (a, b) in &plan.links {
-            let key = (a.clone(), b.clone());
-            let cut = self.cut_links.contains(&key) || self.isolated.contains(a) || self.isolated.contains(b);
-            if cut && self.partitioned.insert(key.clone()) {
-                sim.partition(a.as_str(), b.as_str());
-            } else if !cut && self.partitioned.remove(&key) {
-                sim.repair(a.as_str(), b.as_str());
-            }
-        }
-    }
-}
-
 /// Applies the fault schedule, heals everything at the plan's heal time, and steps until
 /// the clients are done.
 fn drive(
@@ -756,25 +678,17 @@ fn drive(
     shared: &Shared,
 ) -> anyhow::Result<()> {
     let mut next = 0;
-    let mut state = Faults::default();
+    let mut net = NetState::default();
+    let mut down = BTreeSet::new();
     let mut healed = false;
-    let link_key = |a: &String, b: &String| (a.clone(), b.clone());
     loop {
         let now = sim.elapsed();
         while next < plan.faults.len() && plan.faults[next].0 <= now {
             match &plan.faults[next].1 {
-                Fault::Partition(a, b) | Fault::Flap(a, b) => {
-                    state.cut_links.insert(link_key(a, b));
-                }
-                Fault::Repair(a, b) => {
-                    state.cut_links.remove(&link_key(a, b));
-                }
-                Fault::Isolate(n) | Fault::Outage(n) => {
-                    state.isolated.insert(n.clone());
-                }
-                Fault::Rejoin(n) => {
-                    state.isolated.remove(n);
-                }
+                Fault::Partition(a, b) | Fault::Flap(a, b) => net.cut(a, b, true),
+                Fault::Repair(a, b) => net.cut(a, b, false),
+                Fault::Isolate(n) | Fault::Outage(n) => net.isolate(n, true),
+                Fault::Rejoin(n) => net.isolate(n, false),
                 Fault::Degrade { a, b, latency_ms, loss_permille } => {
                     sim.set_link_max_message_latency(a.as_str(), b.as_str(), Duration::from_millis(*latency_ms));
                     loss.set(sim.lookup(a.as_str()), sim.lookup(b.as_str()), *loss_permille);
@@ -784,31 +698,30 @@ fn drive(
                     loss.set(sim.lookup(a.as_str()), sim.lookup(b.as_str()), 0);
                 }
                 Fault::Crash(n) => {
-                    if state.down.insert(n.clone()) {
+                    if down.insert(n.clone()) {
                         sim.crash(n.as_str());
                         hosts[n].meta.crash();
                     }
                 }
                 Fault::Restart(n) => {
-                    if state.down.remove(n) {
+                    if down.remove(n) {
                         sim.bounce(n.as_str());
                     }
                 }
                 Fault::DiskFails(n) => hosts[n].disk.set_failing(true),
                 Fault::DiskHeals(n) => hosts[n].disk.set_failing(false),
             }
-            state.apply_links(sim, plan);
+            net.apply(sim, &plan.nodes);
             next += 1;
         }
         if !healed && now >= plan.heal_at {
-            state.cut_links.clear();
-            state.isolated.clear();
-            state.apply_links(sim, plan);
+            net.heal();
+            net.apply(sim, &plan.nodes);
             for (a, b) in &plan.links {
                 sim.set_link_max_message_latency(a.as_str(), b.as_str(), LATENCY_DEFAULT);
                 loss.set(sim.lookup(a.as_str()), sim.lookup(b.as_str()), 0);
             }
-            for n in std::mem::take(&mut state.down) {
+            for n in std::mem::take(&mut down) {
                 sim.bounce(n.as_str());
             }
             for host in hosts.values() {
