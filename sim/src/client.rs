@@ -31,9 +31,11 @@ pub(crate) fn node_addr(node: &str) -> SocketAddr {
     (turmoil::lookup(node), PORT).into()
 }
 
-/// Simulated time since the start of the run.
+/// Simulated time since the start of the run, the same on every host (turmoil's
+/// `sim_elapsed` counts from the host's own start).
 pub(crate) fn sim_now() -> Duration {
-    turmoil::sim_elapsed().unwrap_or_default()
+    let epoch = Duration::from_secs(crate::mesh::EPOCH_S);
+    turmoil::since_epoch().map_or(Duration::ZERO, |t| t.saturating_sub(epoch))
 }
 
 /// What a simulated client gets: its name, its network, the mesh's client certificate,
