@@ -8,7 +8,15 @@
 //!
 //! One connection per peer pair: both sides may dial; when two links to the same peer
 //! exist, both keep the one dialed by the node with the smaller name.
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use quinn::{Connection, Endpoint};
 use rill_replication::{
@@ -127,6 +135,8 @@ struct Driver {
     rep: Replicator,
     links: BTreeMap<String, Link>,
     link_state: BTreeMap<String, watch::Sender<bool>>,
+    /// Per peer: it has dialed this node (so both sides dial).
+    peer_dials: BTreeMap<String, Arc<AtomicBool>>,
     appenders: BTreeMap<(String, TopicName), AppendQueue>,
     counters: BTreeMap<(String, TopicName), LaneCounters>,
     /// UDP bytes sent on links to each peer that have closed.
@@ -149,11 +159,12 @@ pub(crate) fn start(
         Settings { bug_skip_batch: shared.env.bugs.skip_batch, ..Settings::default() },
         config,
     );
-    let mut link_state = BTreeMap::new();
+    let (mut link_state, mut peer_dials) = (BTreeMap::new(), BTreeMap::new());
     for p in &shared.config.peers {
         rep.add_peer(&p.name);
         let (state, _) = watch::channel(false);
         link_state.insert(p.name.clone(), state);
+        peer_dials.insert(p.name.clone(), Arc::new(AtomicBool::new(false)));
     }
     for (key, value) in shared.meta.scan_prefix("repl/cursor/")? {
         let rest = key.trim_start_matches("repl/cursor/");
@@ -165,13 +176,15 @@ pub(crate) fn start(
         let state = link_state[&p.name].subscribe();
         let dialer = Dialer { shared: Arc::clone(&shared), endpoint: endpoint.clone(), client: peer_client.clone() };
         let span = tracing::info_span!("peer", name = %p.name);
-        tokio::spawn(dialer.run(p.clone(), handle.tx.clone(), state).instrument(span));
+        let dials = Arc::clone(&peer_dials[&p.name]);
+        tokio::spawn(dialer.run(p.clone(), handle.tx.clone(), state, dials).instrument(span));
     }
     let driver = Driver {
         shared,
         rep,
         links: BTreeMap::new(),
         link_state,
+        peer_dials,
         appenders: BTreeMap::new(),
         counters: BTreeMap::new(),
         closed_link_bytes: BTreeMap::new(),
@@ -266,6 +279,11 @@ impl Driver {
         if !self.link_state.contains_key(&peer) {
             conn.close(2u32.into(), b"not a configured peer");
             return;
+        }
+        if dialed_by == peer
+            && let Some(dials) = self.peer_dials.get(&peer)
+        {
+            dials.store(true, Ordering::Relaxed);
         }
         if let Some(current) = self.links.get(&peer)
             && current.conn.close_reason().is_none()
@@ -530,40 +548,70 @@ async fn read_link(conn: Connection, peer: String, id: u64, tx: mpsc::Sender<Eve
     let _ = tx.send(Event::LinkClosed { peer, id }).await;
 }
 
-/// Keeps a link to one peer: dials while it is down, with backoff and jitter.
+/// Keeps a link to one peer: dials while it is down, one attempt at a time. An attempt
+/// that gets no answer is abandoned and a new one started, rather than left to QUIC's
+/// Initial retransmission backoff, so that a path that comes back is found quickly.
 struct Dialer {
     shared: Arc<Shared>,
     endpoint: Endpoint,
     client: quinn::ClientConfig,
 }
 
-/// Backoff between dial attempts: from 200 ms up to 5 s, so a region that comes back is
-/// found within seconds and a fleet of edges does not hammer it.
-const DIAL_BACKOFF_MS: (u64, u64) = (200, 5_000);
-/// Head start the smaller name gets: when both sides dial, the link the smaller name
-/// dialed is kept, so the larger waits this long before each dial and skips it if a link
-/// came up meanwhile. Without it both links form and one is torn down mid-transfer.
+/// Gaps between dial attempts for the first two minutes of an outage: at most 250 ms.
+/// With attempts of 1.2 s whose Initial is resent after 0.3 s and 0.9 s (peer links start
+/// from a 100 ms round-trip estimate), an Initial leaves at least every 0.55 s, so a
+/// path that comes back is found within a second (an uplink that flaps is the common
+/// case at the edge).
+const DIAL_BACKOFF_FAST_MS: (u64, u64) = (50, 250);
+const DIAL_FAST_FOR: Duration = Duration::from_secs(120);
+/// Gaps after that, up to 5 s, so a fleet of edges does not hammer a region that is away
+/// for long; attempts then double up to 10 s, for paths slower than they were.
+const DIAL_BACKOFF_MS: (u64, u64) = (400, 5_000);
+/// The shortest attempt; an attempt lasts at least four round trips of the last link.
+const DIAL_ATTEMPT_MS: u64 = 1_200;
+const DIAL_ATTEMPT_MAX: Duration = Duration::from_secs(10);
+/// Head start the smaller name gets when the peer dials too: the link the smaller name
+/// dialed is kept, so the larger waits this long before dialing and skips it if a link
+/// came up meanwhile. Without it both links form and one is torn down mid-transfer. A
+/// peer that has never dialed (an edge behind NAT, for its region) gets no head start.
 const DIAL_DEFER_MS: u64 = 500;
 
 impl Dialer {
-    async fn run(self, peer: PeerConfig, tx: mpsc::Sender<Event>, mut state: watch::Receiver<bool>) {
+    async fn run(
+        self,
+        peer: PeerConfig,
+        tx: mpsc::Sender<Event>,
+        mut state: watch::Receiver<bool>,
+        peer_dials: Arc<AtomicBool>,
+    ) {
         let Some(addr) = peer.addr else { return };
-        let mut backoff = Backoff::new(DIAL_BACKOFF_MS.0, DIAL_BACKOFF_MS.1);
+        let mut fast = Backoff::new(DIAL_BACKOFF_FAST_MS.0, DIAL_BACKOFF_FAST_MS.1);
+        let mut slow = Backoff::new(DIAL_BACKOFF_MS.0, DIAL_BACKOFF_MS.1);
+        let mut base = Duration::from_millis(DIAL_ATTEMPT_MS);
+        let mut attempt = base;
+        let mut down_since = tokio::time::Instant::now();
         loop {
-            while *state.borrow_and_update() {
-                if state.changed().await.is_err() {
-                    return;
+            if *state.borrow() {
+                while *state.borrow_and_update() {
+                    if state.changed().await.is_err() {
+                        return;
+                    }
                 }
+                down_since = tokio::time::Instant::now();
             }
-            if self.shared.name > peer.name {
+            if self.shared.name > peer.name && peer_dials.load(Ordering::Relaxed) {
                 let _ = tokio::time::timeout(Duration::from_millis(DIAL_DEFER_MS), state.changed()).await;
                 if *state.borrow_and_update() {
                     continue;
                 }
             }
-            match self.dial(&peer.name, addr).await {
+            let fast_phase = down_since.elapsed() < DIAL_FAST_FOR;
+            match self.dial(&peer.name, addr, attempt).await {
                 Ok(conn) => {
-                    backoff.reset();
+                    fast.reset();
+                    slow.reset();
+                    base = (conn.rtt() * 4).clamp(Duration::from_millis(DIAL_ATTEMPT_MS), DIAL_ATTEMPT_MAX);
+                    attempt = base;
                     let event = Event::Link { peer: peer.name.clone(), conn, dialed_by: self.shared.name.clone() };
                     if tx.send(event).await.is_err() {
                         return;
@@ -572,18 +620,26 @@ impl Dialer {
                     let _ = tokio::time::timeout(Duration::from_secs(5), state.changed()).await;
                     continue;
                 }
-                Err(reason) => tracing::debug!(%addr, reason, "dial failed"),
+                Err(reason) => {
+                    tracing::debug!(%addr, reason, "dial failed");
+                    attempt = if fast_phase { base } else { (attempt * 2).min(DIAL_ATTEMPT_MAX) };
+                }
             }
+            let backoff = if fast_phase { &mut fast } else { &mut slow };
             let delay = backoff.next_delay_ms(self.shared.env.random.next_u64());
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
     }
 
-    async fn dial(&self, name: &str, addr: SocketAddr) -> Result<Connection, String> {
+    async fn dial(&self, name: &str, addr: SocketAddr, attempt: Duration) -> Result<Connection, String> {
         let connecting = self.endpoint.connect_with(self.client.clone(), addr, name).map_err(|e| e.to_string())?;
-        connecting.await.map_err(|e| {
-            tracing::info!(%addr, error = %e, "peer handshake failed");
-            e.to_string()
-        })
+        match tokio::time::timeout(attempt, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => {
+                tracing::info!(%addr, error = %e, "peer handshake failed");
+                Err(e.to_string())
+            }
+            Err(_) => Err(format!("no handshake within {} ms", attempt.as_millis())),
+        }
     }
 }

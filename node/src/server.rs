@@ -149,7 +149,7 @@ impl Node {
         server.transport_config(limits.transport_config());
         let mut peer_client =
             quinn::ClientConfig::new(Arc::new(tls::client_config(&identity, env.net.tls_time(), ALPN_PEER)?));
-        peer_client.transport_config(limits.transport_config());
+        peer_client.transport_config(net::Limits::peer().transport_config());
         let growth = Arc::new(Growth::default());
 
         let meta = env.meta.open(&config.data_dir.join("meta"))?;
