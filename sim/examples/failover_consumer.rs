@@ -114,14 +114,7 @@ pub(crate) fn run(seed: u64) -> anyhow::Result<Outcome> {
     mesh.run_clients(EVERY * 3 * READINGS as u32)?;
 
     let history = mesh.history();
-    let notes: Vec<String> = history
-        .events()
-        .iter()
-        .filter_map(|e| match e {
-            rill_sim::Event::Note { text, .. } => Some(text.clone()),
-            _ => None,
-        })
-        .collect();
+    let notes = history.notes("alerts");
     let moves: Vec<String> = notes.iter().filter_map(|n| n.strip_prefix("consuming on ").map(String::from)).collect();
     let processed: Vec<&str> = notes.iter().filter_map(|n| n.strip_prefix("processed ")).collect();
     // Every acknowledged reading processed once, each producer's in order.

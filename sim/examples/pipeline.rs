@@ -135,12 +135,9 @@ pub(crate) fn run(seed: u64) -> anyhow::Result<Outcome> {
         .count();
     anyhow::ensure!(written_during_crash > 0, "no features were written while eu was down");
     let moves: Vec<String> = history
-        .events()
+        .notes("featurizer")
         .iter()
-        .filter_map(|e| match e {
-            Event::Note { text, .. } if text.starts_with("featurizing on") => text.split(' ').nth(2).map(String::from),
-            _ => None,
-        })
+        .filter_map(|n| n.strip_prefix("featurizing on ").and_then(|rest| rest.split(' ').next()).map(String::from))
         .collect();
     anyhow::ensure!(moves.len() >= 2 && moves[0] == "eu" && moves[1] == "us", "the featurizer ran on {moves:?}");
     let acked: BTreeSet<_> = history.acked(FEATURES);

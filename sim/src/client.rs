@@ -106,6 +106,25 @@ impl Ctx {
     }
 
     /// Connects to `node` and attaches a recording consumer to `subscription` of `topic`.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// use rill_sim::{ConsumerOptions, StartPosition, SubscriptionType};
+    /// # fn main() -> anyhow::Result<()> {
+    /// # let mut mesh = rill_sim::Mesh::builder(1).edge("gw").region("eu").link("gw", "eu").build()?;
+    /// mesh.client("worker", |ctx| async move {
+    ///     let options = ConsumerOptions { kind: SubscriptionType::Shared, ..ConsumerOptions::default() };
+    ///     let mut c = ctx.subscribe("eu", "acme/sensors/temp", "workers", StartPosition::Earliest, options).await?;
+    ///     while let Some(m) = c.next().await? {
+    ///         c.ack(m.offset);
+    ///     }
+    ///     Ok(())
+    /// });
+    /// mesh.run_for(Duration::from_secs(60))?;
+    /// println!("{} deliveries", mesh.history().deliveries("worker").len());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn subscribe(
         &self,
         node: &str,

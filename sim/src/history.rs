@@ -178,6 +178,18 @@ impl History {
             .collect()
     }
 
+    /// The lines `client` wrote with [`crate::Ctx::note`], in order.
+    pub fn notes(&self, client: &str) -> Vec<String> {
+        self.events
+            .borrow()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Note { client: c, text, .. } if c == client => Some(text.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Messages `client` received more than once, with how many times.
     pub fn redelivered(&self, client: &str) -> BTreeMap<MessageId, usize> {
         let mut seen: BTreeMap<MessageId, usize> = BTreeMap::new();
@@ -224,5 +236,8 @@ mod tests {
         assert_eq!(h.deliveries("reader").len(), 3);
         assert_eq!(h.redelivered("reader"), [(id(0), 2)].into());
         assert!(h.redelivered("c").is_empty());
+        h.push(Event::Note { at, client: "c".into(), text: "hello".into() });
+        assert_eq!(h.notes("c"), ["hello"]);
+        assert!(h.notes("reader").is_empty());
     }
 }

@@ -524,6 +524,23 @@ impl Mesh {
 
     /// Schedules faults at simulated time `at` (a time already past applies at the next
     /// step).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # fn main() -> anyhow::Result<()> {
+    /// # let mut mesh = rill_sim::Mesh::builder(1).edge("gw").region("eu").region("us")
+    /// #     .link("gw", "eu").link("eu", "us").build()?;
+    /// let t = mesh.now();
+    /// let minutes = |m: u64| Duration::from_secs(60 * m);
+    /// mesh.at(t + minutes(1)).set_latency("gw", "eu", Duration::from_millis(300)).set_loss("gw", "eu", 50);
+    /// mesh.at(t + minutes(5)).crash("eu").fail_disk_writes("us", true);
+    /// mesh.at(t + minutes(6)).restart("eu").fail_disk_writes("us", false);
+    /// mesh.at(t + minutes(8)).partition("gw", "eu");
+    /// mesh.at(t + minutes(9)).repair("gw", "eu");
+    /// mesh.run_until(t + minutes(10))?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn at(&mut self, at: Duration) -> At<'_> {
         At { mesh: self, at }
     }
@@ -686,6 +703,19 @@ impl Mesh {
     }
 
     /// Replication lag from `from` to its peer `to`, now, as `from` sees it.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # fn main() -> anyhow::Result<()> {
+    /// # let mut mesh = rill_sim::Mesh::builder(1).edge("gw").region("eu").link("gw", "eu").build()?;
+    /// mesh.at(mesh.now()).isolate("gw");
+    /// mesh.run_for(Duration::from_secs(600))?;
+    /// let lag = mesh.lag("gw", "eu")?;
+    /// assert!(!lag.connected);
+    /// println!("{} messages, the oldest {} ms old, wait at the gateway", lag.messages, lag.oldest_ms);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn lag(&mut self, from: &str, to: &str) -> anyhow::Result<Lag> {
         let stats = self.stats(from)?;
         let peer =
