@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use rill_node::{
     Node,
+    client::{Client, ClientError},
     config::{NodeConfig, PeerConfig, TlsConfig},
     protocol::{NodeStats, SeekTarget, StartPosition},
 };
@@ -798,10 +799,10 @@ impl Mesh {
 /// Runs `call` on a connection to `node`, reconnecting and retrying while the failure is
 /// retriable (the node restarting, a partition): the harness's own reads must not fail
 /// because of the faults under test. The query's time limit bounds it.
-async fn retry<T, F, Fut>(ctx: &Ctx, node: &str, call: F) -> Result<T, rill_node::client::ClientError>
+async fn retry<T, F, Fut>(ctx: &Ctx, node: &str, call: F) -> Result<T, ClientError>
 where
-    F: Fn(rill_node::client::Client) -> Fut,
-    Fut: Future<Output = Result<T, rill_node::client::ClientError>>,
+    F: Fn(Client) -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
 {
     loop {
         let result = match ctx.connect(node).await {
@@ -817,40 +818,28 @@ where
 
 /// Reads all of `topic` on `node` (see [`Mesh::holdings`]).
 async fn read_topic(ctx: &Ctx, node: &str, topic: &str) -> anyhow::Result<Vec<StoredMessage>> {
-    loop {
-        let client = match ctx.connect(node).await {
-            Ok(c) => c,
-            Err(_) => {
-                ctx.sleep(Duration::from_millis(300)).await;
-                continue;
-            }
-        };
-        let stats = client.stats().await?;
-        let Some(t) = stats.topics.iter().find(|t| t.topic == topic) else { return Ok(Vec::new()) };
-        if t.end_offset == t.start_offset {
-            return Ok(Vec::new());
-        }
-        // Back to the start (a new subscription fails with NotFound and starts there).
-        let _ = client.seek(topic, READER_SUBSCRIPTION, SeekTarget::Earliest).await;
-        let mut consumer = client.subscribe(topic, READER_SUBSCRIPTION, StartPosition::Earliest).await?;
-        let mut held = Vec::new();
-        let end = t.end_offset;
-        while held.last().is_none_or(|m: &StoredMessage| m.offset + 1 < end) {
-            match consumer.next().await {
-                Ok(Some(m)) => {
-                    consumer.ack(m.offset);
-                    held.push(m);
-                }
-                // The node went away mid-read: read again.
-                Ok(None) | Err(_) => break,
-            }
-        }
-        if held.last().is_some_and(|m| m.offset + 1 >= end) {
-            let _ = consumer.close().await;
-            return Ok(held);
-        }
-        ctx.sleep(Duration::from_millis(300)).await;
+    Ok(retry(ctx, node, |client| read_from(client, topic.to_string())).await?)
+}
+
+/// One attempt at [`read_topic`] on a connection; a node that goes away mid-read is a
+/// retriable error.
+async fn read_from(client: Client, topic: String) -> Result<Vec<StoredMessage>, ClientError> {
+    let stats = client.stats().await?;
+    let Some(t) = stats.topics.iter().find(|t| t.topic == topic) else { return Ok(Vec::new()) };
+    if t.end_offset == t.start_offset {
+        return Ok(Vec::new());
     }
+    // Back to the start (a new subscription fails with NotFound and starts there).
+    let _ = client.seek(&topic, READER_SUBSCRIPTION, SeekTarget::Earliest).await;
+    let mut consumer = client.subscribe(&topic, READER_SUBSCRIPTION, StartPosition::Earliest).await?;
+    let mut held: Vec<StoredMessage> = Vec::new();
+    while held.last().is_none_or(|m| m.offset + 1 < t.end_offset) {
+        let m = consumer.next().await?.ok_or(ClientError::Closed)?;
+        consumer.ack(m.offset);
+        held.push(m);
+    }
+    let _ = consumer.close().await;
+    Ok(held)
 }
 
 /// Why `namespace` has not converged among the `up` nodes, if it has not.
