@@ -322,6 +322,14 @@ pub struct PeerStats {
     pub connected: bool,
     /// UDP bytes sent to the peer since this node started, over all links.
     pub link_bytes_sent: u64,
+    /// Links to it that became current since this node started.
+    pub link_ups: u64,
+    /// Current links replaced by a newer one (a peer restart or a redial).
+    pub link_replacements: u64,
+    /// Links refused (duplicates, second links without a Hello).
+    pub link_refusals: u64,
+    /// When the last link event happened (node clock, ms since the Unix epoch).
+    pub last_link_change_ms: Option<u64>,
     /// Per topic replicated to it.
     pub lanes: Vec<LaneStats>,
 }
@@ -333,6 +341,8 @@ pub struct NodeStats {
     pub node: String,
     /// Milliseconds since the node started.
     pub uptime_ms: u64,
+    /// The node's clock when it answered (ms since the Unix epoch), to read ages against.
+    pub now_ms: u64,
     /// Topics.
     pub topics: Vec<TopicStats>,
     /// Peers and replication lag.

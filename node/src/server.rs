@@ -458,6 +458,7 @@ async fn handle_request(shared: &Arc<Shared>, request: Request, request_bytes: u
         Request::Stats => Pending::Ready(Response::Stats(NodeStats {
             node: shared.name.clone(),
             uptime_ms: shared.env.clock.now_ms().saturating_sub(shared.started_ms),
+            now_ms: shared.env.clock.now_ms(),
             topics: topic_stats(shared),
             peers: shared.mesh.stats().await,
         })),

@@ -129,6 +129,11 @@ impl DedupIndex {
         self.producers.get(producer).and_then(|p| p.seqs.iter().next_back()).map_or(0, |r| r.end)
     }
 
+    /// The seqs held, per producer.
+    pub fn seq_sets(&self) -> impl Iterator<Item = (&ProducerId, &RangeSet)> {
+        self.producers.iter().map(|(p, d)| (p, &d.seqs))
+    }
+
     /// Number of producers tracked.
     pub fn producer_count(&self) -> usize {
         self.producers.len()

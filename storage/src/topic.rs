@@ -196,7 +196,8 @@ impl TopicStore {
     /// nothing about them.
     pub fn recover(&mut self) -> Result<()> {
         let Some((reason, disk_full)) = self.poisoned.clone() else { return Ok(()) };
-        match self.log.cut_to_synced_and_reopen() {
+        let published = self.log.committed_offset();
+        match self.log.cut_to_synced_and_reopen().and_then(|()| self.index_from(published)) {
             Ok(()) => {
                 self.unsynced = DedupIndex::default();
                 self.poisoned = None;
@@ -210,6 +211,23 @@ impl TopicStore {
                 disk_full: disk_full || e.is_disk_full(),
             }),
         }
+    }
+
+    /// Records in the dedup index every message of the reopened log from `from` on. A
+    /// segment roll syncs the sealed segment in the middle of a group, so a group that
+    /// failed after a roll leaves durable messages past what was published; they are
+    /// kept, and must be indexed, or a retry would store them twice.
+    fn index_from(&mut self, from: u64) -> Result<()> {
+        let mut at = from;
+        while at < self.log.committed_offset() {
+            let chunk = self.log.read(at, REBUILD_CHUNK_MESSAGES, usize::MAX)?;
+            let Some(last) = chunk.last() else { break };
+            at = last.offset + 1;
+            for m in &chunk {
+                self.dedup.record(&m.message.id, m.offset);
+            }
+        }
+        Ok(())
     }
 
     /// True while a failed write awaits [`TopicStore::recover`].
@@ -384,6 +402,39 @@ mod tests {
         assert!(again[0].as_ref().is_err_and(StorageError::is_disk_full), "{again:?}");
         full.set_failing(false);
         assert!(commit_group(&store, &[&batch("a")])[0].is_ok());
+    }
+
+    /// What the dedup index lists (and so a peer's Hello summary) never includes a message
+    /// a failed fdatasync lost, before or after recovery; a message made durable by a
+    /// segment roll inside a failed group is indexed on recovery, so its retry is a
+    /// duplicate.
+    #[test]
+    fn the_dedup_index_lists_exactly_what_survived_a_failed_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemMeta::default();
+        let flaky = Arc::new(TestFs::default());
+        let fs: Arc<dyn FileSystem> = Arc::new(TestRoot(Arc::clone(&flaky)));
+        let config = LogConfig { segment_bytes_max: 200, ..LogConfig::default() };
+        let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), config).unwrap());
+        let batch = |p: &str, seqs: std::ops::Range<u64>| seqs.map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
+        assert!(commit_group(&store, &[&batch("a", 0..3)])[0].is_ok());
+        // b is written, c's write rolls the segment (syncing b's), then the group's sync fails.
+        let (results, group) = write_group(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        flaky.set_failing(true);
+        let synced = sync_group(&store, &group);
+        let results = publish_group(&store, results, group, synced);
+        assert!(results.iter().all(Result::is_err));
+        let id = |p: &str, seq| MessageId { producer: crate::message::ProducerId(p.into()), seq };
+        let held = |s: &Mutex<TopicStore>, p: &str| s.lock().unwrap().dedup().contains(&id(p, 0));
+        assert!(held(&store, "a") && !held(&store, "b") && !held(&store, "c"));
+        flaky.set_failing(false);
+        let retry = commit_group(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
+        let log_len = store.lock().unwrap().log().committed_offset();
+        let store_b = store.lock().unwrap().read(0, 100, usize::MAX).unwrap();
+        let copies = |p: &str| store_b.iter().filter(|m| &*m.message.id.producer.0 == p).count();
+        assert_eq!((copies("a"), copies("b"), copies("c")), (3, 3, 3), "retry {retry:?}, log end {log_len}");
+        assert!(held(&store, "b") && held(&store, "c"));
     }
 
     /// While the disk fails, every group fails and nothing is published; once it works

@@ -430,7 +430,14 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
     println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
     for p in &stats.peers {
         let state = if p.connected { "connected" } else { "disconnected" };
-        println!("peer {:<20} {state:<12} link bytes sent {}", p.name, p.link_bytes_sent);
+        let last = p.last_link_change_ms.map_or_else(
+            || "never".to_string(),
+            |at| format!("{:.1}s ago", stats.now_ms.saturating_sub(at) as f64 / 1000.0),
+        );
+        println!(
+            "peer {:<20} {state:<12} link bytes sent {} | links up {} replaced {} refused {}, last change {last}",
+            p.name, p.link_bytes_sent, p.link_ups, p.link_replacements, p.link_refusals
+        );
         for l in &p.lanes {
             println!(
                 "  {:<36} lag {:>9} msgs {:>11} B {:>8.1} s | sent {:>9} recv {:>9} dedup {:>9} | cursor {:>10} in flight {:>2}",

@@ -1,0 +1,120 @@
+//! Appends a lane's received batches to the local topic, one at a time and in the order
+//! they arrived, and reports each result. An appender belongs to one link: once the core
+//! no longer counts that link, the driver stops it, and batches still queued are dropped
+//! rather than stored after the new link's (the peer resends them from its cursor).
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use rill_replication::core::LinkId;
+use rill_storage::{Message, TopicName, topic::AppendOutcome};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::Event;
+use crate::server::Shared;
+
+/// Batches queued per (peer, topic) appender; the peer has at most
+/// `inflight_batches_max` in flight per lane.
+const APPEND_QUEUE_MAX: usize = 64;
+/// How long a lane whose append failed (a disk error) waits before its link is dropped.
+const FAILED_APPEND_PAUSE: Duration = Duration::from_secs(1);
+
+/// The driver's handle on a running appender.
+pub(super) struct AppenderHandle {
+    pub(super) link: LinkId,
+    queue: mpsc::Sender<(u64, Vec<Message>)>,
+    stop: Arc<AtomicBool>,
+}
+
+/// What queuing a batch did.
+pub(super) enum Queued {
+    Yes,
+    /// The appender stopped at a failed append; the core closes the link on its result.
+    Stopped,
+    /// The peer sent more batches than it may have in flight.
+    Full,
+}
+
+impl AppenderHandle {
+    pub(super) fn start(
+        shared: Arc<Shared>,
+        peer: String,
+        link: LinkId,
+        topic: TopicName,
+        events: mpsc::Sender<Event>,
+    ) -> AppenderHandle {
+        let (queue, rx) = mpsc::channel(APPEND_QUEUE_MAX);
+        let stop = Arc::new(AtomicBool::new(false));
+        let appender = Appender { shared, peer, link, topic, events, stop: Arc::clone(&stop) };
+        tokio::spawn(appender.run(rx).in_current_span());
+        AppenderHandle { link, queue, stop }
+    }
+
+    pub(super) fn queue(&self, batch: u64, messages: Vec<Message>) -> Queued {
+        match self.queue.try_send((batch, messages)) {
+            Ok(()) => Queued::Yes,
+            Err(mpsc::error::TrySendError::Closed(_)) => Queued::Stopped,
+            Err(mpsc::error::TrySendError::Full(_)) => Queued::Full,
+        }
+    }
+}
+
+impl Drop for AppenderHandle {
+    /// Batches not yet started are dropped; one being stored completes (its result is then
+    /// stale, and the core ignores it).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Appender {
+    shared: Arc<Shared>,
+    peer: String,
+    link: LinkId,
+    topic: TopicName,
+    events: mpsc::Sender<Event>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Appender {
+    async fn run(self, mut rx: mpsc::Receiver<(u64, Vec<Message>)>) {
+        while let Some((batch, messages)) = rx.recv().await {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let result = self.append(messages).await;
+            let failed = result.is_err();
+            if failed {
+                // The link is dropped and the peer resends after it reconnects; waiting first
+                // keeps a failing disk from turning into hundreds of reconnects a second.
+                tokio::time::sleep(FAILED_APPEND_PAUSE).await;
+            }
+            let event =
+                Event::Appended { peer: self.peer.clone(), link: self.link, topic: self.topic.clone(), batch, result };
+            if self.events.send(event).await.is_err() || failed {
+                // After a failed append the batches queued behind it must not be stored: that
+                // would put later messages before the failed ones, which the peer resends
+                // once the link is back. (Found by the simulation's disk faults.)
+                return;
+            }
+        }
+    }
+
+    /// Stores a batch durably; `Ok` with the number of messages already held.
+    async fn append(&self, messages: Vec<Message>) -> Result<u64, String> {
+        let topic = self.shared.topic(&self.topic).await.map_err(|e| e.to_string())?;
+        let reply = topic.append(messages).await.ok_or_else(|| "the topic is closing".to_string())?;
+        match reply.await {
+            Ok(Ok(outcomes)) => {
+                Ok(outcomes.iter().filter(|o| matches!(o, AppendOutcome::Duplicate { .. })).count() as u64)
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the write was abandoned".to_string()),
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! The replication driver: binds the sans-IO [`Replicator`] to QUIC peer links and the
+//! node's topics. It decides nothing: one task owns the core, feeds it every event and
+//! executes its actions. The pieces, one per file:
+//! - `link.rs`: one connection's streams and reader;
+//! - `dialer.rs`: a dialer per peer with an address, dialing while no link is greeted;
+//! - `appender.rs`: an appender per (peer, topic), storing received batches in order.
+//!
+//! Connections are numbered ([`LinkId`]) as they arrive, dialed or accepted; the core says
+//! which one counts (see `rill_replication::link`). Peers are identified by matching the
+//! CA-verified certificate against the configured names.
+mod appender;
+mod dialer;
+mod link;
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use quinn::{Connection, Endpoint};
+use rill_replication::{
+    core::{Action, LinkId, PeerMessage, Replicator, Settings, Summary},
+    namespace::{ConfigDoc, Edit},
+};
+use rill_storage::{StorageError, StoredMessage, TopicName, meta};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+use self::{
+    appender::{AppenderHandle, Queued},
+    dialer::Dialer,
+    link::LinkConn,
+};
+use crate::{
+    protocol::{LaneStats, PeerStats},
+    server::Shared,
+};
+
+/// Events queued for the driver; senders wait when it is full.
+const EVENTS_MAX: usize = 4096;
+/// How often the core is told the time (candidate links expire on it).
+const TICK: Duration = Duration::from_secs(1);
+/// Metadata key of the catalogue.
+const CONFIG_KEY: &str = "repl/config";
+
+fn cursor_key(peer: &str, topic: &TopicName) -> String {
+    format!("repl/cursor/{peer}/{topic}")
+}
+
+/// What the driver reacts to.
+pub(crate) enum Event {
+    Link { peer: String, conn: Connection, dialed_by_us: bool },
+    LinkClosed { peer: String, link: LinkId },
+    Message { peer: String, link: LinkId, message: PeerMessage },
+    Read { peer: String, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
+    Appended { peer: String, link: LinkId, topic: TopicName, batch: u64, result: Result<u64, String> },
+    Edit { namespace: String, edit: Edit, reply: oneshot::Sender<Result<(), String>> },
+    Config { reply: oneshot::Sender<ConfigDoc> },
+    Stats { reply: oneshot::Sender<Vec<PeerStats>> },
+    Retained { topics: Vec<TopicName>, reply: oneshot::Sender<Vec<u64>> },
+}
+
+/// The node's handle on its driver.
+#[derive(Debug, Clone)]
+pub(crate) struct MeshHandle {
+    tx: mpsc::Sender<Event>,
+}
+
+impl MeshHandle {
+    pub(crate) fn new() -> (MeshHandle, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(EVENTS_MAX);
+        (MeshHandle { tx }, rx)
+    }
+
+    /// Hands an accepted peer connection to the driver.
+    pub(crate) async fn attach(&self, peer: String, conn: Connection) {
+        let _ = self.tx.send(Event::Link { peer, conn, dialed_by_us: false }).await;
+    }
+
+    pub(crate) async fn edit(&self, namespace: String, edit: Edit) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Event::Edit { namespace, edit, reply }).await.map_err(|_| "replication stopped".to_string())?;
+        rx.await.map_err(|_| "replication stopped".to_string())?
+    }
+
+    pub(crate) async fn config(&self) -> ConfigDoc {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Event::Config { reply }).await;
+        rx.await.unwrap_or_default()
+    }
+
+    pub(crate) async fn stats(&self) -> Vec<PeerStats> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Event::Stats { reply }).await;
+        rx.await.unwrap_or_default()
+    }
+
+    /// Per topic, the lowest offset a peer may still need from this node (0 when the
+    /// driver cannot answer: keep everything).
+    pub(crate) async fn retained_from(&self, topics: Vec<TopicName>) -> Vec<u64> {
+        let n = topics.len();
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Event::Retained { topics, reply }).await;
+        rx.await.unwrap_or_else(|_| vec![0; n])
+    }
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    rep: Replicator,
+    /// Every open connection to a peer, current or not.
+    links: BTreeMap<LinkId, LinkConn>,
+    /// Per peer: true while the core has a greeted link to it (the dialer watches this).
+    greeted: BTreeMap<String, watch::Sender<bool>>,
+    /// Per peer: it has dialed this node (so both sides dial).
+    peer_dials: BTreeMap<String, Arc<AtomicBool>>,
+    appenders: BTreeMap<(String, TopicName), AppenderHandle>,
+    /// UDP bytes sent on links to each peer that have closed.
+    closed_link_bytes: BTreeMap<String, u64>,
+    tx: mpsc::Sender<Event>,
+    next_link: u64,
+}
+
+/// Starts the driver and a dialer per peer with an address.
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    peer_client: quinn::ClientConfig,
+    handle: &MeshHandle,
+    rx: mpsc::Receiver<Event>,
+) -> Result<(), StorageError> {
+    let config: ConfigDoc = meta::get_record(shared.meta.as_ref(), CONFIG_KEY)?.unwrap_or_default();
+    let settings = Settings { bug_skip_batch: shared.env.bugs.skip_batch, ..Settings::default() };
+    let boot = shared.env.random.next_u64();
+    let mut rep = Replicator::new(&shared.name, boot, settings, config);
+    let (mut greeted, mut peer_dials) = (BTreeMap::new(), BTreeMap::new());
+    for p in &shared.config.peers {
+        rep.add_peer(&p.name);
+        greeted.insert(p.name.clone(), watch::channel(false).0);
+        peer_dials.insert(p.name.clone(), Arc::new(AtomicBool::new(false)));
+    }
+    for (key, value) in shared.meta.scan_prefix("repl/cursor/")? {
+        let rest = key.trim_start_matches("repl/cursor/");
+        let Some((peer, topic)) = rest.split_once('/') else { continue };
+        let (Ok(topic), Ok(offset)) = (TopicName::parse(topic), postcard::from_bytes::<u64>(&value)) else { continue };
+        rep.restore_cursor(peer, &topic, offset);
+    }
+    for p in shared.config.peers.iter().filter(|p| p.addr.is_some()) {
+        let dialer = Dialer { shared: Arc::clone(&shared), endpoint: endpoint.clone(), client: peer_client.clone() };
+        let span = tracing::info_span!("peer", name = %p.name);
+        let (state, dials) = (greeted[&p.name].subscribe(), Arc::clone(&peer_dials[&p.name]));
+        tokio::spawn(dialer.run(p.clone(), handle.tx.clone(), state, dials).instrument(span));
+    }
+    let driver = Driver {
+        shared,
+        rep,
+        links: BTreeMap::new(),
+        greeted,
+        peer_dials,
+        appenders: BTreeMap::new(),
+        closed_link_bytes: BTreeMap::new(),
+        tx: handle.tx.clone(),
+        next_link: 0,
+    };
+    tokio::spawn(driver.run(rx).in_current_span());
+    Ok(())
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let growth = Arc::clone(&self.shared.growth);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                event = rx.recv() => match event {
+                    Some(e) => self.handle(e),
+                    None => return,
+                },
+                () = growth.notify.notified() => {
+                    for (topic, end) in growth.take() {
+                        self.rep.handle_log_grew(&topic, end);
+                    }
+                }
+                _ = tick.tick() => self.rep.handle_timeout(self.now_ms()),
+            }
+            self.execute();
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.shared.env.clock.now_ms()
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = self.now_ms();
+        match event {
+            Event::Link { peer, conn, dialed_by_us } => self.link_opened(peer, conn, dialed_by_us),
+            Event::LinkClosed { peer, link } => {
+                if let Some(l) = self.links.remove(&link) {
+                    tracing::info!(peer, %link, reason = %close_reason(&l.conn), "peer link closed");
+                    self.count_closed(&l);
+                }
+                self.rep.handle_link_closed(now, &peer, link);
+            }
+            Event::Message { peer, link, message } => self.rep.handle_message(now, &peer, link, message),
+            Event::Read { peer, topic, ticket, result } => {
+                let messages = result.unwrap_or_else(|e| {
+                    tracing::warn!(peer, %topic, error = %e, "replication read failed; retrying when the log grows");
+                    Vec::new()
+                });
+                self.rep.handle_read(&peer, &topic, ticket, messages);
+            }
+            Event::Appended { peer, link, topic, batch, result } => {
+                self.rep.handle_appended(now, &peer, link, &topic, batch, result);
+            }
+            Event::Edit { namespace, edit, reply } => {
+                let result = self.rep.edit_config(&namespace, edit, now).map_err(|e| e.to_string());
+                // An acknowledged edit is durable, like an acknowledged message: save the
+                // catalogue and flush before answering (found by the simulation: a crash
+                // right after 'ns set-clusters' lost the edit, and nothing replicated).
+                self.execute();
+                let result = result.and_then(|()| {
+                    self.shared.meta.flush().map_err(|e| format!("the edit could not be made durable: {e}"))
+                });
+                let _ = reply.send(result);
+            }
+            Event::Config { reply } => {
+                let _ = reply.send(self.rep.config().clone());
+            }
+            Event::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            Event::Retained { topics, reply } => {
+                let _ = reply.send(topics.iter().map(|t| self.rep.retained_from(t)).collect());
+            }
+        }
+    }
+
+    fn link_opened(&mut self, peer: String, conn: Connection, dialed_by_us: bool) {
+        if !dialed_by_us && let Some(dials) = self.peer_dials.get(&peer) {
+            dials.store(true, Ordering::Relaxed);
+        }
+        self.next_link += 1;
+        let link = LinkId(self.next_link);
+        tracing::info!(peer, %link, remote = %conn.remote_address(), dialed_by_us, "peer link opened");
+        self.links.insert(link, LinkConn::start(peer.clone(), conn, link, self.tx.clone()));
+        self.rep.handle_link_opened(self.now_ms(), &peer, link, dialed_by_us);
+    }
+
+    fn count_closed(&mut self, link: &LinkConn) {
+        *self.closed_link_bytes.entry(link.peer.clone()).or_default() += link.conn.stats().udp_tx.bytes;
+    }
+
+    /// What this node durably holds, per topic, for a Hello.
+    fn holds(&self) -> Vec<(TopicName, Summary)> {
+        self.shared
+            .topic_list()
+            .iter()
+            .map(|t| (t.name.clone(), Summary::of(t.store.lock().expect("topic lock poisoned").dedup())))
+            .collect()
+    }
+
+    fn execute(&mut self) {
+        while let Some(action) = self.rep.poll_action() {
+            match action {
+                Action::Send { peer, link, message } => self.send(&peer, link, message),
+                Action::Greet { peer, link } => {
+                    let hello = self.rep.hello(self.holds());
+                    self.send(&peer, link, hello);
+                }
+                Action::Read { peer, topic, from, max_messages, max_bytes, ticket } => {
+                    let (shared, tx) = (Arc::clone(&self.shared), self.tx.clone());
+                    tokio::spawn(async move {
+                        let result = match shared.topic(&topic).await {
+                            Ok(t) => t.read(from, max_messages, max_bytes).await,
+                            Err(e) => Err(e),
+                        };
+                        let _ = tx.send(Event::Read { peer, topic, ticket, result }).await;
+                    });
+                }
+                Action::Append { peer, link, topic, batch, messages } => {
+                    self.append(peer, link, topic, batch, messages);
+                }
+                Action::SaveCursor { peer, topic, offset } => {
+                    let key = cursor_key(&peer, &topic);
+                    if let Err(e) = meta::put_record(self.shared.meta.as_ref(), &key, &offset) {
+                        tracing::warn!(key, error = %e, "could not save replication cursor; will resend from the old one");
+                    }
+                }
+                Action::SaveConfig => {
+                    if let Err(e) = meta::put_record(self.shared.meta.as_ref(), CONFIG_KEY, self.rep.config()) {
+                        tracing::warn!(error = %e, "could not save the namespace catalogue; peers will resend it");
+                    }
+                }
+                Action::CloseLink { peer, link, reason } => {
+                    if let Some(l) = self.links.remove(&link) {
+                        tracing::info!(peer, %link, %reason, "closing peer link");
+                        l.conn.close(reason.code().into(), reason.to_string().as_bytes());
+                        self.count_closed(&l);
+                    }
+                }
+            }
+        }
+        self.sync_links();
+    }
+
+    /// Brings the dialers' view and the appenders in line with the core's links: an
+    /// appender of a link that no longer counts is stopped.
+    fn sync_links(&mut self) {
+        for (peer, state) in &self.greeted {
+            let up = self.rep.link(peer).is_some();
+            state.send_if_modified(|s| std::mem::replace(s, up) != up);
+        }
+        let rep = &self.rep;
+        self.appenders.retain(|(peer, _), a| rep.current_link(peer) == Some(a.link));
+    }
+
+    fn send(&mut self, peer: &str, link: LinkId, message: PeerMessage) {
+        let Some(conn) = self.links.get_mut(&link) else { return };
+        if let PeerMessage::Batch { topic, messages, batch } = &message
+            && tracing::enabled!(tracing::Level::DEBUG)
+        {
+            let first = messages.first().map(|m| (m.origin.to_string(), m.id.to_string()));
+            let last = messages.last().map(|m| (m.origin.to_string(), m.id.to_string()));
+            tracing::debug!(peer, %link, %topic, batch, count = messages.len(), ?first, ?last, "shipping batch");
+        }
+        if !conn.send(message) {
+            tracing::info!(peer, %link, "outgoing stream queue full or closed; closing the link");
+            conn.conn.close(link::CLOSE_STALLED.into(), b"outgoing stream queue full");
+        }
+    }
+
+    fn append(
+        &mut self,
+        peer: String,
+        link: LinkId,
+        topic: TopicName,
+        batch: u64,
+        messages: Vec<rill_storage::Message>,
+    ) {
+        let key = (peer.clone(), topic.clone());
+        if self.appenders.get(&key).is_none_or(|a| a.link != link) {
+            let handle = AppenderHandle::start(Arc::clone(&self.shared), peer.clone(), link, topic, self.tx.clone());
+            self.appenders.insert(key.clone(), handle);
+        }
+        match self.appenders[&key].queue(batch, messages) {
+            Queued::Yes | Queued::Stopped => {}
+            Queued::Full => {
+                if let Some(l) = self.links.get(&link) {
+                    tracing::info!(peer, %link, "peer sent more batches than allowed in flight; closing the link");
+                    l.conn.close(link::CLOSE_STALLED.into(), b"more batches than allowed in flight");
+                }
+            }
+        }
+    }
+
+    fn stats(&self) -> Vec<PeerStats> {
+        let lanes = self.rep.lanes();
+        let now_ms = self.now_ms();
+        self.greeted
+            .keys()
+            .map(|peer| {
+                let links = self.rep.link_stats(peer);
+                let open_bytes: u64 =
+                    self.links.values().filter(|l| l.peer == *peer).map(|l| l.conn.stats().udp_tx.bytes).sum();
+                PeerStats {
+                    name: peer.clone(),
+                    connected: self.rep.link(peer).is_some(),
+                    link_bytes_sent: self.closed_link_bytes.get(peer).copied().unwrap_or(0) + open_bytes,
+                    link_ups: links.ups,
+                    link_replacements: links.replacements,
+                    link_refusals: links.refusals,
+                    last_link_change_ms: links.last_change_ms,
+                    lanes: lanes
+                        .iter()
+                        .filter(|(p, _, _)| p == peer)
+                        .map(|(_, topic, s)| self.lane_stats(topic, s, now_ms))
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// One lane's figures; the age of its oldest unreplicated message is read from the log.
+    fn lane_stats(&self, topic: &TopicName, s: &rill_replication::core::LaneStats, now_ms: u64) -> LaneStats {
+        let (lag_bytes, lag_ms) = match (s.lag_messages, self.shared.topic_if_open(topic)) {
+            (1.., Some(t)) => {
+                let store = t.store.lock().expect("topic lock poisoned");
+                let oldest = store.read(s.cursor, 1, 1).ok().and_then(|m| m.first().map(|m| m.message.publish_time_ms));
+                (store.log().bytes_from(s.cursor), oldest.map_or(0, |t| now_ms.saturating_sub(t)))
+            }
+            _ => (0, 0),
+        };
+        LaneStats {
+            topic: topic.to_string(),
+            lag_messages: s.lag_messages,
+            lag_bytes,
+            lag_ms,
+            cursor: s.cursor,
+            in_flight: s.in_flight as u64,
+            sent: s.counters.sent,
+            received: s.counters.received,
+            deduplicated: s.counters.deduplicated,
+        }
+    }
+}
+
+/// Why a connection ended, for the log.
+fn close_reason(conn: &Connection) -> String {
+    conn.close_reason().map_or_else(|| "unknown".to_string(), |e| e.to_string())
+}
