@@ -891,6 +891,18 @@ mod tests {
         sweep(150..200);
     }
 
+    #[test]
+    fn seeds_200_to_250_hold_every_invariant() {
+        sweep(200..250);
+    }
+
+    /// Includes seed 252: a link replaced while its batches were in flight on a dead
+    /// connection stalled a lane (invariant 1) until the core took over link identity.
+    #[test]
+    fn seeds_250_to_300_hold_every_invariant() {
+        sweep(250..300);
+    }
+
     /// A schedule the random plans rarely draw, a hand-made plan through `run_plan`: an
     /// edge whose disk fails for seconds at a time, again and again, while producers on
     /// it and on both regions write. (Written after soak seeds 667, 898 and 946 found

@@ -4,6 +4,7 @@ mod consume;
 mod crash;
 mod disk_full;
 mod mesh;
+mod partition;
 mod produce;
 mod retention;
 mod subscriptions;

@@ -12,25 +12,32 @@ use tokio::time::Instant;
 
 use crate::support::{TestNode, read_seqs};
 
-const TOPIC: &str = "acme/sensors/temp";
+pub(crate) const TOPIC: &str = "acme/sensors/temp";
 
 /// A mesh directory: one CA, a certificate per node, a config and a working dir per node.
-struct MeshDir {
+pub(crate) struct MeshDir {
     root: tempfile::TempDir,
-    addrs: BTreeMap<String, SocketAddr>,
+    pub(crate) addrs: BTreeMap<String, SocketAddr>,
 }
 
-fn free_addr() -> SocketAddr {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+/// A free UDP port on `ip`.
+fn free_addr(ip: &str) -> SocketAddr {
+    let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind");
     socket.local_addr().expect("addr")
 }
 
 impl MeshDir {
     fn new(names: &[&str]) -> MeshDir {
+        Self::on(&names.iter().map(|n| (*n, "127.0.0.1")).collect::<Vec<_>>())
+    }
+
+    /// Nodes each on its own loopback address, as `(name, ip)`.
+    pub(crate) fn on(nodes: &[(&str, &str)]) -> MeshDir {
         let root = tempfile::tempdir().expect("tempdir");
         let certs = root.path().join("certs");
-        rill_transport::certs::create_mesh(&certs, names).expect("mesh certificates");
-        let addrs = names.iter().map(|n| (n.to_string(), free_addr())).collect();
+        let names: Vec<&str> = nodes.iter().map(|(n, _)| *n).collect();
+        rill_transport::certs::create_mesh(&certs, &names).expect("mesh certificates");
+        let addrs = nodes.iter().map(|(n, ip)| (n.to_string(), free_addr(ip))).collect();
         MeshDir { root, addrs }
     }
 
@@ -39,7 +46,7 @@ impl MeshDir {
     }
 
     /// Writes `name`'s config: peers it dials (with address) and peers that dial it.
-    fn configure(&self, name: &str, dials: &[&str], dialed_by: &[&str]) {
+    pub(crate) fn configure(&self, name: &str, dials: &[&str], dialed_by: &[&str]) {
         let dir = self.root.path().join(name);
         std::fs::create_dir_all(&dir).expect("node dir");
         let c = self.certs();
@@ -58,7 +65,7 @@ impl MeshDir {
         std::fs::write(dir.join("node.toml"), text).expect("config");
     }
 
-    fn start(&self, name: &str) -> TestNode {
+    pub(crate) fn start(&self, name: &str) -> TestNode {
         let dir = self.root.path().join(name);
         let mut node = TestNode::start_at(&dir, name, self.addrs[name], &["--config", "node.toml"])
             .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
@@ -87,7 +94,7 @@ async fn produce(node: &TestNode, producer: &str, count: u64) {
     client.close().await;
 }
 
-async fn end_offset(node: &TestNode) -> u64 {
+pub(crate) async fn end_offset(node: &TestNode) -> u64 {
     let Ok(client) = Client::connect(&node.options()).await else { return 0 };
     let stats = client.stats().await.map(|s| s.topics).unwrap_or_default();
     client.close().await;
@@ -122,7 +129,7 @@ async fn check_exactly_once_in_order(node: &TestNode, producers: &BTreeMap<Strin
     }
 }
 
-async fn create_namespace(node: &TestNode, clusters: &[&str]) {
+pub(crate) async fn create_namespace(node: &TestNode, clusters: &[&str]) {
     let client = node.client().await;
     client.ns_edit("acme/sensors", Edit::Create).await.expect("create");
     let set: BTreeSet<String> = clusters.iter().map(|s| s.to_string()).collect();
