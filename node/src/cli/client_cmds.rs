@@ -25,9 +25,12 @@ const ACKS_PENDING_MAX: usize = 512;
 
 /// Flags of `rill topics list`.
 #[derive(Debug, Args)]
-pub(crate) struct ConnArgs {
+pub(crate) struct TopicsListArgs {
     #[command(flatten)]
     conn: Conn,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Flags of `rill stats`.
@@ -321,6 +324,21 @@ pub(crate) struct ConsumeArgs {
     /// for an application that fails on some messages.
     #[arg(long)]
     nack_matching: Option<String>,
+    /// Read up to the topic's end offset as it is when the command starts, then exit
+    /// (at once when the subscription is already there).
+    #[arg(long)]
+    until_end: bool,
+    /// Exit when no message arrives for this long (90s, 15m, 2h).
+    #[arg(long, value_parser = parse_timeout)]
+    timeout: Option<Duration>,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match super::ns::parse_amount(s, super::ns::DURATION_UNITS, "--timeout") {
+        Ok(Some(secs)) if secs > 0 => Ok(Duration::from_secs(secs)),
+        Ok(_) => Err("the timeout must be at least 1s".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_start(s: &str) -> Result<StartPosition, String> {
@@ -361,7 +379,13 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         max_redeliveries: args.max_redeliveries,
         dead_letter_topic: args.dlq.clone(),
     };
+    // The end is read before subscribing: messages produced after the start are not awaited.
+    let end = match args.until_end {
+        true => Some(client.list_topics().await?.iter().find(|t| t.topic == args.topic).map_or(0, |t| t.end_offset)),
+        false => None,
+    };
     let mut consumer = client.subscribe_with(&args.topic, &args.subscription, args.from, options).await?;
+    let reached = |offset: u64| end.is_some_and(|e| offset >= e);
     let fails = |payload: &[u8]| {
         args.nack_matching.as_ref().is_some_and(|text| payload.windows(text.len().max(1)).any(|w| w == text.as_bytes()))
     };
@@ -369,9 +393,16 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     let mut seen = 0u64;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    while args.count.is_none_or(|n| seen < n) {
+    let mut done = reached(consumer.start_offset());
+    while !done && args.count.is_none_or(|n| seen < n) {
         let next = tokio::select! {
-            m = consumer.next() => m?,
+            m = next_within(&mut consumer, args.timeout) => match m? {
+                Some(m) => m,
+                None => {
+                    eprintln!("consume: no message for {}s; exiting", args.timeout.unwrap_or_default().as_secs());
+                    break;
+                }
+            },
             _ = &mut ctrl_c => break,
         };
         let Some(m) = next else {
@@ -392,9 +423,10 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         }
         consumer.ack(m.offset);
         seen += 1;
+        done = reached(m.offset + 1);
         // Acks leave only after what they acknowledge has reached stdout: a crash between
         // printing and acking redelivers rather than loses.
-        if consumer.buffered() == 0 || consumer.pending_acks() >= ACKS_PENDING_MAX {
+        if done || consumer.buffered() == 0 || consumer.pending_acks() >= ACKS_PENDING_MAX {
             out.flush()?;
             consumer.flush_acks().await?;
         }
@@ -405,9 +437,28 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn topics_list(args: ConnArgs) -> anyhow::Result<()> {
+/// The next delivery, or `Ok(None)` when `timeout` passes without one.
+async fn next_within(
+    consumer: &mut crate::client::Consumer,
+    timeout: Option<Duration>,
+) -> Result<Option<Option<rill_storage::StoredMessage>>, ClientError> {
+    match timeout {
+        None => consumer.next().await.map(Some),
+        Some(t) => match tokio::time::timeout(t, consumer.next()).await {
+            Ok(m) => m.map(Some),
+            Err(_) => Ok(None),
+        },
+    }
+}
+
+pub(crate) async fn topics_list(args: TopicsListArgs) -> anyhow::Result<()> {
     let client = args.conn.connect().await?;
     let topics = client.list_topics().await?;
+    client.close().await;
+    if args.json {
+        println!("{}", serde_json::to_string(&topics)?);
+        return Ok(());
+    }
     println!("{:<48} {:>12} {:>12} {:>14}", "TOPIC", "START", "END", "BYTES");
     for t in topics {
         match &t.error {
@@ -415,7 +466,6 @@ pub(crate) async fn topics_list(args: ConnArgs) -> anyhow::Result<()> {
             None => println!("{:<48} {:>12} {:>12} {:>14}", t.topic, t.start_offset, t.end_offset, t.bytes),
         }
     }
-    client.close().await;
     Ok(())
 }
 

@@ -76,7 +76,7 @@ enum CertsCommand {
 #[derive(Debug, Subcommand)]
 enum TopicsCommand {
     /// List topics with their offsets and sizes.
-    List(client_cmds::ConnArgs),
+    List(client_cmds::TopicsListArgs),
 }
 
 /// Where a client command connects.

@@ -47,6 +47,9 @@ pub(crate) enum NsCommand {
         namespace: Option<String>,
         #[command(flatten)]
         conn: Conn,
+        /// Print one JSON object, namespace -> policy, instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -124,7 +127,7 @@ pub(crate) async fn run(cmd: NsCommand) -> anyhow::Result<()> {
             }
             edit(&ns, edits).await
         }
-        NsCommand::Get { namespace, conn } => get(namespace, &conn).await,
+        NsCommand::Get { namespace, conn, json } => get(namespace, &conn, json).await,
     }
 }
 
@@ -141,13 +144,36 @@ fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "none".to_string(), |x| format!("{x:?}"))
 }
 
-async fn get(namespace: Option<String>, conn: &Conn) -> anyhow::Result<()> {
+async fn get(namespace: Option<String>, conn: &Conn, json: bool) -> anyhow::Result<()> {
     let client = conn.connect().await?;
     let doc = client.ns_get().await?;
     client.close().await;
-    let mut found = false;
-    for (name, p) in doc.iter().filter(|(n, _)| namespace.as_ref().is_none_or(|want| want == *n)) {
-        found = true;
+    let chosen: Vec<_> = doc.iter().filter(|(n, _)| namespace.as_ref().is_none_or(|want| want == *n)).collect();
+    if let (Some(want), true) = (&namespace, chosen.is_empty()) {
+        bail!("namespace '{want}' does not exist on this node");
+    }
+    if json {
+        let all: serde_json::Map<String, serde_json::Value> = chosen
+            .iter()
+            .map(|(name, p)| {
+                let policy = serde_json::json!({
+                    "clusters": p.clusters.val,
+                    "retention_age_s": p.retention_age_s.val,
+                    "retention_bytes": p.retention_bytes.val,
+                    "retention_messages": p.retention_messages.val,
+                    "backlog_bytes_max": p.backlog_bytes_max.val,
+                    "on_full": match p.on_full.val {
+                        OnFull::Reject => "reject",
+                        OnFull::DropOldest => "drop-oldest",
+                    },
+                });
+                (name.to_string(), policy)
+            })
+            .collect();
+        println!("{}", serde_json::Value::Object(all));
+        return Ok(());
+    }
+    for (name, p) in chosen {
         let clusters: Vec<&str> = p.clusters.val.iter().map(String::as_str).collect();
         println!("{name}");
         println!("  clusters        {}", clusters.join(","));
@@ -156,9 +182,6 @@ async fn get(namespace: Option<String>, conn: &Conn) -> anyhow::Result<()> {
         println!("  retention count {} messages", show(&p.retention_messages.val));
         println!("  backlog max     {} bytes", show(&p.backlog_bytes_max.val));
         println!("  on full         {:?}", p.on_full.val);
-    }
-    if let (Some(want), false) = (namespace, found) {
-        bail!("namespace '{want}' does not exist on this node");
     }
     Ok(())
 }

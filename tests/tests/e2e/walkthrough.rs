@@ -79,3 +79,45 @@ fn certs_init_makes_a_mesh_a_node_and_a_client_can_use() {
     let out = node.cli(&["consume", "t/n/x", "-s", "s", "-n", "1", "--certs", "certs"], "");
     assert_eq!(text(&out.stdout), "hello\n", "{}", text(&out.stderr));
 }
+
+/// What a script needs: read what is there and stop, stop when nothing comes, and the
+/// topic list and catalogue as JSON.
+#[test]
+fn scripts_read_to_the_end_and_get_json() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = TestNode::start(tmp.path(), "scripts");
+    let out = node.cli(&["produce", "t/n/x"], "a\nb\nc\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // --until-end stops at the end as it was at the start, and a second run at once.
+    let out = node.cli(&["consume", "t/n/x", "-s", "s", "--until-end"], "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "a\nb\nc\n");
+    let started = std::time::Instant::now();
+    let out = node.cli(&["consume", "t/n/x", "-s", "s", "--until-end"], "");
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", text(&out.stderr));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "nothing to read: it exits at once");
+    // --until-end on a topic that does not exist yet exits at once too.
+    let out = node.cli(&["consume", "t/n/none", "-s", "s", "--until-end"], "");
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", text(&out.stderr));
+    // --timeout ends a wait for messages that do not come.
+    let started = std::time::Instant::now();
+    let out = node.cli(&["consume", "t/n/x", "-s", "late", "--from", "latest", "--timeout", "1s"], "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no message for 1s"), "{}", text(&out.stderr));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let out = node.cli(&["consume", "t/n/x", "-s", "x", "--timeout", "0s"], "");
+    assert!(!out.status.success() && text(&out.stderr).contains("at least 1s"), "{}", text(&out.stderr));
+    // JSON for scripts.
+    let out = node.cli(&["topics", "list", "--json"], "");
+    let topics: serde_json::Value = serde_json::from_slice(&out.stdout).expect("topics list --json is JSON");
+    let x = topics.as_array().expect("an array").iter().find(|t| t["topic"] == "t/n/x").expect("t/n/x listed");
+    assert_eq!(x["end_offset"], 3);
+    let out = node.cli(&["ns", "create", "t/n"], "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = node.cli(&["ns", "get", "--json"], "");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ns get --json is JSON");
+    assert_eq!(doc["t/n"]["on_full"], "reject", "{doc}");
+    assert!(doc["t/n"]["clusters"].is_array(), "{doc}");
+    let out = node.cli(&["ns", "get", "t/none", "--json"], "");
+    assert!(!out.status.success() && text(&out.stderr).contains("does not exist"), "{}", text(&out.stderr));
+}
