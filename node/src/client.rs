@@ -13,7 +13,7 @@ use rill_storage::StoredMessage;
 use rill_transport::{
     FrameError, Net, TokioNet,
     certs::{CertError, Identity, MESH_SERVER_NAME},
-    frame,
+    frame::{self, FrameReader},
     tls::{self, ALPN_CLIENT, TlsError},
 };
 use tokio::time::Instant;
@@ -26,6 +26,9 @@ use crate::protocol::{
 /// Largest frame the client accepts from a node (a delivery is at most half of the
 /// node's frame limit, 16 MiB by default).
 const CLIENT_FRAME_BYTES_MAX: u32 = 64 << 20;
+/// Longest [`Client::close`] waits for the node to confirm the close: a node that stalls
+/// otherwise keeps a finished command waiting for QUIC's idle timeout.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Errors of client operations.
 #[derive(Debug, thiserror::Error)]
@@ -143,10 +146,11 @@ impl Client {
         Ok(Client { endpoint, conn })
     }
 
-    /// Closes the connection.
+    /// Closes the connection, waiting at most [`CLOSE_WAIT`] for the node to confirm (a
+    /// node that stalled must not keep a finished command running).
     pub async fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
-        self.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
     }
 
     /// Opens a bare stream, for tools and tests that speak the frame protocol directly.
@@ -222,6 +226,7 @@ impl Client {
             recv,
             in_flight: VecDeque::new(),
             buf: Vec::new(),
+            reader: FrameReader::default(),
         })
     }
 
@@ -263,9 +268,15 @@ impl Client {
     }
 }
 
-/// A message to produce; the producer assigns its sequence number.
+/// A message to produce. Its sequence number is assigned by the producer, or chosen by
+/// the caller (`seq`): then the caller guarantees that (producer, seq) names this one
+/// message forever, for example a line number of a file, so a resend after the caller
+/// itself restarted carries the same id and is stored once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outgoing {
+    /// The caller's sequence number; `None` to have the producer assign one. A batch is
+    /// all one or all the other.
+    pub seq: Option<u64>,
     /// Optional routing key.
     pub key: Option<Vec<u8>>,
     /// Application headers.
@@ -278,6 +289,11 @@ impl Outgoing {
     /// A message with only a payload.
     pub fn payload(payload: impl Into<Vec<u8>>) -> Self {
         Outgoing { payload: payload.into(), ..Default::default() }
+    }
+
+    /// The same message with the caller's sequence number.
+    pub fn with_seq(self, seq: u64) -> Self {
+        Outgoing { seq: Some(seq), ..self }
     }
 }
 
@@ -311,6 +327,8 @@ pub struct Producer {
     recv: RecvStream,
     in_flight: VecDeque<InFlight>,
     buf: Vec<u8>,
+    /// Reads acks; keeps a partly read one across a cancelled `next_ack`.
+    reader: FrameReader,
 }
 
 impl Producer {
@@ -342,15 +360,35 @@ impl Producer {
         self.in_flight.len()
     }
 
-    /// Sends a batch without waiting for its acknowledgement; returns its first seq.
+    /// Sends a batch without waiting for its acknowledgement; returns its first seq. A
+    /// batch mixing caller-chosen and assigned seqs is refused before anything is sent;
+    /// caller-chosen seqs leave the assigned sequence where it was.
     pub async fn send(&mut self, batch: Vec<Outgoing>) -> Result<u64, ClientError> {
-        let first_seq = self.next_seq;
+        let explicit = batch.iter().filter(|m| m.seq.is_some()).count();
+        if explicit != 0 && explicit != batch.len() {
+            return Err(ClientError::Unexpected(format!(
+                "a batch mixes {explicit} caller-chosen seq(s) with {} assigned ones; send them apart",
+                batch.len() - explicit
+            )));
+        }
+        if let Some(m) = batch.iter().find(|m| m.seq == Some(u64::MAX)) {
+            return Err(ClientError::Unexpected(format!("seq {} is reserved", m.seq.unwrap_or_default())));
+        }
+        let first_assigned = self.next_seq;
         let messages: Vec<NewMessage> = batch
             .into_iter()
             .enumerate()
-            .map(|(i, m)| NewMessage { seq: first_seq + i as u64, key: m.key, headers: m.headers, payload: m.payload })
+            .map(|(i, m)| NewMessage {
+                seq: m.seq.unwrap_or(first_assigned + i as u64),
+                key: m.key,
+                headers: m.headers,
+                payload: m.payload,
+            })
             .collect();
-        self.next_seq += messages.len() as u64;
+        if explicit == 0 {
+            self.next_seq += messages.len() as u64;
+        }
+        let first_seq = messages.first().map_or(first_assigned, |m| m.seq);
         self.in_flight.push_back(InFlight { messages, sent_at: Instant::now() });
         let batch = self.in_flight.back().expect("just pushed");
         let request = Request::Produce {
@@ -363,11 +401,14 @@ impl Producer {
     }
 
     /// Waits for the acknowledgement of the oldest batch in flight. A refusal drops that
-    /// batch (it will not be resent) and is returned as an error.
+    /// batch (it will not be resent) and is returned as an error. Cancel-safe: dropped
+    /// before it is ready (in a `select!`), it loses nothing, and the next call answers the
+    /// same batch.
     pub async fn next_ack(&mut self) -> Result<BatchAck, ClientError> {
-        let response = frame::read_frame(&mut self.recv, CLIENT_FRAME_BYTES_MAX, &mut self.buf)
-            .await?
-            .ok_or(ClientError::Closed)?;
+        if self.in_flight.is_empty() {
+            return Err(ClientError::Unexpected("next_ack with nothing in flight".into()));
+        }
+        let response = self.reader.read(&mut self.recv, CLIENT_FRAME_BYTES_MAX).await?.ok_or(ClientError::Closed)?;
         let batch =
             self.in_flight.front().ok_or_else(|| ClientError::Unexpected("an answer with nothing in flight".into()))?;
         let first_seq = batch.messages.first().map_or(self.next_seq, |m| m.seq);
@@ -400,6 +441,7 @@ impl Producer {
         let (send, recv) = client.open_stream().await?;
         self.send = send;
         self.recv = recv;
+        self.reader = FrameReader::default();
         for batch in &mut self.in_flight {
             batch.sent_at = Instant::now();
             let request = Request::Produce {

@@ -87,10 +87,69 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
         std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
         _ => FrameError::Io(e),
     })?;
-    if buf[0] != FRAME_VERSION {
-        return Err(FrameError::Version(buf[0]));
+    decode_body(buf).map(Some)
+}
+
+/// Decodes a frame's body: the version byte, then the value.
+fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    if body[0] != FRAME_VERSION {
+        return Err(FrameError::Version(body[0]));
     }
-    postcard::from_bytes(&buf[1..]).map(Some).map_err(|e| FrameError::Decode(e.to_string()))
+    postcard::from_bytes(&body[1..]).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// Reads frames keeping its progress between calls, so that [`FrameReader::read`] is
+/// cancel-safe: a read dropped part-way (a `select!` branch that lost) keeps the bytes it
+/// had, and the next call continues the same frame. [`read_frame`] is not: it may have
+/// consumed half a frame when dropped.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    /// Bytes of the current frame (header included) read so far.
+    have: usize,
+}
+
+impl FrameReader {
+    /// Reads the next frame of at most `max_bytes`. `Ok(None)` means the stream ended
+    /// cleanly between frames. Cancel-safe for readers whose `read` is (quinn's and
+    /// tokio's are).
+    pub async fn read<R: AsyncRead + Unpin, T: DeserializeOwned>(
+        &mut self,
+        r: &mut R,
+        max_bytes: u32,
+    ) -> Result<Option<T>, FrameError> {
+        loop {
+            let want = match self.body_len(max_bytes)? {
+                None => 4,
+                Some(len) => 4 + len as usize,
+            };
+            if want > 4 && self.have == want {
+                self.have = 0;
+                return decode_body(&self.buf[4..want]).map(Some);
+            }
+            if self.buf.len() < want {
+                self.buf.resize(want, 0);
+            }
+            match r.read(&mut self.buf[self.have..want]).await? {
+                0 if self.have == 0 => return Ok(None),
+                0 => return Err(FrameError::Truncated),
+                n => self.have += n,
+            }
+        }
+    }
+
+    /// The body length once the header is in, checked against the limit.
+    fn body_len(&self, max_bytes: u32) -> Result<Option<u32>, FrameError> {
+        if self.have < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(self.buf[..4].try_into().expect("four bytes"));
+        match len {
+            0 => Err(FrameError::Empty),
+            len if len > max_bytes => Err(FrameError::TooLarge { len, max: max_bytes }),
+            len => Ok(Some(len)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -103,12 +162,24 @@ mod tests {
         Bye,
     }
 
+    /// Reads every frame, with `read_frame` and with a `FrameReader`; both must agree.
     async fn read_all(bytes: Vec<u8>, max: u32) -> Vec<Result<Option<Msg>, String>> {
+        let plain = read_all_with(bytes.clone(), max, false).await;
+        assert_eq!(plain, read_all_with(bytes, max, true).await);
+        plain
+    }
+
+    async fn read_all_with(bytes: Vec<u8>, max: u32, stateful: bool) -> Vec<Result<Option<Msg>, String>> {
         let mut r = &bytes[..];
         let mut buf = Vec::new();
+        let mut reader = FrameReader::default();
         let mut out = Vec::new();
         loop {
-            let f = read_frame::<_, Msg>(&mut r, max, &mut buf).await.map_err(|e| e.to_string());
+            let f = match stateful {
+                false => read_frame::<_, Msg>(&mut r, max, &mut buf).await,
+                true => reader.read::<_, Msg>(&mut r, max).await,
+            };
+            let f = f.map_err(|e| e.to_string());
             let end = !matches!(f, Ok(Some(_)));
             out.push(f);
             if end {
@@ -142,5 +213,24 @@ mod tests {
             let err = got.last().unwrap().as_ref().unwrap_err();
             assert!(err.contains(want), "{bytes:?}: {err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_cancelled_mid_frame_loses_nothing() {
+        let mut wire = Vec::new();
+        let mut buf = Vec::new();
+        write_frame(&mut wire, &Msg::Hello { name: "abc".into(), n: 7 }, &mut buf).await.unwrap();
+        write_frame(&mut wire, &Msg::Bye, &mut buf).await.unwrap();
+        let (mut tx, mut rx) = tokio::io::duplex(64);
+        let mut reader = FrameReader::default();
+        // Half of the first frame arrives; the read is cancelled while waiting for the rest.
+        tx.write_all(&wire[..6]).await.unwrap();
+        let wait = std::time::Duration::from_millis(20);
+        assert!(tokio::time::timeout(wait, reader.read::<_, Msg>(&mut rx, 1024)).await.is_err());
+        tx.write_all(&wire[6..]).await.unwrap();
+        drop(tx);
+        assert_eq!(reader.read(&mut rx, 1024).await.unwrap(), Some(Msg::Hello { name: "abc".into(), n: 7 }));
+        assert_eq!(reader.read(&mut rx, 1024).await.unwrap(), Some(Msg::Bye));
+        assert_eq!(reader.read::<_, Msg>(&mut rx, 1024).await.unwrap(), None);
     }
 }

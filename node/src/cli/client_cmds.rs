@@ -56,9 +56,23 @@ pub(crate) struct ProduceArgs {
     /// Key for every message.
     #[arg(long)]
     key: Option<String>,
-    /// Stable producer name (dedup survives restarts of this command); default: random id.
+    /// Stable producer name; default: a random id (with --seq-from-line: the file's name).
+    /// With assigned seqs a rerun continues after the highest seq the node holds, so lines
+    /// sent again are stored again; for exactly once across reruns choose the seqs
+    /// (--seq-from-line, --seq-field).
     #[arg(long)]
     producer: Option<String>,
+    /// Each line's seq is its 1-based line number: a rerun over the same input after a
+    /// crash stores every line once.
+    #[arg(long, conflicts_with_all = ["count", "seq_field"])]
+    seq_from_line: bool,
+    /// Each line is a JSON object whose field NAME (a whole number) is its seq.
+    #[arg(long, value_name = "NAME", conflicts_with = "count")]
+    seq_field: Option<String>,
+    /// Print one JSON line per acknowledged message to stdout, as acks arrive: producer,
+    /// seq, offset (null when a duplicate's offset is forgotten) and duplicate.
+    #[arg(long)]
+    acks: bool,
     /// Send this many synthetic messages instead of reading lines.
     #[arg(long)]
     count: Option<u64>,
@@ -74,6 +88,38 @@ pub(crate) struct ProduceArgs {
     /// Batches in flight before waiting for acks.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     window: u64,
+}
+
+impl ProduceArgs {
+    /// The producer name: given, or the input file's name with caller-chosen seqs (line
+    /// 1 of two files must not share an id), or a random id.
+    fn producer_name(&self, env: &Env) -> anyhow::Result<String> {
+        if let Some(name) = &self.producer {
+            return Ok(name.clone());
+        }
+        if !self.seq_from_line {
+            return Ok(env.random_id());
+        }
+        let Some(file) = &self.file else {
+            bail!("--seq-from-line on stdin needs --producer NAME: line numbers of different inputs must not share ids")
+        };
+        let name = file.file_name().and_then(|n| n.to_str()).context("the file name is not UTF-8; pass --producer")?;
+        Ok(name.to_string())
+    }
+
+    /// The caller's seq of line `line_no` (1-based), if seqs are chosen by the caller.
+    fn seq_of(&self, line: &str, line_no: u64) -> anyhow::Result<Option<u64>> {
+        if self.seq_from_line {
+            return Ok(Some(line_no));
+        }
+        let Some(field) = &self.seq_field else { return Ok(None) };
+        let value: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("line {line_no} is not JSON (--seq-field {field})"))?;
+        match value.get(field).and_then(serde_json::Value::as_u64) {
+            Some(seq) if seq < u64::MAX => Ok(Some(seq)),
+            _ => bail!("line {line_no} has no whole-number field '{field}' (--seq-field)"),
+        }
+    }
 }
 
 /// Produce totals.
@@ -98,6 +144,7 @@ impl Totals {
 
 /// A producer that survives node restarts: on a retriable error it reconnects with
 /// backoff and resends what was not acknowledged (the node's dedup drops repeats).
+/// Acks are read as they arrive, so the latency it reports is send to ack per batch.
 struct ResilientProducer {
     options: ClientOptions,
     client: Client,
@@ -105,31 +152,55 @@ struct ResilientProducer {
     env: Env,
     window: usize,
     totals: Totals,
+    /// Where `--acks` lines go.
+    acks_out: Option<std::io::Stdout>,
 }
 
 impl ResilientProducer {
-    async fn open(conn: &Conn, topic: &str, name: Option<String>, window: usize) -> anyhow::Result<Self> {
+    async fn open(args: &ProduceArgs) -> anyhow::Result<Self> {
         let env = Env::production();
-        let options = ClientOptions::new(conn.addr, &conn.certs);
-        let client = conn.connect().await?;
-        let name = name.unwrap_or_else(|| env.random_id());
-        let producer = client.producer(topic, name).await?;
-        Ok(ResilientProducer { options, client, producer, env, window, totals: Totals::default() })
+        let options = ClientOptions::new(args.conn.addr, &args.conn.certs);
+        let name = args.producer_name(&env)?;
+        let client = args.conn.connect().await?;
+        let producer = client.producer(&args.topic, name).await?;
+        let acks_out = args.acks.then(std::io::stdout);
+        Ok(ResilientProducer {
+            options,
+            client,
+            producer,
+            env,
+            window: args.window as usize,
+            totals: Totals::default(),
+            acks_out,
+        })
     }
 
     async fn send(&mut self, batch: Vec<Outgoing>) -> anyhow::Result<()> {
         while self.producer.in_flight() >= self.window {
-            self.await_ack().await?;
+            let ack = self.producer.next_ack().await;
+            self.on_ack(ack).await?;
         }
         if let Err(e) = self.producer.send(batch).await {
             self.recover(e).await?;
         }
+        // Take whatever acks are already here, so their latency is not inflated by waiting.
+        while self.producer.in_flight() > 0 {
+            match tokio::time::timeout(Duration::ZERO, self.producer.next_ack()).await {
+                Ok(ack) => self.on_ack(ack).await?,
+                Err(_) => break,
+            }
+        }
         Ok(())
     }
 
-    async fn await_ack(&mut self) -> anyhow::Result<()> {
-        match self.producer.next_ack().await {
-            Ok(ack) => self.totals.record(&ack),
+    async fn on_ack(&mut self, ack: Result<BatchAck, ClientError>) -> anyhow::Result<()> {
+        match ack {
+            Ok(ack) => {
+                self.totals.record(&ack);
+                if let Some(out) = &self.acks_out {
+                    print_acks(&mut out.lock(), self.producer.id(), &ack)?;
+                }
+            }
             Err(e) => self.recover(e).await?,
         }
         Ok(())
@@ -137,7 +208,8 @@ impl ResilientProducer {
 
     async fn flush(&mut self) -> anyhow::Result<()> {
         while self.producer.in_flight() > 0 {
-            self.await_ack().await?;
+            let ack = self.producer.next_ack().await;
+            self.on_ack(ack).await?;
         }
         Ok(())
     }
@@ -171,6 +243,24 @@ impl ResilientProducer {
     }
 }
 
+/// One JSON line per acknowledged message of `ack`.
+fn print_acks(out: &mut impl Write, producer: &str, ack: &BatchAck) -> std::io::Result<()> {
+    for (i, result) in ack.results.iter().enumerate() {
+        let (offset, duplicate) = match result {
+            Produced::Stored(offset) => (Some(*offset), false),
+            Produced::Duplicate(offset) => (*offset, true),
+        };
+        let line = serde_json::json!({
+            "producer": producer,
+            "seq": ack.first_seq + i as u64,
+            "offset": offset,
+            "duplicate": duplicate,
+        });
+        writeln!(out, "{line}")?;
+    }
+    out.flush()
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -179,7 +269,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 pub(crate) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
-    let mut p = ResilientProducer::open(&args.conn, &args.topic, args.producer.clone(), args.window as usize).await?;
+    let mut p = ResilientProducer::open(&args).await?;
     let started = Instant::now();
     let key = args.key.as_ref().map(|k| k.as_bytes().to_vec());
     match args.count {
@@ -191,7 +281,7 @@ pub(crate) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let t = &mut p.totals;
     t.latencies_us.sort_unstable();
     eprintln!(
-        "produced {} message(s) to {} as producer {} ({} duplicate(s)) in {secs:.2}s: {:.0} msgs/s, batch ack latency p50 {:.1} ms p99 {:.1} ms",
+        "produced {} message(s) to {} as producer {} ({} duplicate(s)) in {secs:.2}s: {:.0} msgs/s, batch send-to-ack latency p50 {:.1} ms p99 {:.1} ms",
         t.stored,
         args.topic,
         p.producer.id(),
@@ -204,6 +294,13 @@ pub(crate) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What woke the line loop.
+enum Step {
+    Ack(Result<BatchAck, ClientError>),
+    Linger,
+    Line(Option<String>),
+}
+
 async fn produce_lines(p: &mut ResilientProducer, args: &ProduceArgs, key: Option<Vec<u8>>) -> anyhow::Result<()> {
     let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &args.file {
         Some(f) => Box::new(tokio::fs::File::open(f).await.with_context(|| format!("opening {}", f.display()))?),
@@ -211,25 +308,35 @@ async fn produce_lines(p: &mut ResilientProducer, args: &ProduceArgs, key: Optio
     };
     let mut lines = BufReader::new(input).lines();
     let mut batch = Vec::new();
-    let mut batch_deadline = None;
+    let mut batch_deadline: Option<Instant> = None;
+    let mut line_no = 0u64;
     loop {
-        let line = match batch_deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, lines.next_line()).await {
-                Ok(line) => line?,
-                Err(_) => {
+        // Both reads are cancel-safe, so acks are taken the moment they arrive.
+        let in_flight = p.producer.in_flight() > 0;
+        let linger = batch_deadline.unwrap_or_else(Instant::now);
+        let step = tokio::select! {
+            biased;
+            ack = p.producer.next_ack(), if in_flight => Step::Ack(ack),
+            () = tokio::time::sleep_until(linger), if batch_deadline.is_some() => Step::Linger,
+            line = lines.next_line() => Step::Line(line?),
+        };
+        match step {
+            Step::Ack(ack) => p.on_ack(ack).await?,
+            Step::Linger => {
+                p.send(std::mem::take(&mut batch)).await?;
+                batch_deadline = None;
+            }
+            Step::Line(None) => break,
+            Step::Line(Some(line)) => {
+                line_no += 1;
+                let seq = args.seq_of(&line, line_no)?;
+                batch.push(Outgoing { seq, key: key.clone(), headers: Vec::new(), payload: line.into_bytes() });
+                batch_deadline.get_or_insert_with(|| Instant::now() + LINGER);
+                if batch.len() as u64 >= args.batch {
                     p.send(std::mem::take(&mut batch)).await?;
                     batch_deadline = None;
-                    continue;
                 }
-            },
-            None => lines.next_line().await?,
-        };
-        let Some(line) = line else { break };
-        batch.push(Outgoing { key: key.clone(), headers: Vec::new(), payload: line.into_bytes() });
-        batch_deadline.get_or_insert_with(|| Instant::now() + LINGER);
-        if batch.len() as u64 >= args.batch {
-            p.send(std::mem::take(&mut batch)).await?;
-            batch_deadline = None;
+            }
         }
     }
     if !batch.is_empty() {
@@ -260,7 +367,7 @@ async fn produce_synthetic(
                 let stamp = (sent + i).to_le_bytes();
                 let k = stamp.len().min(payload.len());
                 payload[..k].copy_from_slice(&stamp[..k]);
-                Outgoing { key: key.clone(), headers: Vec::new(), payload }
+                Outgoing { seq: None, key: key.clone(), headers: Vec::new(), payload }
             })
             .collect();
         p.send(batch).await?;
