@@ -487,6 +487,12 @@ fn check_producer(producer: &str) -> Result<ProducerId, Response> {
     if producer.is_empty() || producer.len() > PRODUCER_ID_BYTES_MAX {
         return Err(error(ErrorCode::InvalidName, format!("producer id must be 1..={PRODUCER_ID_BYTES_MAX} bytes")));
     }
+    // Operators and bridges write under `$fn/...`, `$infer/...`, `$kafka/...` with ids
+    // derived from their inputs; a client must never be able to take those ids.
+    if producer.starts_with('$') {
+        let why = format!("producer '{producer}': names starting with '$' are reserved for operators and bridges");
+        return Err(error(ErrorCode::InvalidName, why));
+    }
     Ok(ProducerId(producer.into()))
 }
 

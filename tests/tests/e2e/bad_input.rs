@@ -34,6 +34,8 @@ async fn invalid_names_and_oversized_messages_are_refused_by_name() {
     }
     let (code, message) = refused(client.subscribe("t/n/x", "bad sub", StartPosition::Earliest).await);
     assert!(code == ErrorCode::InvalidName && message.contains("'bad sub'"), "{message}");
+    let (code, message) = refused(client.producer("t/n/x", "$fn/mine".into()).await);
+    assert!(code == ErrorCode::InvalidName && message.contains("reserved for operators"), "{message}");
 
     let mut p = client.producer("t/n/big", "p".into()).await.expect("producer");
     p.send(vec![Outgoing::payload("fits"), Outgoing::payload(vec![0u8; (1 << 20) + 1])]).await.expect("send");
