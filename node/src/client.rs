@@ -201,6 +201,15 @@ impl Client {
         }
     }
 
+    /// Deletes a subscription (refused while consumers are attached).
+    pub async fn delete_subscription(&self, topic: &str, subscription: &str) -> Result<(), ClientError> {
+        let request = Request::DeleteSubscription { topic: topic.into(), subscription: subscription.into() };
+        match self.call(&request).await? {
+            Response::SubscriptionDeleted => Ok(()),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
     /// The namespace catalogue as the node sees it.
     pub async fn ns_get(&self) -> Result<rill_replication::namespace::ConfigDoc, ClientError> {
         match self.call(&Request::NsGet).await? {

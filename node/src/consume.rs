@@ -116,6 +116,25 @@ pub(crate) async fn seek(
     Ok(Response::Sought { offset })
 }
 
+/// Deletes an existing subscription (see [`Request::DeleteSubscription`]): its dispatcher
+/// checks that no consumer is attached, removes the stored cursor and stops.
+pub(crate) async fn delete(shared: &Arc<Shared>, topic: &str, subscription: &str) -> Result<Response, Response> {
+    let name = parse_topic(topic)?;
+    check_part("subscription", subscription).map_err(|e| error(ErrorCode::InvalidName, e.to_string()))?;
+    let topic = shared.topic(&name).await.map_err(|e| storage_error(&e))?;
+    let exists = shared.meta.get(&cursor_key(&name, subscription)).map_err(|e| storage_error(&e))?.is_some();
+    if !exists {
+        return Err(error(ErrorCode::NotFound, format!("{name} has no subscription '{subscription}'")));
+    }
+    let (commands, _) = shared.subscriptions.get_or_start(shared, &topic, subscription, StartPosition::Earliest)?;
+    let (reply, done) = oneshot::channel();
+    let stopped = || error(ErrorCode::ShuttingDown, "the subscription's dispatcher stopped");
+    commands.send(Command::Delete { reply }).map_err(|_| stopped())?;
+    done.await.map_err(|_| stopped())??;
+    shared.subscriptions.forget(&name, subscription);
+    Ok(Response::SubscriptionDeleted)
+}
+
 /// The offset of the first message (in log order) published at or after `time_ms`, or
 /// `end`. A linear scan in chunks; the log keeps no time index.
 async fn first_published_at(topic: &Topic, from: u64, end: u64, time_ms: u64) -> Result<u64, Response> {

@@ -53,12 +53,33 @@ pub(crate) type Deliveries = mpsc::UnboundedSender<Vec<StoredMessage>>;
 
 /// What a dispatcher is told.
 pub(crate) enum Command {
-    Attach { options: ConsumerOptions, deliver: Deliveries, reply: oneshot::Sender<Result<Attached, Response>> },
-    Detach { consumer: u64 },
-    Ack { offsets: Vec<u64> },
-    AckCumulative { consumer: u64, offset: u64 },
-    Nack { consumer: u64, offsets: Vec<u64> },
-    Seek { offset: u64, reply: oneshot::Sender<()> },
+    Attach {
+        options: ConsumerOptions,
+        deliver: Deliveries,
+        reply: oneshot::Sender<Result<Attached, Response>>,
+    },
+    Detach {
+        consumer: u64,
+    },
+    Ack {
+        offsets: Vec<u64>,
+    },
+    AckCumulative {
+        consumer: u64,
+        offset: u64,
+    },
+    Nack {
+        consumer: u64,
+        offsets: Vec<u64>,
+    },
+    Seek {
+        offset: u64,
+        reply: oneshot::Sender<()>,
+    },
+    /// Delete the subscription and stop, unless consumers are attached.
+    Delete {
+        reply: oneshot::Sender<Result<(), Response>>,
+    },
 }
 
 /// A consumer's place in its subscription.
@@ -142,6 +163,12 @@ impl Registry {
         Ok((commands, counters))
     }
 
+    /// Drops a deleted subscription's entry (its dispatcher has stopped).
+    pub(crate) fn forget(&self, topic: &TopicName, subscription: &str) {
+        let mut running = self.running.lock().expect("registry lock poisoned");
+        running.remove(&(topic.clone(), subscription.to_string()));
+    }
+
     /// The counters of a subscription, if its dispatcher ran since the node started.
     pub(crate) fn counters(&self, topic: &TopicName, subscription: &str) -> Option<Arc<Counters>> {
         let running = self.running.lock().expect("registry lock poisoned");
@@ -196,20 +223,40 @@ impl Dispatcher {
             tokio::select! {
                 biased;
                 command = commands.recv() => match command {
-                    Some(c) => self.handle(c),
+                    Some(c) => if self.handle(c) { return },
                     None => return,
                 },
                 changed = committed.changed() => if changed.is_err() { return },
                 () = sleep, if wake.is_some() => {}
             }
             while let Ok(c) = commands.try_recv() {
-                self.handle(c);
+                if self.handle(c) {
+                    return;
+                }
             }
         }
     }
 
     fn now_ms(&self) -> u64 {
         self.shared.env.clock.now_ms()
+    }
+
+    /// Deletes the subscription's stored state unless consumers are attached; true when
+    /// it did (the dispatcher then stops).
+    fn delete(&mut self, reply: oneshot::Sender<Result<(), Response>>) -> bool {
+        if !self.consumers.is_empty() {
+            let message = format!(
+                "subscription '{}' on {} has {} consumer(s) attached; stop them first",
+                self.subscription,
+                self.topic.name,
+                self.consumers.len()
+            );
+            let _ = reply.send(Err(error(ErrorCode::SubscriptionBusy, message)));
+            return false;
+        }
+        let deleted = self.shared.meta.delete(&self.meta_key).and_then(|()| self.shared.meta.flush());
+        let _ = reply.send(deleted.map_err(|e| storage_error(&e)));
+        true
     }
 
     fn unacked_max(&self) -> usize {
@@ -220,8 +267,10 @@ impl Dispatcher {
         self.consumers.first().map(|c| c.options.kind)
     }
 
-    fn handle(&mut self, command: Command) {
+    /// Executes a command; true when the dispatcher must stop (its subscription is gone).
+    fn handle(&mut self, command: Command) -> bool {
         match command {
+            Command::Delete { reply } => return self.delete(reply),
             Command::Attach { options, deliver, reply } => {
                 let _ = reply.send(self.attach(options, deliver));
             }
@@ -260,6 +309,7 @@ impl Dispatcher {
                 }
             }
         }
+        false
     }
 
     fn attach(&mut self, options: ConsumerOptions, deliver: Deliveries) -> Result<Attached, Response> {

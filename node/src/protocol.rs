@@ -122,6 +122,14 @@ pub enum Request {
     },
     /// The namespace catalogue as this node sees it.
     NsGet,
+    /// Deletes a subscription: its cursor and ack state. Refused while consumers are
+    /// attached. Retention no longer waits for it.
+    DeleteSubscription {
+        /// `tenant/namespace/topic`.
+        topic: String,
+        /// Subscription name (it must exist).
+        subscription: String,
+    },
 }
 
 /// How the consumers of one subscription share its messages (as in Apache Pulsar).
@@ -386,4 +394,6 @@ pub enum Response {
         /// What went wrong, for a person.
         message: String,
     },
+    /// Answer to [`Request::DeleteSubscription`].
+    SubscriptionDeleted,
 }

@@ -470,6 +470,9 @@ async fn handle_request(shared: &Arc<Shared>, request: Request, request_bytes: u
         Request::Seek { topic, subscription, target } => {
             Pending::Ready(consume::seek(shared, &topic, &subscription, target).await.unwrap_or_else(|e| e))
         }
+        Request::DeleteSubscription { topic, subscription } => {
+            Pending::Ready(consume::delete(shared, &topic, &subscription).await.unwrap_or_else(|e| e))
+        }
         Request::Subscribe { .. } => {
             Pending::Ready(error(ErrorCode::Malformed, "Subscribe must be the first frame of its own stream"))
         }

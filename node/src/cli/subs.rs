@@ -8,6 +8,12 @@ use crate::protocol::SeekTarget;
 /// Subscription commands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum SubsCommand {
+    /// Delete a subscription (its position and ack state); refused while consumers are
+    /// attached.
+    Delete {
+        #[command(flatten)]
+        sub: SubArgs,
+    },
     /// List a topic's subscriptions with their backlog and consumers.
     List {
         /// `tenant/namespace/topic`.
@@ -56,6 +62,13 @@ pub(crate) struct SubArgs {
 pub(crate) async fn run(cmd: SubsCommand) -> anyhow::Result<()> {
     match cmd {
         SubsCommand::List { topic, conn } => list(&topic, &conn).await,
+        SubsCommand::Delete { sub } => {
+            let client = sub.conn.connect().await?;
+            client.delete_subscription(&sub.topic, &sub.subscription).await?;
+            client.close().await;
+            println!("subscription '{}' on {} deleted", sub.subscription, sub.topic);
+            Ok(())
+        }
         SubsCommand::Seek { sub, offset, time, ago } => {
             let target = match (offset, time, ago) {
                 (Some(o), _, _) => SeekTarget::Offset(o),

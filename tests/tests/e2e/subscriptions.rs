@@ -337,3 +337,38 @@ async fn a_cumulative_ack_acks_everything_up_to_it() {
     assert_eq!(c.start_offset(), 7);
     assert_eq!(next_within(&mut c, WAIT).await.map(|m| m.0), Some(7));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_is_deleted_only_without_consumers_and_starts_afresh_after() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = TestNode::start(tmp.path(), "subs-delete");
+    let client = node.client().await;
+    produce(&client, "t/n/x", payloads(0, 5)).await;
+    let mut c = client.subscribe("t/n/x", "s", StartPosition::Earliest).await.expect("subscribe");
+    for _ in 0..5 {
+        let (offset, _) = next_within(&mut c, WAIT).await.expect("a delivery");
+        c.ack(offset);
+    }
+    c.flush_acks().await.expect("acks");
+    let out = node.cli(&["subs", "delete", "t/n/x", "s"], "");
+    assert!(!out.status.success(), "deleted with a consumer attached");
+    assert!(
+        crate::support::text(&out.stderr).contains("1 consumer(s) attached"),
+        "{}",
+        crate::support::text(&out.stderr)
+    );
+    c.close().await.expect("close");
+    wait_consumers(&client, "t/n/x", "s", 0).await;
+    let out = node.cli(&["subs", "delete", "t/n/x", "s"], "");
+    assert!(out.status.success(), "{}", crate::support::text(&out.stderr));
+    let out = node.cli(&["subs", "delete", "t/n/x", "s"], "");
+    assert!(
+        crate::support::text(&out.stderr).contains("has no subscription 's'"),
+        "{}",
+        crate::support::text(&out.stderr)
+    );
+    // The name is free again: a new subscription starts where it is told, not at the old acks.
+    let mut again = client.subscribe("t/n/x", "s", StartPosition::Earliest).await.expect("subscribe again");
+    let (first, _) = next_within(&mut again, WAIT).await.expect("a delivery");
+    assert_eq!(first, 0, "a fresh subscription, not the deleted one's position");
+}
