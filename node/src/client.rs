@@ -19,7 +19,7 @@ use rill_transport::{
 use tokio::time::Instant;
 
 use crate::protocol::{
-    ConsumerOptions, ErrorCode, NewMessage, NodeStats, Produced, Request, Response, SeekTarget, StartPosition,
+    ConsumerOptions, ErrorCode, NewMessage, NodeStats, Produced, Request, Response, SeekTarget, SeqMode, StartPosition,
     TopicStats,
 };
 
@@ -218,18 +218,33 @@ impl Client {
         }
     }
 
-    /// Opens a producer on `topic`. `producer` is a stable name (its sequence numbers
-    /// continue where the node's dedup state says they ended) or a fresh random id.
+    /// Opens a producer session on `topic` whose seqs it assigns: the node draws a new
+    /// epoch, so this session's ids are new whatever the name did before (a message sent
+    /// again by a new session is stored again: at least once). [`Producer::resume`] keeps
+    /// the epoch across reconnects.
     pub async fn producer(&self, topic: &str, producer: String) -> Result<Producer, ClientError> {
-        let next_seq =
-            match self.call(&Request::OpenProducer { topic: topic.into(), producer: producer.clone() }).await? {
-                Response::ProducerOpened { next_seq } => next_seq,
-                other => return Err(refused_or_unexpected(other)),
-            };
+        self.open_producer(topic, producer, SeqMode::Assigned).await
+    }
+
+    /// Opens a producer whose seqs the caller chooses ([`Outgoing::with_seq`], epoch 0):
+    /// the caller guarantees that (producer, seq) names one message forever, so a resend
+    /// after the caller itself restarted is stored once.
+    pub async fn producer_with_seqs(&self, topic: &str, producer: String) -> Result<Producer, ClientError> {
+        self.open_producer(topic, producer, SeqMode::Chosen).await
+    }
+
+    async fn open_producer(&self, topic: &str, producer: String, seqs: SeqMode) -> Result<Producer, ClientError> {
+        let request = Request::OpenProducer { topic: topic.into(), producer: producer.clone(), seqs };
+        let (epoch, next_seq) = match self.call(&request).await? {
+            Response::ProducerOpened { epoch, next_seq } => (epoch, next_seq),
+            other => return Err(refused_or_unexpected(other)),
+        };
         let (send, recv) = self.open_stream().await?;
         Ok(Producer {
             topic: topic.into(),
             producer,
+            epoch,
+            seqs,
             next_seq,
             send,
             recv,
@@ -318,6 +333,9 @@ struct InFlight {
 pub struct BatchAck {
     /// Sequence number of the batch's first message.
     pub first_seq: u64,
+    /// Every message's sequence number, in order (caller-chosen ones need not be
+    /// consecutive).
+    pub seqs: Vec<u64>,
     /// One entry per message, in order.
     pub results: Vec<Produced>,
     /// When the batch was (last) sent.
@@ -331,6 +349,9 @@ pub struct BatchAck {
 pub struct Producer {
     topic: String,
     producer: String,
+    /// The session's epoch (0 with caller-chosen seqs).
+    epoch: u64,
+    seqs: SeqMode,
     next_seq: u64,
     send: SendStream,
     recv: RecvStream,
@@ -349,6 +370,11 @@ impl Producer {
     /// The topic.
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// The session's epoch: 0 when the caller chooses seqs, else drawn by the node.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The sequence numbers of the oldest batch in flight: the one
@@ -380,6 +406,17 @@ impl Producer {
                 batch.len() - explicit
             )));
         }
+        match (self.seqs, explicit) {
+            (SeqMode::Assigned, 1..) => {
+                return Err(ClientError::Unexpected(
+                    "this producer assigns seqs; open one with producer_with_seqs to choose them".into(),
+                ));
+            }
+            (SeqMode::Chosen, 0) if !batch.is_empty() => {
+                return Err(ClientError::Unexpected("this producer's seqs are chosen: give every message one".into()));
+            }
+            _ => {}
+        }
         if let Some(m) = batch.iter().find(|m| m.seq == Some(u64::MAX)) {
             return Err(ClientError::Unexpected(format!("seq {} is reserved", m.seq.unwrap_or_default())));
         }
@@ -403,6 +440,7 @@ impl Producer {
         let request = Request::Produce {
             topic: self.topic.clone(),
             producer: self.producer.clone(),
+            epoch: self.epoch,
             messages: batch.messages.clone(),
         };
         frame::write_frame(&mut self.send, &request, &mut self.buf).await?;
@@ -424,8 +462,9 @@ impl Producer {
         let sent_at = batch.sent_at;
         match response {
             Response::Produced(results) if results.len() == batch.messages.len() => {
+                let seqs = batch.messages.iter().map(|m| m.seq).collect();
                 self.in_flight.pop_front();
-                Ok(BatchAck { first_seq, results, sent_at })
+                Ok(BatchAck { first_seq, seqs, results, sent_at })
             }
             Response::Error { code, message } if !code.is_retriable() => {
                 self.in_flight.pop_front();
@@ -456,6 +495,7 @@ impl Producer {
             let request = Request::Produce {
                 topic: self.topic.clone(),
                 producer: self.producer.clone(),
+                epoch: self.epoch,
                 messages: batch.messages.clone(),
             };
             frame::write_frame(&mut self.send, &request, &mut self.buf).await?;

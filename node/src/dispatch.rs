@@ -586,8 +586,11 @@ impl Dispatcher {
                 ("rill-dlq-offset".to_string(), m.offset.to_string().into_bytes()),
             ]);
             let letter = Message {
+                // A derived id under a reserved name: a dead letter written again after a
+                // crash is the same message, stored once.
                 id: MessageId {
-                    producer: ProducerId(format!("{}@{}", self.subscription, self.topic.name).into()),
+                    producer: ProducerId(format!("$dlq/{}@{}", self.subscription, self.topic.name).into()),
+                    epoch: 0,
                     seq: m.offset,
                 },
                 origin: m.message.origin.clone(),

@@ -54,15 +54,29 @@ pub enum SeekTarget {
     PublishTime(u64),
 }
 
+/// Who chooses a producer session's sequence numbers (DESIGN section 2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeqMode {
+    /// The producer counts from 0 in an epoch the node draws: a new session never reuses
+    /// an old one's ids (a resend by a new session is stored again: at least once).
+    #[default]
+    Assigned,
+    /// The caller chooses them (epoch 0) and guarantees that (producer, seq) names one
+    /// message forever: a resend after the caller's own restart is stored once.
+    Chosen,
+}
+
 /// Client to node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// Asks where a producer's sequence numbers should continue on a topic.
+    /// Opens a producer session on a topic: for assigned seqs the node draws its epoch.
     OpenProducer {
         /// `tenant/namespace/topic`.
         topic: String,
         /// The producer id.
         producer: String,
+        /// Who chooses the sequence numbers.
+        seqs: SeqMode,
     },
     /// Appends messages (atomically: all are validated before any is stored).
     Produce {
@@ -70,6 +84,8 @@ pub enum Request {
         topic: String,
         /// The producer id.
         producer: String,
+        /// The session's epoch (0: caller-chosen seqs).
+        epoch: u64,
         /// The messages.
         messages: Vec<NewMessage>,
     },
@@ -362,7 +378,10 @@ pub struct NodeStats {
 pub enum Response {
     /// Answer to [`Request::OpenProducer`].
     ProducerOpened {
-        /// The next sequence number to use (one past the highest held).
+        /// The session's epoch: 0 for caller-chosen seqs, else drawn by the node.
+        epoch: u64,
+        /// Where the session's seqs continue: 0 for a new epoch; with caller-chosen seqs
+        /// one past the highest held (for information; the caller decides).
         next_seq: u64,
     },
     /// Answer to [`Request::Produce`], one entry per message, in order.

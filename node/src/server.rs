@@ -35,7 +35,7 @@ use crate::{
     consume,
     env::Env,
     mesh::{self, MeshHandle},
-    protocol::{ErrorCode, NewMessage, NodeStats, Request, Response, TopicStats},
+    protocol::{ErrorCode, NewMessage, NodeStats, Request, Response, SeqMode, TopicStats},
     topic::{AppendReply, Growth, Topic},
 };
 
@@ -450,10 +450,12 @@ async fn write_responses(mut send: SendStream, mut rx: mpsc::Receiver<Pending>) 
 
 async fn handle_request(shared: &Arc<Shared>, request: Request, request_bytes: usize) -> Pending {
     match request {
-        Request::Produce { topic, producer, messages } => {
-            produce(shared, &topic, producer, messages, request_bytes).await
+        Request::Produce { topic, producer, epoch, messages } => {
+            produce(shared, &topic, (producer, epoch), messages, request_bytes).await
         }
-        Request::OpenProducer { topic, producer } => Pending::Ready(open_producer(shared, &topic, producer).await),
+        Request::OpenProducer { topic, producer, seqs } => {
+            Pending::Ready(open_producer(shared, &topic, producer, seqs).await)
+        }
         Request::ListTopics => Pending::Ready(Response::Topics(topic_stats(shared))),
         Request::Stats => Pending::Ready(Response::Stats(NodeStats {
             node: shared.name.clone(),
@@ -499,23 +501,30 @@ fn check_producer(producer: &str) -> Result<ProducerId, Response> {
     Ok(ProducerId(producer.into()))
 }
 
-async fn open_producer(shared: &Shared, topic: &str, producer: String) -> Response {
+async fn open_producer(shared: &Shared, topic: &str, producer: String, seqs: SeqMode) -> Response {
     let (name, producer) = match (parse_topic(topic), check_producer(&producer)) {
         (Ok(n), Ok(p)) => (n, p),
         (Err(e), _) | (_, Err(e)) => return e,
     };
-    match shared.topic(&name).await {
-        Ok(t) => Response::ProducerOpened {
-            next_seq: t.store.lock().expect("topic lock poisoned").dedup().next_seq(&producer),
+    let topic = match shared.topic(&name).await {
+        Ok(t) => t,
+        Err(e) => return storage_error(&e),
+    };
+    match seqs {
+        // 64 random bits per session: two sessions of one producer share an epoch with
+        // odds of about n^2 / 2^65 for n sessions; 0 is the caller-chosen space.
+        SeqMode::Assigned => Response::ProducerOpened { epoch: shared.env.random.next_u64().max(1), next_seq: 0 },
+        SeqMode::Chosen => Response::ProducerOpened {
+            epoch: 0,
+            next_seq: topic.store.lock().expect("topic lock poisoned").dedup().next_seq(&producer, 0),
         },
-        Err(e) => storage_error(&e),
     }
 }
 
 async fn produce(
     shared: &Shared,
     topic: &str,
-    producer: String,
+    producer: (String, u64),
     messages: Vec<NewMessage>,
     request_bytes: usize,
 ) -> Pending {
@@ -538,7 +547,7 @@ async fn produce(
 async fn prepare_produce(
     shared: &Shared,
     topic: &str,
-    producer: String,
+    (producer, epoch): (String, u64),
     messages: Vec<NewMessage>,
 ) -> Result<(Arc<Topic>, Vec<Message>), Response> {
     if shared.shutting_down.load(Ordering::Relaxed) {
@@ -558,7 +567,7 @@ async fn prepare_produce(
             return Err(error(ErrorCode::Malformed, format!("seq {} is reserved", u64::MAX)));
         }
         let message = Message {
-            id: MessageId { producer: producer.clone(), seq: m.seq },
+            id: MessageId { producer: producer.clone(), epoch, seq: m.seq },
             origin: Arc::clone(&shared.origin),
             publish_time_ms: now_ms,
             key: m.key,

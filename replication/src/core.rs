@@ -868,7 +868,7 @@ mod tests {
             let t = topic(t);
             let messages: Vec<Message> = seqs
                 .map(|seq| Message {
-                    id: MessageId { producer: ProducerId(producer.into()), seq },
+                    id: MessageId { producer: ProducerId(producer.into()), epoch: 0, seq },
                     origin: node.into(),
                     publish_time_ms: 0,
                     key: None,

@@ -9,34 +9,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::namespace::ConfigDoc;
 
-/// What a node durably holds of one topic: per producer, the seqs it has synced. Built
+/// What a node durably holds of one topic: per (producer, epoch), the seqs it has synced. Built
 /// only from synced data (the dedup index that group commit fills after each fdatasync),
 /// so a peer that skips what a summary lists never skips a message the sender could still
 /// lose. It has no offsets: offsets are local to each node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
-    /// Seqs held per producer.
-    pub producers: Vec<(ProducerId, RangeSet)>,
+    /// Seqs held per (producer, epoch).
+    pub producers: Vec<(ProducerId, u64, RangeSet)>,
 }
 
 impl Summary {
     /// The summary of a topic's synced dedup index.
     pub fn of(index: &DedupIndex) -> Summary {
-        Summary { producers: index.seq_sets().map(|(p, seqs)| (p.clone(), seqs.clone())).collect() }
+        Summary { producers: index.seq_sets().map(|((p, e), seqs)| (p.clone(), *e, seqs.clone())).collect() }
     }
 
     /// True when it lists `id`.
     pub fn contains(&self, id: &MessageId) -> bool {
-        self.producers.iter().any(|(p, seqs)| *p == id.producer && seqs.contains(id.seq))
+        self.producers.iter().any(|(p, e, seqs)| *p == id.producer && *e == id.epoch && seqs.contains(id.seq))
     }
 
     /// The summary as a dedup index (with no remembered offsets), to merge into what a lane
     /// knows the peer holds.
     pub fn into_index(self) -> DedupIndex {
         let mut index = DedupIndex::default();
-        for (producer, seqs) in self.producers {
+        for (producer, epoch, seqs) in self.producers {
             for run in seqs.iter() {
-                index.record_run(&producer, run.start, 0, run.end - run.start);
+                index.record_run(&producer, epoch, run.start, 0, run.end - run.start);
             }
         }
         index
@@ -90,11 +90,14 @@ mod tests {
     fn a_summary_round_trips_through_a_dedup_index() {
         let mut index = DedupIndex::default();
         let p = ProducerId("p".into());
-        index.record_run(&p, 0, 100, 10);
-        index.record_run(&p, 20, 110, 5);
+        index.record_run(&p, 0, 0, 100, 10);
+        index.record_run(&p, 0, 20, 110, 5);
+        index.record_run(&p, 9, 0, 200, 1);
         let summary = Summary::of(&index);
-        assert!(summary.contains(&MessageId { producer: p.clone(), seq: 9 }));
-        assert!(!summary.contains(&MessageId { producer: p.clone(), seq: 10 }));
+        assert!(summary.contains(&MessageId { producer: p.clone(), epoch: 0, seq: 9 }));
+        assert!(!summary.contains(&MessageId { producer: p.clone(), epoch: 0, seq: 10 }));
+        assert!(summary.contains(&MessageId { producer: p.clone(), epoch: 9, seq: 0 }));
+        assert!(!summary.contains(&MessageId { producer: p.clone(), epoch: 9, seq: 1 }));
         let back = summary.clone().into_index();
         assert_eq!(Summary::of(&back), summary);
     }

@@ -6,11 +6,11 @@
 //! Half an hour in, `eu` (where the featurizer runs) crashes for twenty minutes; the
 //! featurizer moves to `us` and carries on there.
 //!
-//! Exactly once across the move comes from the dedup ids: the featurizer writes the
-//! feature of raw reading `n` as its own message `n`. On `us` it asks where its sequence
-//! stands (what `eu` replicated before the crash), skips the readings it already
-//! covered, and any feature it writes again is the same message id, which the nodes store
-//! once, even after `eu` comes back with its own copies.
+//! Exactly once across the move comes from the dedup ids: the featurizer chooses its seqs
+//! and writes the feature of raw reading `n` as its own message `n` (epoch 0). On `us` it
+//! asks where its sequence stands (what `eu` replicated before the crash), skips the
+//! readings it already covered, and any feature it writes again is the same message id,
+//! which the nodes store once, even after `eu` comes back with its own copies.
 //!
 //! `cargo run -p rill-sim --release --example pipeline [-- SEED]`
 use std::{collections::BTreeSet, time::Duration};
@@ -33,7 +33,7 @@ fn feature(raw: &[u8]) -> Vec<u8> {
 /// The featurizer on one region until it is done or the region fails it: returns how many
 /// features it has written in all.
 async fn featurize_on(ctx: &Ctx, region: &str) -> Result<u64, Box<dyn std::error::Error>> {
-    let mut out = ctx.producer(region, FEATURES, "featurizer").await?;
+    let mut out = ctx.producer_with_seqs(region, FEATURES, "featurizer").await?;
     // Where this region's copy of the features ends: readings below it are covered.
     let covered = out.producer().next_seq();
     ctx.note(format!("featurizing on {region} from reading {covered}"));
@@ -43,7 +43,7 @@ async fn featurize_on(ctx: &Ctx, region: &str) -> Result<u64, Box<dyn std::error
     while done < READINGS {
         let m = raw.next().await?.ok_or("the subscription closed")?;
         if m.message.id.seq >= done {
-            out.send(vec![Outgoing::payload(feature(&m.message.payload))]).await?;
+            out.send(vec![Outgoing::payload(feature(&m.message.payload)).with_seq(m.message.id.seq)]).await?;
             out.flush().await?;
             done += 1;
         }

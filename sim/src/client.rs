@@ -97,11 +97,20 @@ impl Ctx {
         }
     }
 
-    /// Connects to `node` and opens a recording producer on `topic` with a stable producer
-    /// name (its sequence numbers continue where the node's dedup state says they ended).
+    /// Connects to `node` and opens a recording producer session on `topic` that assigns
+    /// its seqs (a new epoch; see [`Client::producer`]).
     pub async fn producer(&self, node: &str, topic: &str, name: &str) -> Result<SimProducer, ClientError> {
         let client = self.connect(node).await?;
         let producer = client.producer(topic, name.to_string()).await?;
+        Ok(SimProducer { ctx: self.clone(), node: node.to_string(), client, producer })
+    }
+
+    /// Connects to `node` and opens a recording producer whose seqs the caller chooses
+    /// (epoch 0; see [`Client::producer_with_seqs`]): `next_seq` then says where the node's
+    /// copy ends, and a message sent again with its seq is stored once.
+    pub async fn producer_with_seqs(&self, node: &str, topic: &str, name: &str) -> Result<SimProducer, ClientError> {
+        let client = self.connect(node).await?;
+        let producer = client.producer_with_seqs(topic, name.to_string()).await?;
         Ok(SimProducer { ctx: self.clone(), node: node.to_string(), client, producer })
     }
 
@@ -173,7 +182,7 @@ impl SimProducer {
 
     /// The id of a message of this producer.
     fn id(&self, seq: u64) -> MessageId {
-        MessageId { producer: ProducerId(Arc::from(self.producer.id())), seq }
+        MessageId { producer: ProducerId(Arc::from(self.producer.id())), epoch: self.producer.epoch(), seq }
     }
 
     fn topic(&self) -> String {
@@ -182,10 +191,11 @@ impl SimProducer {
 
     /// Sends a batch without waiting (see [`Producer::send`]); returns its first seq.
     pub async fn send(&mut self, batch: Vec<Outgoing>) -> Result<u64, ClientError> {
-        let (first, n) = (self.producer.next_seq(), batch.len() as u64);
+        let next = self.producer.next_seq();
+        let seqs: Vec<u64> = batch.iter().zip(next..).map(|(m, assigned)| m.seq.unwrap_or(assigned)).collect();
         let result = self.producer.send(batch).await;
         let at = sim_now();
-        for seq in first..first + n {
+        for seq in seqs {
             let (client, node, topic, id) = (self.ctx.name.to_string(), self.node.clone(), self.topic(), self.id(seq));
             self.ctx.history.push(Event::Sent { at, client, node, topic, id });
         }
@@ -194,9 +204,9 @@ impl SimProducer {
 
     fn record_ack(&self, ack: &BatchAck) {
         let at = sim_now();
-        for (i, result) in ack.results.iter().enumerate() {
+        for (&seq, result) in ack.seqs.iter().zip(&ack.results) {
             let (client, node, topic) = (self.ctx.name.to_string(), self.node.clone(), self.topic());
-            let (id, duplicate) = (self.id(ack.first_seq + i as u64), matches!(result, Produced::Duplicate(_)));
+            let (id, duplicate) = (self.id(seq), matches!(result, Produced::Duplicate(_)));
             self.ctx.history.push(Event::Acked { at, client, node, topic, id, duplicate });
         }
     }

@@ -210,7 +210,7 @@ mod tests {
     use super::*;
 
     fn id(seq: u64) -> MessageId {
-        MessageId { producer: ProducerId(Arc::from("p")), seq }
+        MessageId { producer: ProducerId(Arc::from("p")), epoch: 0, seq }
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Per-topic dedup state: for each producer, the set of sequence numbers held (ranges, a
-//! grow-only set CRDT) and, for recent runs, the offsets they were stored at so that a
-//! retry is acknowledged with its original offset.
+//! Per-topic dedup state: for each (producer, epoch), the set of sequence numbers held
+//! (ranges, a grow-only set CRDT) and, for recent runs, the offsets they were stored at so
+//! that a retry is acknowledged with its original offset.
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -61,10 +61,13 @@ impl ProducerDedup {
     }
 }
 
+/// A producer session's id space: the producer and its epoch (0: caller-chosen seqs).
+pub type ProducerKey = (ProducerId, u64);
+
 /// The dedup state of one topic.
 #[derive(Debug, Clone, Default)]
 pub struct DedupIndex {
-    producers: BTreeMap<ProducerId, ProducerDedup>,
+    producers: BTreeMap<ProducerKey, ProducerDedup>,
 }
 
 /// A durable image of a topic's dedup sets, valid for log offsets below `through_offset`.
@@ -74,41 +77,70 @@ pub struct DedupSnapshot {
     pub version: u8,
     /// The snapshot covers every message at an offset below this.
     pub through_offset: u64,
-    /// Seqs held per producer.
-    pub producers: Vec<(ProducerId, RangeSet)>,
+    /// Seqs held per (producer, epoch).
+    pub producers: Vec<(ProducerId, u64, RangeSet)>,
+}
+
+/// Version 1 of the record (wave 1): producers without epochs, read as epoch 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DedupSnapshotV1 {
+    version: u8,
+    through_offset: u64,
+    producers: Vec<(ProducerId, RangeSet)>,
 }
 
 /// Current version of [`DedupSnapshot`].
-pub const DEDUP_SNAPSHOT_VERSION: u8 = 1;
+pub const DEDUP_SNAPSHOT_VERSION: u8 = 2;
+
+impl DedupSnapshot {
+    /// Decodes a stored snapshot of any version this build reads (1 and 2). `Err` names
+    /// the version or the decoding problem.
+    pub fn decode(bytes: &[u8]) -> Result<DedupSnapshot, String> {
+        match bytes.first() {
+            Some(1) => {
+                let v1: DedupSnapshotV1 = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+                let producers = v1.producers.into_iter().map(|(p, seqs)| (p, 0, seqs)).collect();
+                Ok(DedupSnapshot { version: DEDUP_SNAPSHOT_VERSION, through_offset: v1.through_offset, producers })
+            }
+            Some(&DEDUP_SNAPSHOT_VERSION) => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+            Some(v) => Err(format!("dedup snapshot version {v} is not supported (this build reads 1 and 2)")),
+            None => Err("empty dedup snapshot".into()),
+        }
+    }
+}
 
 impl DedupIndex {
     /// True when the message is already held.
     pub fn contains(&self, id: &MessageId) -> bool {
-        self.producers.get(&id.producer).is_some_and(|p| p.seqs.contains(id.seq))
+        self.get(&id.producer, id.epoch).is_some_and(|p| p.seqs.contains(id.seq))
+    }
+
+    fn get(&self, producer: &ProducerId, epoch: u64) -> Option<&ProducerDedup> {
+        // A borrowed key: the map's keys are (ProducerId, u64) and `ProducerId` clones are
+        // an `Arc` increment, so cloning for the lookup costs no allocation.
+        self.producers.get(&(producer.clone(), epoch))
     }
 
     /// The offset a held message was stored at, if it is recent enough to be remembered.
     pub fn offset_of(&self, id: &MessageId) -> Option<u64> {
-        self.producers.get(&id.producer).and_then(|p| p.offset_of(id.seq))
+        self.get(&id.producer, id.epoch).and_then(|p| p.offset_of(id.seq))
     }
 
     /// Records that `id` is stored at `offset`.
     pub fn record(&mut self, id: &MessageId, offset: u64) {
-        self.record_run(&id.producer, id.seq, offset, 1);
+        self.record_run(&id.producer, id.epoch, id.seq, offset, 1);
     }
 
-    /// Records a run of seqs from one producer stored at consecutive offsets. The caller
-    /// guarantees `seq_start + len` does not overflow.
-    pub fn record_run(&mut self, producer: &ProducerId, seq_start: u64, offset_start: u64, len: u64) {
-        match self.producers.get_mut(producer) {
-            Some(p) => p.record_run(seq_start, offset_start, len),
-            None => self.producers.entry(producer.clone()).or_default().record_run(seq_start, offset_start, len),
-        }
+    /// Records a run of seqs from one producer session stored at consecutive offsets. The
+    /// caller guarantees `seq_start + len` does not overflow.
+    pub fn record_run(&mut self, producer: &ProducerId, epoch: u64, seq_start: u64, offset_start: u64, len: u64) {
+        let entry = self.producers.entry((producer.clone(), epoch)).or_default();
+        entry.record_run(seq_start, offset_start, len);
     }
 
-    /// True when any seq of `seqs` from `producer` is held.
-    pub fn intersects(&self, producer: &ProducerId, seqs: &std::ops::Range<u64>) -> bool {
-        self.producers.get(producer).is_some_and(|p| p.seqs.intersects(seqs))
+    /// True when any seq of `seqs` from `producer` in `epoch` is held.
+    pub fn intersects(&self, producer: &ProducerId, epoch: u64, seqs: &std::ops::Range<u64>) -> bool {
+        self.get(producer, epoch).is_some_and(|p| p.seqs.intersects(seqs))
     }
 
     /// Adds everything `other` holds (exact sets; remembered offsets as far as the window
@@ -123,14 +155,13 @@ impl DedupIndex {
         }
     }
 
-    /// One past the highest seq held for `producer` (0 for an unknown producer): where a
-    /// reconnecting producer continues.
-    pub fn next_seq(&self, producer: &ProducerId) -> u64 {
-        self.producers.get(producer).and_then(|p| p.seqs.iter().next_back()).map_or(0, |r| r.end)
+    /// One past the highest seq held for `producer` in `epoch` (0 when none is).
+    pub fn next_seq(&self, producer: &ProducerId, epoch: u64) -> u64 {
+        self.get(producer, epoch).and_then(|p| p.seqs.iter().next_back()).map_or(0, |r| r.end)
     }
 
-    /// The seqs held, per producer.
-    pub fn seq_sets(&self) -> impl Iterator<Item = (&ProducerId, &RangeSet)> {
+    /// The seqs held, per (producer, epoch).
+    pub fn seq_sets(&self) -> impl Iterator<Item = (&ProducerKey, &RangeSet)> {
         self.producers.iter().map(|(p, d)| (p, &d.seqs))
     }
 
@@ -149,7 +180,7 @@ impl DedupIndex {
         DedupSnapshot {
             version: DEDUP_SNAPSHOT_VERSION,
             through_offset,
-            producers: self.producers.iter().map(|(p, d)| (p.clone(), d.seqs.clone())).collect(),
+            producers: self.producers.iter().map(|((p, e), d)| (p.clone(), *e, d.seqs.clone())).collect(),
         }
     }
 
@@ -158,7 +189,7 @@ impl DedupIndex {
         let producers = snapshot
             .producers
             .into_iter()
-            .map(|(p, seqs)| (p, ProducerDedup { seqs, recent: VecDeque::new() }))
+            .map(|(p, e, seqs)| ((p, e), ProducerDedup { seqs, recent: VecDeque::new() }))
             .collect();
         DedupIndex { producers }
     }
@@ -169,7 +200,7 @@ mod tests {
     use super::*;
 
     fn id(p: &str, seq: u64) -> MessageId {
-        MessageId { producer: ProducerId(p.into()), seq }
+        MessageId::chosen(p, seq)
     }
 
     #[test]
@@ -197,13 +228,14 @@ mod tests {
             pending.record(&id("a", s * 2), s * 10);
         }
         let mut d = DedupIndex::default();
-        d.record_run(&ProducerId("a".into()), 1, 0, 1);
+        d.record_run(&ProducerId("a".into()), 0, 1, 0, 1);
         d.merge(pending);
         for s in 0..(RECENT_RUNS_MAX as u64 * 2) {
             assert!(d.contains(&id("a", s * 2)), "seq {}", s * 2);
         }
         assert!(d.contains(&id("a", 1)) && !d.contains(&id("a", 3)));
-        assert!(d.intersects(&ProducerId("a".into()), &(3..5)) && !d.intersects(&ProducerId("a".into()), &(3..4)));
+        let a = ProducerId("a".into());
+        assert!(d.intersects(&a, 0, &(3..5)) && !d.intersects(&a, 0, &(3..4)) && !d.intersects(&a, 7, &(3..5)));
     }
 
     #[test]
@@ -221,10 +253,39 @@ mod tests {
         d.record(&id("a", 3), 8);
         let snap = d.snapshot(9);
         let bytes = postcard::to_stdvec(&snap).unwrap();
-        let back: DedupSnapshot = postcard::from_bytes(&bytes).unwrap();
+        let back = DedupSnapshot::decode(&bytes).unwrap();
         assert_eq!(back, snap);
         let r = DedupIndex::from_snapshot(back);
         assert!(r.contains(&id("a", 1)) && r.contains(&id("a", 3)) && !r.contains(&id("a", 2)));
         assert_eq!(r.offset_of(&id("a", 1)), None);
+    }
+
+    #[test]
+    fn epochs_of_one_producer_are_separate_id_spaces() {
+        let mut d = DedupIndex::default();
+        d.record(&id("a", 5), 0);
+        let other = MessageId { epoch: 42, ..id("a", 5) };
+        assert!(!d.contains(&other), "seq 5 of epoch 42 is another message");
+        d.record(&other, 1);
+        assert_eq!((d.next_seq(&ProducerId("a".into()), 0), d.next_seq(&ProducerId("a".into()), 42)), (6, 6));
+        assert_eq!(d.producer_count(), 2);
+    }
+
+    #[test]
+    fn a_wave_1_snapshot_reads_as_epoch_0_and_unknown_versions_are_named() {
+        let v1 = DedupSnapshotV1 {
+            version: 1,
+            through_offset: 9,
+            producers: vec![(ProducerId("a".into()), {
+                let mut seqs = RangeSet::new();
+                seqs.insert_range(1..4);
+                seqs
+            })],
+        };
+        let snap = DedupSnapshot::decode(&postcard::to_stdvec(&v1).unwrap()).unwrap();
+        assert_eq!(snap.through_offset, 9);
+        let r = DedupIndex::from_snapshot(snap);
+        assert!(r.contains(&id("a", 2)) && !r.contains(&MessageId { epoch: 1, ..id("a", 2) }));
+        assert!(DedupSnapshot::decode(&[7, 0]).unwrap_err().contains("version 7"));
     }
 }

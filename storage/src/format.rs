@@ -6,9 +6,13 @@
 //! ```
 //!
 //! The fixed-width fields at the start of the body let recovery and the sparse index read
-//! a frame's offsets without decoding it. Producer ids and origins are stored once per
-//! batch and referenced by index from each record. A frame with an unknown version is
-//! rejected with a clear error, never skipped.
+//! a frame's offsets without decoding it. Producers (name and epoch) and origins are
+//! stored once per batch and referenced by index from each record. A frame with an unknown
+//! version is rejected with a clear error, never skipped.
+//!
+//! Versions: 1 stored producer names only (wave 1, before epochs); its messages read as
+//! epoch 0, the caller-chosen id space, which is what a wave-1 (producer, seq) was. 2 adds
+//! the epoch to each producer entry. This build writes 2 and reads both.
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -17,8 +21,10 @@ use crate::message::{Message, MessageId, ProducerId, StoredMessage};
 
 /// Marks the start of a frame ("RLB1"); lets recovery tell a torn tail from live data.
 pub const FRAME_MAGIC: u32 = 0x3142_4C52;
-/// The current body format version.
-pub const FORMAT_VERSION: u8 = 1;
+/// The body format version this build writes.
+pub const FORMAT_VERSION: u8 = 2;
+/// The oldest body format version this build reads.
+pub const FORMAT_VERSION_MIN: u8 = 1;
 /// Bytes of the frame header (magic, length, checksum).
 pub const FRAME_HEADER_BYTES: usize = 12;
 /// Bytes of the fixed part of the body (version, base offset, count).
@@ -31,7 +37,7 @@ pub const FRAME_BODY_BYTES_MAX: u32 = 64 << 20;
 /// byte strings (length + raw bytes), the same encoding [`BatchBody`] reads.
 #[derive(Serialize)]
 struct BatchBodyRef<'a> {
-    producers: Vec<&'a str>,
+    producers: Vec<(&'a str, u64)>,
     origins: Vec<&'a str>,
     records: RecordsRef<'a>,
 }
@@ -75,9 +81,17 @@ struct RecordRef<'a> {
     payload: &'a [u8],
 }
 
-/// A batch as read.
+/// A batch as read (version 2).
 #[derive(Deserialize)]
 struct BatchBody {
+    producers: Vec<(ProducerId, u64)>,
+    origins: Vec<Arc<str>>,
+    records: Vec<Record>,
+}
+
+/// A batch of version 1: producers without epochs.
+#[derive(Deserialize)]
+struct BatchBodyV1 {
     producers: Vec<ProducerId>,
     origins: Vec<Arc<str>>,
     records: Vec<Record>,
@@ -108,12 +122,24 @@ fn intern<'a>(table: &mut Vec<&'a str>, value: &'a str) -> u32 {
     u32::try_from(at).expect("a batch holds fewer than 2^32 messages")
 }
 
+/// Where a (producer, epoch) sits in the producer table, adding it if new.
+fn intern_producer<'a>(table: &mut Vec<(&'a str, u64)>, name: &'a str, epoch: u64) -> u32 {
+    let same = |(v, e): &(&str, u64)| *e == epoch && (std::ptr::eq(*v, name) || *v == name);
+    let at = table.iter().rposition(same).unwrap_or_else(|| {
+        table.push((name, epoch));
+        table.len() - 1
+    });
+    u32::try_from(at).expect("a batch holds fewer than 2^32 messages")
+}
+
 /// Encodes `messages` as one frame whose first message gets `base_offset`, appending it to
 /// `out`.
 pub fn encode_frame(base_offset: u64, messages: &[&Message], out: &mut Vec<u8>) {
     let (mut producers, mut origins) = (Vec::new(), Vec::new());
-    let tables =
-        messages.iter().map(|m| (intern(&mut producers, &m.id.producer.0), intern(&mut origins, &m.origin))).collect();
+    let tables = messages
+        .iter()
+        .map(|m| (intern_producer(&mut producers, &m.id.producer.0, m.id.epoch), intern(&mut origins, &m.origin)))
+        .collect();
     let body = BatchBodyRef { producers, origins, records: RecordsRef { messages, tables } };
     let start = out.len();
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
@@ -163,6 +189,8 @@ pub fn parse_header(bytes: &[u8; FRAME_HEADER_BYTES]) -> Result<FrameHeader, Str
 /// The fixed prefix of a body: version, first offset and message count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyPrefix {
+    /// The body's format version.
+    pub version: u8,
     /// Offset of the first message.
     pub base_offset: u64,
     /// Number of messages.
@@ -174,15 +202,16 @@ pub fn parse_prefix(body: &[u8]) -> Result<BodyPrefix, String> {
     if body.len() < BODY_PREFIX_BYTES {
         return Err("frame body shorter than its fixed prefix".into());
     }
-    if body[0] != FORMAT_VERSION {
+    let version = body[0];
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "frame format version {} is not supported (this build reads version {FORMAT_VERSION})",
-            body[0]
+            "frame format version {version} is not supported (this build reads versions \
+             {FORMAT_VERSION_MIN} to {FORMAT_VERSION})"
         ));
     }
     let base_offset = u64::from_le_bytes(body[1..9].try_into().expect("8-byte slice"));
     let count = u32::from_le_bytes(body[9..13].try_into().expect("4-byte slice"));
-    Ok(BodyPrefix { base_offset, count })
+    Ok(BodyPrefix { version, base_offset, count })
 }
 
 /// Checks a body against its header's checksum.
@@ -197,8 +226,15 @@ pub fn check_body(header: &FrameHeader, body: &[u8]) -> Result<(), String> {
 /// Decodes a checked body into its messages, keeping those with offset >= `from_offset`.
 pub fn decode_body(body: &[u8], from_offset: u64, out: &mut Vec<StoredMessage>) -> Result<(), String> {
     let prefix = parse_prefix(body)?;
-    let batch: BatchBody =
-        postcard::from_bytes(&body[BODY_PREFIX_BYTES..]).map_err(|e| format!("undecodable batch: {e}"))?;
+    let undecodable = |e: postcard::Error| format!("undecodable batch: {e}");
+    let batch: BatchBody = match prefix.version {
+        1 => {
+            let v1: BatchBodyV1 = postcard::from_bytes(&body[BODY_PREFIX_BYTES..]).map_err(undecodable)?;
+            let producers = v1.producers.into_iter().map(|p| (p, 0)).collect();
+            BatchBody { producers, origins: v1.origins, records: v1.records }
+        }
+        _ => postcard::from_bytes(&body[BODY_PREFIX_BYTES..]).map_err(undecodable)?,
+    };
     if batch.records.len() != prefix.count as usize {
         return Err(format!("batch says {} messages but holds {}", prefix.count, batch.records.len()));
     }
@@ -207,12 +243,12 @@ pub fn decode_body(body: &[u8], from_offset: u64, out: &mut Vec<StoredMessage>) 
         if offset < from_offset {
             continue;
         }
-        let producer = batch.producers.get(r.producer as usize).ok_or("record names a missing producer")?;
+        let (producer, epoch) = batch.producers.get(r.producer as usize).ok_or("record names a missing producer")?;
         let origin = batch.origins.get(r.origin as usize).ok_or("record names a missing origin")?;
         out.push(StoredMessage {
             offset,
             message: Message {
-                id: MessageId { producer: producer.clone(), seq: r.seq },
+                id: MessageId { producer: producer.clone(), epoch: *epoch, seq: r.seq },
                 origin: origin.clone(),
                 publish_time_ms: r.publish_time_ms,
                 key: r.key,
@@ -230,7 +266,7 @@ pub(crate) mod tests {
 
     pub(crate) fn msg(producer: &str, seq: u64, payload: &[u8]) -> Message {
         Message {
-            id: MessageId { producer: ProducerId(producer.into()), seq },
+            id: MessageId { producer: ProducerId(producer.into()), epoch: 0, seq },
             origin: "node-a".into(),
             publish_time_ms: 1_700_000_000_000u64.wrapping_add(seq),
             key: seq.is_multiple_of(2).then(|| b"k".to_vec()),
@@ -249,7 +285,7 @@ pub(crate) mod tests {
         assert_eq!(header.frame_bytes() as usize, buf.len());
         let body = &buf[12..];
         check_body(&header, body).unwrap();
-        assert_eq!(parse_prefix(body).unwrap(), BodyPrefix { base_offset: 42, count: 3 });
+        assert_eq!(parse_prefix(body).unwrap(), BodyPrefix { version: 2, base_offset: 42, count: 3 });
         let mut out = Vec::new();
         decode_body(body, 43, &mut out).unwrap();
         assert_eq!(out.len(), 2);
@@ -286,5 +322,61 @@ pub(crate) mod tests {
         h[..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
         h[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse_header(&h).unwrap_err().contains("out of range"));
+    }
+
+    /// A frame as wave 1 wrote it (format version 1, producers without epochs), built by
+    /// hand here so the test does not depend on this build's encoder.
+    fn v1_frame(base_offset: u64, ms: &[Message]) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct BodyV1<'a> {
+            producers: Vec<&'a str>,
+            origins: Vec<&'a str>,
+            records: Vec<RecordRef<'a>>,
+        }
+        let mut producers: Vec<&str> = Vec::new();
+        let origins = vec!["node-a"];
+        let records = ms
+            .iter()
+            .map(|m| RecordRef {
+                producer: intern(&mut producers, &m.id.producer.0),
+                seq: m.id.seq,
+                origin: 0,
+                publish_time_ms: m.publish_time_ms,
+                key: m.key.as_deref(),
+                headers: &m.headers,
+                payload: &m.payload,
+            })
+            .collect();
+        let mut body = vec![1u8];
+        body.extend_from_slice(&base_offset.to_le_bytes());
+        body.extend_from_slice(&(ms.len() as u32).to_le_bytes());
+        let body = postcard::to_extend(&BodyV1 { producers, origins, records }, body).unwrap();
+        let mut out = FRAME_MAGIC.to_le_bytes().to_vec();
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn a_wave_1_frame_reads_as_epoch_0_and_epochs_round_trip() {
+        let old = [msg("p1", 7, b"a"), msg("p2", 1, b"b")];
+        let frame = v1_frame(5, &old);
+        let header = parse_header(frame[..12].try_into().unwrap()).unwrap();
+        check_body(&header, &frame[12..]).unwrap();
+        let mut out = Vec::new();
+        decode_body(&frame[12..], 0, &mut out).unwrap();
+        assert_eq!(out.iter().map(|m| m.message.clone()).collect::<Vec<_>>(), old, "wave-1 ids are epoch 0");
+        assert_eq!(out[0].offset, 5);
+        // The same producer name in two epochs is two producers in a batch.
+        let mut a = msg("p1", 7, b"a");
+        a.id.epoch = 0xdead_beef;
+        let b = msg("p1", 7, b"b");
+        let mut buf = Vec::new();
+        encode_frame(0, &[&a, &b], &mut buf);
+        let mut out = Vec::new();
+        decode_body(&buf[12..], 0, &mut out).unwrap();
+        assert_eq!((out[0].message.id.epoch, out[1].message.id.epoch), (0xdead_beef, 0));
+        assert_eq!(out[0].message.id.to_string(), "p1@deadbeef:7");
     }
 }

@@ -26,18 +26,35 @@ impl fmt::Display for ProducerId {
     }
 }
 
-/// The dedup ID of a message: (producer, sequence number).
+/// The dedup ID of a message: (producer, epoch, sequence number). Epoch 0 is for
+/// sequence numbers the producer chooses (it guarantees that (producer, seq) names one
+/// message forever); any other epoch is one producer session's, drawn at random by the
+/// node that opened it, with seqs counted from 0. See ARCHITECTURE.md for why two
+/// different messages never share an id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MessageId {
     /// Who produced it.
     pub producer: ProducerId,
+    /// 0 for caller-chosen seqs, else the producer session's epoch.
+    pub epoch: u64,
     /// The producer's sequence number for it.
     pub seq: u64,
 }
 
+impl MessageId {
+    /// An id with a caller-chosen seq (epoch 0).
+    pub fn chosen(producer: impl Into<Arc<str>>, seq: u64) -> MessageId {
+        MessageId { producer: ProducerId(producer.into()), epoch: 0, seq }
+    }
+}
+
 impl fmt::Display for MessageId {
+    /// `producer:seq` for caller-chosen seqs, `producer@epoch:seq` (epoch in hex) else.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.producer, self.seq)
+        match self.epoch {
+            0 => write!(f, "{}:{}", self.producer, self.seq),
+            e => write!(f, "{}@{e:x}:{}", self.producer, self.seq),
+        }
     }
 }
 

@@ -83,7 +83,16 @@ impl TopicStore {
         name: TopicName,
         config: LogConfig,
     ) -> Result<Self> {
-        let snapshot: Option<DedupSnapshot> = meta::get_record(meta, &dedup_key(&name))?;
+        let snapshot = match meta.get(&dedup_key(&name))? {
+            Some(bytes) => match DedupSnapshot::decode(&bytes) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(topic = %name, error = %e, "dedup snapshot unreadable; rebuilding from the whole log");
+                    None
+                }
+            },
+            None => None,
+        };
         // A snapshot is taken of synced data only, so its offset is a durable point.
         let durable_through =
             snapshot.as_ref().filter(|s| s.version == DEDUP_SNAPSHOT_VERSION).map(|s| s.through_offset);
@@ -142,12 +151,12 @@ impl TopicStore {
         let mut batch = DedupIndex::default();
         let base = self.log.next_offset();
         for run in runs(messages) {
-            let (producer, first) = (&run[0].id.producer, run[0].id.seq);
+            let (producer, epoch, first) = (&run[0].id.producer, run[0].id.epoch, run[0].id.seq);
             let seqs = first..first + run.len() as u64;
-            let held = |d: &DedupIndex| d.intersects(producer, &seqs);
+            let held = |d: &DedupIndex| d.intersects(producer, epoch, &seqs);
             if self.bug_no_dedup || !held(&self.dedup) && !held(&self.unsynced) && !held(&batch) {
                 let offset = base + fresh.len() as u64;
-                batch.record_run(producer, first, offset, run.len() as u64);
+                batch.record_run(producer, epoch, first, offset, run.len() as u64);
                 outcomes.extend((0..run.len() as u64).map(|i| AppendOutcome::Appended { offset: offset + i }));
                 fresh.extend(run);
                 continue;
@@ -301,9 +310,11 @@ impl TopicStore {
     }
 }
 
-/// Splits messages into runs of consecutive seqs from one producer.
+/// Splits messages into runs of consecutive seqs from one producer session.
 fn runs(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
-    messages.chunk_by(|a, b| a.id.producer == b.id.producer && a.id.seq.checked_add(1) == Some(b.id.seq))
+    messages.chunk_by(|a, b| {
+        a.id.producer == b.id.producer && a.id.epoch == b.id.epoch && a.id.seq.checked_add(1) == Some(b.id.seq)
+    })
 }
 
 /// The same error for another request of the group (storage errors hold an `io::Error`,
@@ -425,7 +436,7 @@ mod tests {
         let synced = sync_group(&store, &group);
         let results = publish_group(&store, results, group, synced);
         assert!(results.iter().all(Result::is_err));
-        let id = |p: &str, seq| MessageId { producer: crate::message::ProducerId(p.into()), seq };
+        let id = |p: &str, seq| MessageId::chosen(p, seq);
         let held = |s: &Mutex<TopicStore>, p: &str| s.lock().unwrap().dedup().contains(&id(p, 0));
         assert!(held(&store, "a") && !held(&store, "b") && !held(&store, "c"));
         flaky.set_failing(false);

@@ -103,7 +103,7 @@ fn rill_append(dir: &Path, a: &StorageArgs, round: usize) -> anyhow::Result<f64>
         .map(|b| {
             (0..a.batch)
                 .map(|i| Message {
-                    id: MessageId { producer: producer.clone(), seq: (b * a.batch + i) as u64 },
+                    id: MessageId { producer: producer.clone(), epoch: 0, seq: (b * a.batch + i) as u64 },
                     origin: Arc::clone(&origin),
                     publish_time_ms: 0,
                     key: None,

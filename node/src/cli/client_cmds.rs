@@ -57,8 +57,8 @@ pub(crate) struct ProduceArgs {
     #[arg(long)]
     key: Option<String>,
     /// Stable producer name; default: a random id (with --seq-from-line: the file's name).
-    /// With assigned seqs a rerun continues after the highest seq the node holds, so lines
-    /// sent again are stored again; for exactly once across reruns choose the seqs
+    /// With assigned seqs every run is a new session (a new epoch), so lines sent again by
+    /// a rerun are stored again; for exactly once across reruns choose the seqs
     /// (--seq-from-line, --seq-field).
     #[arg(long)]
     producer: Option<String>,
@@ -70,7 +70,7 @@ pub(crate) struct ProduceArgs {
     #[arg(long, value_name = "NAME", conflicts_with = "count")]
     seq_field: Option<String>,
     /// Print one JSON line per acknowledged message to stdout, as acks arrive: producer,
-    /// seq, offset (null when a duplicate's offset is forgotten) and duplicate.
+    /// epoch, seq, offset (null when a duplicate's offset is forgotten) and duplicate.
     #[arg(long)]
     acks: bool,
     /// Send this many synthetic messages instead of reading lines.
@@ -162,7 +162,10 @@ impl ResilientProducer {
         let options = ClientOptions::new(args.conn.addr, &args.conn.certs);
         let name = args.producer_name(&env)?;
         let client = args.conn.connect().await?;
-        let producer = client.producer(&args.topic, name).await?;
+        let producer = match args.seq_from_line || args.seq_field.is_some() {
+            true => client.producer_with_seqs(&args.topic, name).await?,
+            false => client.producer(&args.topic, name).await?,
+        };
         let acks_out = args.acks.then(std::io::stdout);
         Ok(ResilientProducer {
             options,
@@ -198,7 +201,7 @@ impl ResilientProducer {
             Ok(ack) => {
                 self.totals.record(&ack);
                 if let Some(out) = &self.acks_out {
-                    print_acks(&mut out.lock(), self.producer.id(), &ack)?;
+                    print_acks(&mut out.lock(), &self.producer, &ack)?;
                 }
             }
             Err(e) => self.recover(e).await?,
@@ -244,15 +247,16 @@ impl ResilientProducer {
 }
 
 /// One JSON line per acknowledged message of `ack`.
-fn print_acks(out: &mut impl Write, producer: &str, ack: &BatchAck) -> std::io::Result<()> {
-    for (i, result) in ack.results.iter().enumerate() {
+fn print_acks(out: &mut impl Write, producer: &Producer, ack: &BatchAck) -> std::io::Result<()> {
+    for (seq, result) in ack.seqs.iter().zip(&ack.results) {
         let (offset, duplicate) = match result {
             Produced::Stored(offset) => (Some(*offset), false),
             Produced::Duplicate(offset) => (*offset, true),
         };
         let line = serde_json::json!({
-            "producer": producer,
-            "seq": ack.first_seq + i as u64,
+            "producer": producer.id(),
+            "epoch": producer.epoch(),
+            "seq": seq,
             "offset": offset,
             "duplicate": duplicate,
         });
@@ -467,7 +471,7 @@ fn message_json(m: &rill_storage::StoredMessage) -> serde_json::Value {
     let msg = &m.message;
     serde_json::json!({
         "offset": m.offset,
-        "id": { "producer": msg.id.producer.0, "seq": msg.id.seq },
+        "id": { "producer": msg.id.producer.0, "epoch": msg.id.epoch, "seq": msg.id.seq },
         "origin": msg.origin,
         "publish_time_ms": msg.publish_time_ms,
         "key": msg.key.as_deref().map(bytes_json),
