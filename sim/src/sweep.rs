@@ -338,8 +338,14 @@ fn make_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<PathBuf> {
     Ok(certs)
 }
 
-/// A message as the checker identifies it: (origin, producer, seq).
+/// A message as the checker identifies it: (origin, producer session, seq), where the
+/// session is the producer name and its epoch ([`session`]).
 type Held = (String, String, u64);
+
+/// A producer session as the checker names it: ids of two sessions never compare equal.
+fn session(producer: &str, epoch: u64) -> String {
+    format!("{producer}@{epoch:x}")
+}
 
 /// Shared between the harness and the simulated clients.
 #[derive(Default)]
@@ -535,9 +541,7 @@ async fn produce(
                 Ok(acks) => {
                     let mut acked = lock(&shared.acked);
                     for a in acks {
-                        acked.extend(
-                            (a.first_seq..a.first_seq + a.results.len() as u64).map(|s| (plan.name.clone(), s)),
-                        );
+                        acked.extend(a.seqs.iter().map(|&s| (session(&plan.name, p.epoch()), s)));
                     }
                     route.failing_since = None;
                     break;
@@ -593,7 +597,8 @@ async fn consume(net: &SimNet, certs: &Path, node: &str, shared: &Shared) {
         };
         // A quiet subscription is dropped and opened again, so that `done` is checked.
         while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
-            let id = (m.message.origin.to_string(), m.message.id.producer.to_string(), m.message.id.seq);
+            let (origin, id) = (m.message.origin.to_string(), &m.message.id);
+            let id = (origin, session(id.producer.as_str(), id.epoch), id.seq);
             let mut delivered = lock(&shared.delivered);
             if delivered.0.insert(id.clone()) {
                 delivered.1.push(id);
@@ -653,7 +658,8 @@ async fn collect(
         {
             for _ in 0..end {
                 let Ok(Some(m)) = consumer.next().await else { break };
-                held.push((m.message.origin.to_string(), m.message.id.producer.to_string(), m.message.id.seq));
+                let id = &m.message.id;
+                held.push((m.message.origin.to_string(), session(id.producer.as_str(), id.epoch), id.seq));
                 consumer.ack(m.offset);
             }
         }
