@@ -94,13 +94,7 @@ pub(crate) async fn seek(
     subscription: &str,
     target: SeekTarget,
 ) -> Result<Response, Response> {
-    let name = parse_topic(topic)?;
-    check_part("subscription", subscription).map_err(|e| error(ErrorCode::InvalidName, e.to_string()))?;
-    let topic = shared.topic(&name).await.map_err(|e| storage_error(&e))?;
-    let exists = shared.meta.get(&cursor_key(&name, subscription)).map_err(|e| storage_error(&e))?.is_some();
-    if !exists {
-        return Err(error(ErrorCode::NotFound, format!("{name} has no subscription '{subscription}'")));
-    }
+    let (topic, commands) = existing(shared, topic, subscription).await?;
     let (first, end) = topic.bounds();
     let offset = match target {
         SeekTarget::Earliest => first,
@@ -108,9 +102,7 @@ pub(crate) async fn seek(
         SeekTarget::Offset(o) => o.clamp(first, end),
         SeekTarget::PublishTime(t) => first_published_at(&topic, first, end, t).await?,
     };
-    let (commands, _) = shared.subscriptions.get_or_start(shared, &topic, subscription, StartPosition::Earliest)?;
     let (reply, done) = oneshot::channel();
-    let stopped = || error(ErrorCode::ShuttingDown, "the subscription's dispatcher stopped");
     commands.send(Command::Seek { offset, reply }).map_err(|_| stopped())?;
     done.await.map_err(|_| stopped())?;
     Ok(Response::Sought { offset })
@@ -119,6 +111,21 @@ pub(crate) async fn seek(
 /// Deletes an existing subscription (see [`Request::DeleteSubscription`]): its dispatcher
 /// checks that no consumer is attached, removes the stored cursor and stops.
 pub(crate) async fn delete(shared: &Arc<Shared>, topic: &str, subscription: &str) -> Result<Response, Response> {
+    let (topic, commands) = existing(shared, topic, subscription).await?;
+    let (reply, done) = oneshot::channel();
+    commands.send(Command::Delete { reply }).map_err(|_| stopped())?;
+    done.await.map_err(|_| stopped())??;
+    shared.subscriptions.forget(&topic.name, subscription);
+    Ok(Response::SubscriptionDeleted)
+}
+
+/// An existing subscription's topic and dispatcher (started if it is not running), or the
+/// error that names why not: a bad name, or no such subscription.
+async fn existing(
+    shared: &Arc<Shared>,
+    topic: &str,
+    subscription: &str,
+) -> Result<(Arc<Topic>, mpsc::UnboundedSender<Command>), Response> {
     let name = parse_topic(topic)?;
     check_part("subscription", subscription).map_err(|e| error(ErrorCode::InvalidName, e.to_string()))?;
     let topic = shared.topic(&name).await.map_err(|e| storage_error(&e))?;
@@ -127,12 +134,11 @@ pub(crate) async fn delete(shared: &Arc<Shared>, topic: &str, subscription: &str
         return Err(error(ErrorCode::NotFound, format!("{name} has no subscription '{subscription}'")));
     }
     let (commands, _) = shared.subscriptions.get_or_start(shared, &topic, subscription, StartPosition::Earliest)?;
-    let (reply, done) = oneshot::channel();
-    let stopped = || error(ErrorCode::ShuttingDown, "the subscription's dispatcher stopped");
-    commands.send(Command::Delete { reply }).map_err(|_| stopped())?;
-    done.await.map_err(|_| stopped())??;
-    shared.subscriptions.forget(&name, subscription);
-    Ok(Response::SubscriptionDeleted)
+    Ok((topic, commands))
+}
+
+fn stopped() -> Response {
+    error(ErrorCode::ShuttingDown, "the subscription's dispatcher stopped")
 }
 
 /// The offset of the first message (in log order) published at or after `time_ms`, or
