@@ -1,5 +1,5 @@
-//! The client protocol (ALPN `rill-client/1`): the values carried in frames on
-//! bidirectional streams. Frame encoding and its version byte live in
+//! The client protocol (ALPN `rill-client/2`, since message ids carry epochs): the values
+//! carried in frames on bidirectional streams. Frame encoding and its version byte live in
 //! `rill_transport::frame`; this module is the one place the client protocol's shapes live.
 //!
 //! A stream carries one of three conversations:
