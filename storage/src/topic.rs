@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    dedup::{DEDUP_SNAPSHOT_VERSION, DedupIndex, DedupSnapshot},
+    dedup::{DedupIndex, DedupSnapshot},
     error::{Result, StorageError},
     fs::FileSystem,
     log::{LogConfig, PendingSync, TopicLog},
@@ -94,11 +94,10 @@ impl TopicStore {
             None => None,
         };
         // A snapshot is taken of synced data only, so its offset is a durable point.
-        let durable_through =
-            snapshot.as_ref().filter(|s| s.version == DEDUP_SNAPSHOT_VERSION).map(|s| s.through_offset);
+        let durable_through = snapshot.as_ref().map(|s| s.through_offset);
         let log = TopicLog::open(fs, &root.join(name.dir()), config, durable_through)?;
         let (mut dedup, from) = match snapshot {
-            Some(s) if s.version == DEDUP_SNAPSHOT_VERSION && s.through_offset <= log.next_offset() => {
+            Some(s) if s.through_offset <= log.next_offset() => {
                 let from = s.through_offset;
                 (DedupIndex::from_snapshot(s), from)
             }
@@ -109,15 +108,7 @@ impl TopicStore {
             }
             None => (DedupIndex::default(), log.start_offset()),
         };
-        let mut at = from;
-        while at < log.committed_offset() {
-            let chunk = log.read(at, REBUILD_CHUNK_MESSAGES, usize::MAX)?;
-            let Some(last) = chunk.last() else { break };
-            at = last.offset + 1;
-            for m in &chunk {
-                dedup.record(&m.message.id, m.offset);
-            }
-        }
+        index_log(&log, &mut dedup, from)?;
         let checkpointed_offset = from;
         Ok(TopicStore {
             name,
@@ -206,7 +197,7 @@ impl TopicStore {
     pub fn recover(&mut self) -> Result<()> {
         let Some((reason, disk_full)) = self.poisoned.clone() else { return Ok(()) };
         let published = self.log.committed_offset();
-        match self.log.cut_to_synced_and_reopen().and_then(|()| self.index_from(published)) {
+        match self.log.cut_to_synced_and_reopen().and_then(|()| index_log(&self.log, &mut self.dedup, published)) {
             Ok(()) => {
                 self.unsynced = DedupIndex::default();
                 self.poisoned = None;
@@ -220,23 +211,6 @@ impl TopicStore {
                 disk_full: disk_full || e.is_disk_full(),
             }),
         }
-    }
-
-    /// Records in the dedup index every message of the reopened log from `from` on. A
-    /// segment roll syncs the sealed segment in the middle of a group, so a group that
-    /// failed after a roll leaves durable messages past what was published; they are
-    /// kept, and must be indexed, or a retry would store them twice.
-    fn index_from(&mut self, from: u64) -> Result<()> {
-        let mut at = from;
-        while at < self.log.committed_offset() {
-            let chunk = self.log.read(at, REBUILD_CHUNK_MESSAGES, usize::MAX)?;
-            let Some(last) = chunk.last() else { break };
-            at = last.offset + 1;
-            for m in &chunk {
-                self.dedup.record(&m.message.id, m.offset);
-            }
-        }
-        Ok(())
     }
 
     /// True while a failed write awaits [`TopicStore::recover`].
@@ -308,6 +282,23 @@ impl TopicStore {
     pub fn dedup(&self) -> &DedupIndex {
         &self.dedup
     }
+}
+
+/// Records in `dedup` every durable message of `log` from `from` on: on open, the log past
+/// the dedup snapshot; on recovery, what a segment roll made durable inside a group that
+/// then failed (a roll syncs the sealed segment mid-group), which is kept and must be
+/// indexed, or a retry would store it twice.
+fn index_log(log: &TopicLog, dedup: &mut DedupIndex, from: u64) -> Result<()> {
+    let mut at = from;
+    while at < log.committed_offset() {
+        let chunk = log.read(at, REBUILD_CHUNK_MESSAGES, usize::MAX)?;
+        let Some(last) = chunk.last() else { break };
+        at = last.offset + 1;
+        for m in &chunk {
+            dedup.record(&m.message.id, m.offset);
+        }
+    }
+    Ok(())
 }
 
 /// Splits messages into runs of consecutive seqs from one producer session.
