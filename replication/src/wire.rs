@@ -70,8 +70,10 @@ pub enum PeerMessage {
         topic: TopicName,
         /// Batch number on this lane (acks name it).
         batch: u64,
-        /// The messages, encoded with their producers and origins once per batch.
-        #[serde(with = "compact")]
+        /// The messages, encoded as the log's batch bodies are: each (producer, epoch) and
+        /// origin once per batch, so a message costs its seq, time, key, headers and
+        /// payload, not its producer name and a 64-bit epoch again.
+        #[serde(with = "rill_storage::format::batch")]
         messages: Vec<rill_storage::Message>,
     },
     /// The receiver stored a batch durably.
@@ -81,83 +83,6 @@ pub enum PeerMessage {
         /// The batch number.
         batch: u64,
     },
-}
-
-/// A batch's messages on the wire with each (producer, epoch) and origin written once and
-/// referenced by index, as the log's frames do: a message of a busy producer costs its seq,
-/// time, key, headers and payload, not its producer name and a 64-bit epoch again.
-mod compact {
-    use std::sync::Arc;
-
-    use rill_storage::{Message, MessageId, ProducerId};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    #[derive(Serialize, Deserialize)]
-    struct Batch {
-        producers: Vec<(ProducerId, u64)>,
-        origins: Vec<Arc<str>>,
-        records: Vec<Record>,
-    }
-
-    #[derive(Serialize, Deserialize)]
-    struct Record {
-        producer: u32,
-        origin: u32,
-        seq: u64,
-        publish_time_ms: u64,
-        #[serde(with = "serde_bytes")]
-        key: Option<Vec<u8>>,
-        headers: Vec<(String, Vec<u8>)>,
-        #[serde(with = "serde_bytes")]
-        payload: Vec<u8>,
-    }
-
-    /// The index of `value` in `table`, adding it if new (batches hold few distinct ones).
-    fn index_of<T: PartialEq + Clone>(table: &mut Vec<T>, value: &T) -> u32 {
-        let at = table.iter().rposition(|v| v == value).unwrap_or_else(|| {
-            table.push(value.clone());
-            table.len() - 1
-        });
-        u32::try_from(at).expect("a batch holds fewer than 2^32 messages")
-    }
-
-    pub(super) fn serialize<S: Serializer>(messages: &[Message], s: S) -> Result<S::Ok, S::Error> {
-        let (mut producers, mut origins) = (Vec::new(), Vec::new());
-        let records = messages
-            .iter()
-            .map(|m| Record {
-                producer: index_of(&mut producers, &(m.id.producer.clone(), m.id.epoch)),
-                origin: index_of(&mut origins, &m.origin),
-                seq: m.id.seq,
-                publish_time_ms: m.publish_time_ms,
-                key: m.key.clone(),
-                headers: m.headers.clone(),
-                payload: m.payload.clone(),
-            })
-            .collect();
-        Batch { producers, origins, records }.serialize(s)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Message>, D::Error> {
-        let batch = Batch::deserialize(d)?;
-        let missing = |what| serde::de::Error::custom(format!("a record names a missing {what}"));
-        batch
-            .records
-            .into_iter()
-            .map(|r| {
-                let (producer, epoch) = batch.producers.get(r.producer as usize).ok_or_else(|| missing("producer"))?;
-                let origin = batch.origins.get(r.origin as usize).ok_or_else(|| missing("origin"))?;
-                Ok(Message {
-                    id: MessageId { producer: producer.clone(), epoch: *epoch, seq: r.seq },
-                    origin: Arc::clone(origin),
-                    publish_time_ms: r.publish_time_ms,
-                    key: r.key,
-                    headers: r.headers,
-                    payload: r.payload,
-                })
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -208,7 +133,7 @@ mod tests {
 
     #[test]
     fn a_batch_naming_a_missing_producer_is_refused() {
-        /// A record as the wire lays it out: producer, origin, seq, time, key, headers, payload.
+        /// A record as the wire lays it out: producer, seq, origin, time, key, headers, payload.
         type RawRecord = (u32, u32, u64, u64, Option<Vec<u8>>, Vec<(String, Vec<u8>)>, Vec<u8>);
         #[derive(serde::Serialize)]
         struct Bad {
@@ -219,7 +144,7 @@ mod tests {
         let encode = |producer: u32| {
             let topic = TopicName::parse("t/n/x").unwrap();
             let mut bytes = postcard::to_stdvec(&(3u32, topic, 1u64)).unwrap();
-            let record = (producer, 0, 1, 1, None, vec![], vec![]);
+            let record = (producer, 1, 0, 1, None, vec![], vec![]);
             let bad =
                 Bad { producers: vec![(ProducerId("p".into()), 0)], origins: vec!["a".into()], records: vec![record] };
             bytes.extend(postcard::to_stdvec(&bad).unwrap());

@@ -110,11 +110,9 @@ struct Record {
     payload: Vec<u8>,
 }
 
-/// Where in a table a string sits, adding it if new. Batches hold few distinct values, so
-/// a linear search beats hashing; comparing pointers first means messages that share one
-/// `Arc` (the usual case) never touch the string's bytes.
-fn intern<'a>(table: &mut Vec<&'a str>, value: &'a str) -> u32 {
-    let same = |v: &&str| std::ptr::eq(*v, value) || *v == value;
+/// Where in a table a value sits (`same` recognises it), adding it if new. Batches hold
+/// few distinct values, so a linear search beats hashing.
+fn intern<T>(table: &mut Vec<T>, value: T, same: impl Fn(&T) -> bool) -> u32 {
     let at = table.iter().rposition(same).unwrap_or_else(|| {
         table.push(value);
         table.len() - 1
@@ -122,25 +120,72 @@ fn intern<'a>(table: &mut Vec<&'a str>, value: &'a str) -> u32 {
     u32::try_from(at).expect("a batch holds fewer than 2^32 messages")
 }
 
-/// Where a (producer, epoch) sits in the producer table, adding it if new.
-fn intern_producer<'a>(table: &mut Vec<(&'a str, u64)>, name: &'a str, epoch: u64) -> u32 {
-    let same = |(v, e): &(&str, u64)| *e == epoch && (std::ptr::eq(*v, name) || *v == name);
-    let at = table.iter().rposition(same).unwrap_or_else(|| {
-        table.push((name, epoch));
-        table.len() - 1
-    });
-    u32::try_from(at).expect("a batch holds fewer than 2^32 messages")
+/// Two table strings are the same; comparing pointers first means messages that share one
+/// `Arc` (the usual case) never touch the string's bytes.
+fn same_str(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
+impl<'a> BatchBodyRef<'a> {
+    /// The body of `messages`: each (producer, epoch) and origin once, records by index.
+    fn of(messages: &'a [&'a Message]) -> Self {
+        let (mut producers, mut origins) = (Vec::new(), Vec::new());
+        let tables = messages
+            .iter()
+            .map(|m| {
+                let (name, epoch) = (&*m.id.producer.0, m.id.epoch);
+                let producer = intern(&mut producers, (name, epoch), |(v, e)| *e == epoch && same_str(v, name));
+                let origin = intern(&mut origins, &*m.origin, |v| same_str(v, &m.origin));
+                (producer, origin)
+            })
+            .collect();
+        BatchBodyRef { producers, origins, records: RecordsRef { messages, tables } }
+    }
+}
+
+impl BatchBody {
+    /// A record as a message, its producer and origin looked up in the batch's tables.
+    fn message(&self, r: Record) -> Result<Message, String> {
+        let (producer, epoch) = self.producers.get(r.producer as usize).ok_or("record names a missing producer")?;
+        let origin = self.origins.get(r.origin as usize).ok_or("record names a missing origin")?;
+        Ok(Message {
+            id: MessageId { producer: producer.clone(), epoch: *epoch, seq: r.seq },
+            origin: Arc::clone(origin),
+            publish_time_ms: r.publish_time_ms,
+            key: r.key,
+            headers: r.headers,
+            payload: r.payload,
+        })
+    }
+}
+
+/// A batch of messages in the body encoding of format version 2, for other formats that
+/// carry batches (the peer protocol's `Batch`): `#[serde(with = "rill_storage::format::batch")]`.
+/// A record naming a producer or origin missing from its batch's tables is refused.
+pub mod batch {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{BatchBody, BatchBodyRef};
+    use crate::message::Message;
+
+    /// Serializes `messages` as one batch body.
+    pub fn serialize<S: Serializer>(messages: &[Message], s: S) -> Result<S::Ok, S::Error> {
+        let refs: Vec<&Message> = messages.iter().collect();
+        BatchBodyRef::of(&refs).serialize(s)
+    }
+
+    /// Deserializes a batch body into its messages.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Message>, D::Error> {
+        let mut body = BatchBody::deserialize(d)?;
+        let records = std::mem::take(&mut body.records);
+        records.into_iter().map(|r| body.message(r).map_err(serde::de::Error::custom)).collect()
+    }
 }
 
 /// Encodes `messages` as one frame whose first message gets `base_offset`, appending it to
 /// `out`.
 pub fn encode_frame(base_offset: u64, messages: &[&Message], out: &mut Vec<u8>) {
-    let (mut producers, mut origins) = (Vec::new(), Vec::new());
-    let tables = messages
-        .iter()
-        .map(|m| (intern_producer(&mut producers, &m.id.producer.0, m.id.epoch), intern(&mut origins, &m.origin)))
-        .collect();
-    let body = BatchBodyRef { producers, origins, records: RecordsRef { messages, tables } };
+    let body = BatchBodyRef::of(messages);
     let start = out.len();
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
     out.extend_from_slice(&[0; 8]); // length and checksum, filled in below
@@ -227,7 +272,7 @@ pub fn check_body(header: &FrameHeader, body: &[u8]) -> Result<(), String> {
 pub fn decode_body(body: &[u8], from_offset: u64, out: &mut Vec<StoredMessage>) -> Result<(), String> {
     let prefix = parse_prefix(body)?;
     let undecodable = |e: postcard::Error| format!("undecodable batch: {e}");
-    let batch: BatchBody = match prefix.version {
+    let mut batch: BatchBody = match prefix.version {
         1 => {
             let v1: BatchBodyV1 = postcard::from_bytes(&body[BODY_PREFIX_BYTES..]).map_err(undecodable)?;
             let producers = v1.producers.into_iter().map(|p| (p, 0)).collect();
@@ -238,24 +283,12 @@ pub fn decode_body(body: &[u8], from_offset: u64, out: &mut Vec<StoredMessage>) 
     if batch.records.len() != prefix.count as usize {
         return Err(format!("batch says {} messages but holds {}", prefix.count, batch.records.len()));
     }
-    for (i, r) in batch.records.into_iter().enumerate() {
+    let records = std::mem::take(&mut batch.records);
+    for (i, r) in records.into_iter().enumerate() {
         let offset = prefix.base_offset + i as u64;
-        if offset < from_offset {
-            continue;
+        if offset >= from_offset {
+            out.push(StoredMessage { offset, message: batch.message(r)? });
         }
-        let (producer, epoch) = batch.producers.get(r.producer as usize).ok_or("record names a missing producer")?;
-        let origin = batch.origins.get(r.origin as usize).ok_or("record names a missing origin")?;
-        out.push(StoredMessage {
-            offset,
-            message: Message {
-                id: MessageId { producer: producer.clone(), epoch: *epoch, seq: r.seq },
-                origin: origin.clone(),
-                publish_time_ms: r.publish_time_ms,
-                key: r.key,
-                headers: r.headers,
-                payload: r.payload,
-            },
-        });
     }
     Ok(())
 }
@@ -338,7 +371,7 @@ pub(crate) mod tests {
         let records = ms
             .iter()
             .map(|m| RecordRef {
-                producer: intern(&mut producers, &m.id.producer.0),
+                producer: intern(&mut producers, &*m.id.producer.0, |v| same_str(v, &m.id.producer.0)),
                 seq: m.id.seq,
                 origin: 0,
                 publish_time_ms: m.publish_time_ms,
