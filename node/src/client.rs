@@ -395,25 +395,24 @@ impl Producer {
         self.in_flight.len()
     }
 
-    /// Sends a batch without waiting for its acknowledgement; returns its first seq. A
-    /// batch mixing caller-chosen and assigned seqs is refused before anything is sent;
-    /// caller-chosen seqs leave the assigned sequence where it was.
+    /// Sends a batch without waiting for its acknowledgement; returns its first seq. Every
+    /// message of a producer opened with [`Client::producer_with_seqs`] carries its seq,
+    /// none of one opened with [`Client::producer`]; anything else (a mixed batch included)
+    /// is refused before anything is sent.
     pub async fn send(&mut self, batch: Vec<Outgoing>) -> Result<u64, ClientError> {
         let explicit = batch.iter().filter(|m| m.seq.is_some()).count();
-        if explicit != 0 && explicit != batch.len() {
-            return Err(ClientError::Unexpected(format!(
-                "a batch mixes {explicit} caller-chosen seq(s) with {} assigned ones; send them apart",
-                batch.len() - explicit
-            )));
-        }
-        match (self.seqs, explicit) {
-            (SeqMode::Assigned, 1..) => {
-                return Err(ClientError::Unexpected(
-                    "this producer assigns seqs; open one with producer_with_seqs to choose them".into(),
-                ));
+        match self.seqs {
+            SeqMode::Assigned if explicit > 0 => {
+                return Err(ClientError::Unexpected(format!(
+                    "this producer assigns seqs, and {explicit} message(s) carry one; open a producer with \
+                     producer_with_seqs to choose them"
+                )));
             }
-            (SeqMode::Chosen, 0) if !batch.is_empty() => {
-                return Err(ClientError::Unexpected("this producer's seqs are chosen: give every message one".into()));
+            SeqMode::Chosen if explicit < batch.len() => {
+                return Err(ClientError::Unexpected(format!(
+                    "this producer's seqs are chosen, and {} message(s) carry none",
+                    batch.len() - explicit
+                )));
             }
             _ => {}
         }
@@ -431,7 +430,7 @@ impl Producer {
                 payload: m.payload,
             })
             .collect();
-        if explicit == 0 {
+        if self.seqs == SeqMode::Assigned {
             self.next_seq += messages.len() as u64;
         }
         let first_seq = messages.first().map_or(first_assigned, |m| m.seq);

@@ -36,6 +36,15 @@ async fn invalid_names_and_oversized_messages_are_refused_by_name() {
     assert!(code == ErrorCode::InvalidName && message.contains("'bad sub'"), "{message}");
     let (code, message) = refused(client.producer("t/n/x", "$fn/mine".into()).await);
     assert!(code == ErrorCode::InvalidName && message.contains("reserved for operators"), "{message}");
+    // A batch mixing chosen and assigned seqs is refused before anything is sent.
+    let mut chosen = client.producer_with_seqs("t/n/x", "c".into()).await.expect("producer");
+    let mixed = vec![Outgoing::payload("a").with_seq(1), Outgoing::payload("b")];
+    let err = chosen.send(mixed.clone()).await.expect_err("a mixed batch");
+    assert!(err.to_string().contains("1 message(s) carry none"), "{err}");
+    let mut assigned = client.producer("t/n/x", "a".into()).await.expect("producer");
+    let err = assigned.send(mixed).await.expect_err("a mixed batch");
+    assert!(err.to_string().contains("1 message(s) carry one"), "{err}");
+    assert_eq!((chosen.in_flight(), assigned.in_flight()), (0, 0), "nothing was sent");
 
     let mut p = client.producer("t/n/big", "p".into()).await.expect("producer");
     p.send(vec![Outgoing::payload("fits"), Outgoing::payload(vec![0u8; (1 << 20) + 1])]).await.expect("send");
