@@ -8,23 +8,18 @@
 //! its own table and deletes it, also when the test fails.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
     path::PathBuf,
     process::Command,
     sync::Arc,
     time::Duration,
 };
 
-use rill_node::{
-    client::{Client, ClientOptions, Outgoing, Producer},
-    protocol::StartPosition,
-};
-use rill_transport::net::Limits;
+use rill_node::client::{Client, ClientOptions, Outgoing, Producer};
 use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
     mesh::{MeshDir, TOPIC, create_namespace, end_offset},
-    support::TestNode,
+    support::{TestNode, options, read_seqs},
 };
 
 const NODES: [(&str, &str); 3] = [("ra", "127.0.0.2"), ("rb", "127.0.0.3"), ("rc", "127.0.0.4")];
@@ -152,12 +147,6 @@ fn schedule(seed: u64) -> Vec<Fault> {
     faults
 }
 
-fn options(addr: SocketAddr, certs: &std::path::Path) -> ClientOptions {
-    let mut o = ClientOptions::new(addr, certs);
-    o.limits = Limits { idle_timeout_ms: 1_000, keep_alive_ms: 200, ..Limits::default() };
-    o
-}
-
 /// What one producer did: the seqs acknowledged, in order.
 #[derive(Debug, Default)]
 struct Produced {
@@ -240,20 +229,6 @@ async fn greeted_within(node: &TestNode, peers: usize) -> Duration {
         assert!(start.elapsed() < Duration::from_secs(10), "no links after a restart: {:?}", stats.peers);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// Reads `node`'s whole topic: per producer, its seqs in log order.
-async fn holdings(node: &TestNode, certs: &std::path::Path, total: u64) -> BTreeMap<String, Vec<u64>> {
-    let client = Client::connect(&options(node.addr, certs)).await.expect("connect for the check");
-    let mut consumer = client.subscribe(TOPIC, "checker", StartPosition::Earliest).await.expect("subscribe");
-    let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for _ in 0..total {
-        let next = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a delivery in 10 s");
-        let m = next.expect("next").expect("a message");
-        seqs.entry(m.message.id.producer.as_str().to_string()).or_default().push(m.message.id.seq);
-        consumer.ack(m.offset);
-    }
-    seqs
 }
 
 /// Runs one seeded schedule and returns its figures for the summary line.
@@ -365,7 +340,7 @@ async fn run_schedule(seed: u64) -> String {
     let mut link_ups_max_per_event: f64 = 0.0;
     for n in &names {
         let node = nodes[*n].lock().await;
-        let held = holdings(&node, &certs, total).await;
+        let held = read_seqs(&node, TOPIC, total, |_| {}).await;
         for (p, seqs) in &acked {
             assert_eq!(held.get(p), Some(seqs), "seed {seed}: {n} holds {p} not exactly once and in order");
         }

@@ -140,9 +140,7 @@ impl TestNode {
 
     /// Client options with a short idle timeout, so that a killed node is noticed fast.
     pub(crate) fn options(&self) -> ClientOptions {
-        let mut o = ClientOptions::new(self.addr, &self.certs);
-        o.limits = Limits { idle_timeout_ms: 1_000, keep_alive_ms: 200, ..Limits::default() };
-        o
+        options(self.addr, &self.certs)
     }
 
     pub(crate) async fn client(&self) -> Client {
@@ -177,6 +175,14 @@ impl TestNode {
         }
         run(&self.cwd, &all, stdin)
     }
+}
+
+/// Client options for a node at `addr` with a short idle timeout, so that a killed node is
+/// noticed fast (for clients that outlive a `TestNode` handle, such as producers).
+pub(crate) fn options(addr: SocketAddr, certs: &Path) -> ClientOptions {
+    let mut o = ClientOptions::new(addr, certs);
+    o.limits = Limits { idle_timeout_ms: 1_000, keep_alive_ms: 200, ..Limits::default() };
+    o
 }
 
 impl Drop for TestNode {
