@@ -210,6 +210,15 @@ impl Client {
         }
     }
 
+    /// The node's kept conflicts (replicated messages whose id it held with another
+    /// content), of one topic or of all.
+    pub async fn list_conflicts(&self, topic: Option<&str>) -> Result<Vec<crate::protocol::KeptConflict>, ClientError> {
+        match self.call(&Request::ListConflicts { topic: topic.map(Into::into) }).await? {
+            Response::Conflicts(kept) => Ok(kept),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
     /// The namespace catalogue as the node sees it.
     pub async fn ns_get(&self) -> Result<rill_replication::namespace::ConfigDoc, ClientError> {
         match self.call(&Request::NsGet).await? {

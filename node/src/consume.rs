@@ -204,6 +204,8 @@ pub(crate) fn topic_stats(shared: &Shared, topic: &Topic) -> TopicStats {
         producers: producers as u64,
         messages_in: topic.counters.messages_in.load(Ordering::Relaxed),
         duplicates: topic.counters.duplicates.load(Ordering::Relaxed),
+        conflicts_refused: topic.counters.conflicts_refused.load(Ordering::Relaxed),
+        conflicts_kept: topic.counters.conflicts_kept.load(Ordering::Relaxed),
         retention_deleted: topic.counters.retention_deleted.load(Ordering::Relaxed),
         quota_dropped: topic.counters.quota_dropped.load(Ordering::Relaxed),
         subscriptions,

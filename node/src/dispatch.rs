@@ -28,7 +28,10 @@ use std::{
     time::Duration,
 };
 
-use rill_storage::{Message, MessageId, ProducerId, StoredMessage, TopicName, meta, subscription::CursorState};
+use rill_storage::{
+    Message, MessageId, ProducerId, StorageError, StoredMessage, TopicName, meta, subscription::CursorState,
+    topic::OnConflict,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -599,8 +602,14 @@ impl Dispatcher {
                 headers,
                 payload: m.message.payload.clone(),
             };
-            let reply = topic.append(vec![letter]).await.ok_or("the dead-letter topic is closing")?;
-            reply.await.map_err(|_| "the dead-letter write was abandoned".to_string())?.map_err(|e| e.to_string())
+            let reply =
+                topic.append(vec![letter], OnConflict::Refuse).await.ok_or("the dead-letter topic is closing")?;
+            match reply.await.map_err(|_| "the dead-letter write was abandoned".to_string())?.result {
+                // Dead-lettered before a crash, with other headers (the redelivery count):
+                // the input is in the dead-letter topic already.
+                Err(StorageError::Conflict { .. }) => Ok(Vec::new()),
+                other => other.map_err(|e| e.to_string()),
+            }
         };
         match stored.await {
             Ok(_) => {

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+mod conflicts;
 mod consume;
 mod dispatch;
 pub mod env;

@@ -10,7 +10,7 @@
 //! - admin: [`Request::OpenProducer`], [`Request::ListTopics`], [`Request::Stats`], each
 //!   answered by one response.
 use rill_replication::namespace::{ConfigDoc, Edit};
-use rill_storage::{StoredMessage, topic::AppendOutcome};
+use rill_storage::{Message, StoredMessage, topic::AppendOutcome};
 use serde::{Deserialize, Serialize};
 
 /// A message as a producer sends it; the node adds origin and publish time.
@@ -138,6 +138,11 @@ pub enum Request {
     },
     /// The namespace catalogue as this node sees it.
     NsGet,
+    /// The node's kept conflicts, of one topic or of all.
+    ListConflicts {
+        /// `tenant/namespace/topic`, or `None` for every topic.
+        topic: Option<String>,
+    },
     /// Deletes a subscription: its cursor and ack state. Refused while consumers are
     /// attached. Retention no longer waits for it.
     DeleteSubscription {
@@ -222,6 +227,9 @@ impl From<AppendOutcome> for Produced {
         match o {
             AppendOutcome::Appended { offset } => Produced::Stored(offset),
             AppendOutcome::Duplicate { offset } => Produced::Duplicate(offset),
+            // Produce refuses a request with a conflict as a whole (`OnConflict::Refuse`),
+            // so no outcome of an answered request is one; were it, the id is held.
+            AppendOutcome::Conflict { offset } => Produced::Duplicate(Some(offset)),
         }
     }
 }
@@ -250,6 +258,9 @@ pub enum ErrorCode {
     BacklogFull,
     /// What the request names does not exist.
     NotFound,
+    /// A message's id is held with a different content: the producer reused an id for
+    /// another message. Nothing of the request was stored; retrying cannot help.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -278,6 +289,11 @@ pub struct TopicStats {
     pub messages_in: u64,
     /// Retries answered as duplicates since start.
     pub duplicates: u64,
+    /// Produce requests refused since start because an id was held with another content.
+    pub conflicts_refused: u64,
+    /// Replicated messages kept aside since start because their id was held with another
+    /// content (`rill conflicts list` shows them).
+    pub conflicts_kept: u64,
     /// Messages deleted by retention since the node started (every subscription and
     /// peer had them).
     pub retention_deleted: u64,
@@ -373,6 +389,22 @@ pub struct NodeStats {
     pub peers: Vec<PeerStats>,
 }
 
+/// A replicated message kept aside in the node-local conflict store: its id was held with
+/// a different content (answer to [`Request::ListConflicts`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptConflict {
+    /// `tenant/namespace/topic`.
+    pub topic: String,
+    /// The message that was not stored in the log.
+    pub message: Message,
+    /// Where the log holds the content stored first under the same id.
+    pub stored_offset: u64,
+    /// The peer it came from.
+    pub from_peer: String,
+    /// When this node kept it (its clock, ms since the Unix epoch).
+    pub kept_at_ms: u64,
+}
+
 /// Node to client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
@@ -415,4 +447,6 @@ pub enum Response {
     },
     /// Answer to [`Request::DeleteSubscription`].
     SubscriptionDeleted,
+    /// Answer to [`Request::ListConflicts`].
+    Conflicts(Vec<KeptConflict>),
 }

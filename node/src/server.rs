@@ -19,6 +19,7 @@ use rill_storage::{
     message::PRODUCER_ID_BYTES_MAX,
     meta::MetaStore,
     store::{self, TOPICS_DIR},
+    topic::OnConflict,
     topic::TopicStore,
 };
 use rill_transport::{
@@ -95,6 +96,8 @@ pub(crate) struct Shared {
     create_lock: tokio::sync::Mutex<()>,
     /// The subscriptions' dispatchers.
     pub(crate) subscriptions: crate::dispatch::Registry,
+    /// Replicated contents that lost a conflict on this node.
+    pub(crate) conflicts: crate::conflicts::Conflicts,
     /// Namespaces whose backlog quota is full with `on_full = reject`.
     pub(crate) backlog_full: Mutex<BTreeMap<String, String>>,
     started_ms: u64,
@@ -190,6 +193,7 @@ impl Node {
             growth,
             mesh: mesh_handle.clone(),
             produce_budget: Arc::new(tokio::sync::Semaphore::new(config.limits.produce_inflight_bytes_max as usize)),
+            conflicts: crate::conflicts::Conflicts::new(Arc::clone(&meta), env.clone()),
             config,
             env,
             meta,
@@ -359,7 +363,11 @@ fn frame_error(e: &FrameError) -> Response {
 }
 
 pub(crate) fn storage_error(e: &StorageError) -> Response {
-    let code = if e.is_disk_full() { ErrorCode::DiskFull } else { ErrorCode::Storage };
+    let code = match e {
+        StorageError::Conflict { .. } => ErrorCode::Conflict,
+        e if e.is_disk_full() => ErrorCode::DiskFull,
+        _ => ErrorCode::Storage,
+    };
     error(code, e.to_string())
 }
 
@@ -436,8 +444,10 @@ async fn write_responses(mut send: SendStream, mut rx: mpsc::Receiver<Pending>) 
         let response = match pending {
             Pending::Ready(r) => r,
             Pending::Append(reply, _budget) => match reply.await {
-                Ok(Ok(outcomes)) => Response::Produced(outcomes.into_iter().map(Into::into).collect()),
-                Ok(Err(e)) => storage_error(&e),
+                Ok(appended) => match appended.result {
+                    Ok(outcomes) => Response::Produced(outcomes.into_iter().map(Into::into).collect()),
+                    Err(e) => storage_error(&e),
+                },
                 Err(_) => error(ErrorCode::Storage, "the write was abandoned; retry"),
             },
         };
@@ -475,12 +485,24 @@ async fn handle_request(shared: &Arc<Shared>, request: Request, request_bytes: u
         Request::DeleteSubscription { topic, subscription } => {
             Pending::Ready(consume::delete(shared, &topic, &subscription).await.unwrap_or_else(|e| e))
         }
+        Request::ListConflicts { topic } => Pending::Ready(list_conflicts(shared, topic.as_deref())),
         Request::Subscribe { .. } => {
             Pending::Ready(error(ErrorCode::Malformed, "Subscribe must be the first frame of its own stream"))
         }
         Request::Ack { .. } | Request::AckCumulative { .. } | Request::Nack { .. } => {
             Pending::Ready(error(ErrorCode::Malformed, "acks and nacks are only valid on a subscription stream"))
         }
+    }
+}
+
+fn list_conflicts(shared: &Shared, topic: Option<&str>) -> Response {
+    let topic = match topic.map(parse_topic).transpose() {
+        Ok(t) => t,
+        Err(response) => return response,
+    };
+    match shared.conflicts.list(topic.as_ref()) {
+        Ok(kept) => Response::Conflicts(kept),
+        Err(e) => storage_error(&e),
     }
 }
 
@@ -535,7 +557,7 @@ async fn produce(
         return Pending::Ready(error(ErrorCode::ShuttingDown, "node is shutting down"));
     };
     match prepare_produce(shared, topic, producer, messages).await {
-        Ok((topic, messages)) => match topic.append(messages).await {
+        Ok((topic, messages)) => match topic.append(messages, OnConflict::Refuse).await {
             Some(reply) => Pending::Append(reply, budget),
             None => Pending::Ready(error(ErrorCode::ShuttingDown, "the topic is closing")),
         },
@@ -602,6 +624,8 @@ fn topic_stats(shared: &Shared) -> Vec<TopicStats> {
         producers: 0,
         messages_in: 0,
         duplicates: 0,
+        conflicts_refused: 0,
+        conflicts_kept: 0,
         retention_deleted: 0,
         quota_dropped: 0,
         subscriptions: Vec::new(),

@@ -10,7 +10,7 @@ use std::{
 
 use rill_storage::{
     Message, StorageError, StoredMessage, TopicName,
-    topic::{AppendOutcome, GroupResult, TopicStore, publish_group, sync_group, write_group},
+    topic::{AppendOutcome, GroupResult, OnConflict, TopicStore, publish_group, sync_group, write_group},
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -19,17 +19,31 @@ use crate::env::Env;
 /// One produce request waiting for its group commit.
 struct AppendJob {
     messages: Vec<Message>,
-    reply: oneshot::Sender<GroupResult>,
+    on_conflict: OnConflict,
+    reply: oneshot::Sender<Appended>,
+}
+
+/// What an append did, once its group is synced.
+pub(crate) struct Appended {
+    /// What happened to each message, in order.
+    pub(crate) result: GroupResult,
+    /// The messages not stored because their ids are held with another content (only
+    /// with [`OnConflict::SetAside`]), with the offset of the content stored first.
+    pub(crate) set_aside: Vec<(Message, u64)>,
 }
 
 /// The answer to an append, once its group is synced.
-pub(crate) type AppendReply = oneshot::Receiver<GroupResult>;
+pub(crate) type AppendReply = oneshot::Receiver<Appended>;
 
 /// Counters of a topic since the node started.
 #[derive(Debug, Default)]
 pub(crate) struct TopicCounters {
     pub(crate) messages_in: AtomicU64,
     pub(crate) duplicates: AtomicU64,
+    /// Produce requests refused because an id was held with another content.
+    pub(crate) conflicts_refused: AtomicU64,
+    /// Replicated messages kept aside because their id was held with another content.
+    pub(crate) conflicts_kept: AtomicU64,
     /// Messages deleted by retention (every subscription and peer had them).
     pub(crate) retention_deleted: AtomicU64,
     /// Messages dropped by a full backlog quota (`drop_oldest`) before every subscription
@@ -103,9 +117,9 @@ impl Topic {
     }
 
     /// Queues messages for the next group commit, waiting while the queue is full.
-    pub(crate) async fn append(&self, messages: Vec<Message>) -> Option<AppendReply> {
+    pub(crate) async fn append(&self, messages: Vec<Message>, on_conflict: OnConflict) -> Option<AppendReply> {
         let (reply, rx) = oneshot::channel();
-        self.queue.send(AppendJob { messages, reply }).await.ok()?;
+        self.queue.send(AppendJob { messages, on_conflict, reply }).await.ok()?;
         Some(rx)
     }
 
@@ -152,13 +166,15 @@ impl Writer {
     async fn run(self, mut rx: mpsc::Receiver<AppendJob>) {
         let mut jobs = Vec::with_capacity(self.group_max);
         while rx.recv_many(&mut jobs, self.group_max).await > 0 {
-            let (batches, replies): (Vec<Vec<Message>>, Vec<_>) = jobs.drain(..).map(|j| (j.messages, j.reply)).unzip();
+            let (batches, replies): (Vec<(Vec<Message>, OnConflict)>, Vec<_>) =
+                jobs.drain(..).map(|j| ((j.messages, j.on_conflict), j.reply)).unzip();
             let store = Arc::clone(&self.store);
-            let (results, group) = self
+            let (results, group, batches) = self
                 .env
                 .run_blocking(move || {
-                    let refs: Vec<&[Message]> = batches.iter().map(Vec::as_slice).collect();
-                    write_group(&store, &refs)
+                    let refs: Vec<(&[Message], OnConflict)> = batches.iter().map(|(m, c)| (m.as_slice(), *c)).collect();
+                    let (results, group) = write_group(&store, &refs);
+                    (results, group, batches)
                 })
                 .await;
             // Written, not yet synced: a crash here loses the group, which nobody was told of.
@@ -173,13 +189,34 @@ impl Writer {
             let committed = self.store.lock().expect("topic lock poisoned").log().committed_offset();
             self.committed_tx.send_replace(committed);
             self.growth.note(&self.name, committed);
-            for (result, reply) in results.into_iter().zip(replies) {
-                if let Ok(outcomes) = &result {
-                    let stored = outcomes.iter().filter(|o| matches!(o, AppendOutcome::Appended { .. })).count() as u64;
-                    self.counters.messages_in.fetch_add(stored, Ordering::Relaxed);
-                    self.counters.duplicates.fetch_add(outcomes.len() as u64 - stored, Ordering::Relaxed);
+            for ((result, reply), (messages, _)) in results.into_iter().zip(replies).zip(batches) {
+                let mut set_aside = Vec::new();
+                match &result {
+                    Ok(outcomes) => {
+                        let count = |f: fn(&AppendOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count() as u64;
+                        let c = &self.counters;
+                        c.messages_in
+                            .fetch_add(count(|o| matches!(o, AppendOutcome::Appended { .. })), Ordering::Relaxed);
+                        c.duplicates
+                            .fetch_add(count(|o| matches!(o, AppendOutcome::Duplicate { .. })), Ordering::Relaxed);
+                        c.conflicts_kept
+                            .fetch_add(count(|o| matches!(o, AppendOutcome::Conflict { .. })), Ordering::Relaxed);
+                        set_aside = messages
+                            .into_iter()
+                            .zip(outcomes)
+                            .filter_map(|(m, o)| match o {
+                                AppendOutcome::Conflict { offset } => Some((m, *offset)),
+                                _ => None,
+                            })
+                            .collect();
+                    }
+                    Err(StorageError::Conflict { .. }) => {
+                        self.counters.conflicts_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
                 }
-                let _ = reply.send(result); // the producer may have gone; the data is stored anyway
+                // The producer may have gone; the data is stored anyway.
+                let _ = reply.send(Appended { result, set_aside });
             }
         }
     }

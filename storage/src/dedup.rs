@@ -32,7 +32,7 @@ pub struct ProducerDedup {
 impl ProducerDedup {
     /// Records that seqs `seq_start..seq_start + len` are stored at offsets
     /// `offset_start..offset_start + len`.
-    fn record_run(&mut self, seq_start: u64, offset_start: u64, len: u64) {
+    fn record_run(&mut self, seq_start: u64, offset_start: u64, len: u64, runs_max: usize) {
         self.seqs.insert_range(seq_start..seq_start + len);
         if let Some(last) = self.recent.back_mut()
             && last.seq_start + last.len == seq_start
@@ -41,7 +41,7 @@ impl ProducerDedup {
             last.len += len;
             return;
         }
-        if self.recent.len() == RECENT_RUNS_MAX {
+        if self.recent.len() >= runs_max {
             self.recent.pop_front();
         }
         self.recent.push_back(Run { seq_start, offset_start, len });
@@ -65,9 +65,18 @@ impl ProducerDedup {
 pub type ProducerKey = (ProducerId, u64);
 
 /// The dedup state of one topic.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DedupIndex {
     producers: BTreeMap<ProducerKey, ProducerDedup>,
+    /// Runs remembered per producer session.
+    runs_max: usize,
+}
+
+impl Default for DedupIndex {
+    /// An index that remembers the offsets of [`RECENT_RUNS_MAX`] runs per session.
+    fn default() -> Self {
+        DedupIndex { producers: BTreeMap::new(), runs_max: RECENT_RUNS_MAX }
+    }
 }
 
 /// A durable image of a topic's dedup sets, valid for log offsets below `through_offset`.
@@ -110,6 +119,12 @@ impl DedupSnapshot {
 }
 
 impl DedupIndex {
+    /// An index that remembers the offset of every run recorded in it: for the messages of
+    /// one write group, whose offsets must all be known until the group is published.
+    pub fn unbounded() -> Self {
+        DedupIndex { producers: BTreeMap::new(), runs_max: usize::MAX }
+    }
+
     /// True when the message is already held.
     pub fn contains(&self, id: &MessageId) -> bool {
         self.get(&id.producer, id.epoch).is_some_and(|p| p.seqs.contains(id.seq))
@@ -135,7 +150,7 @@ impl DedupIndex {
     /// caller guarantees `seq_start + len` does not overflow.
     pub fn record_run(&mut self, producer: &ProducerId, epoch: u64, seq_start: u64, offset_start: u64, len: u64) {
         let entry = self.producers.entry((producer.clone(), epoch)).or_default();
-        entry.record_run(seq_start, offset_start, len);
+        entry.record_run(seq_start, offset_start, len, self.runs_max);
     }
 
     /// True when any seq of `seqs` from `producer` in `epoch` is held.
@@ -150,7 +165,7 @@ impl DedupIndex {
             let ours = self.producers.entry(producer).or_default();
             ours.seqs.union(&theirs.seqs);
             for run in theirs.recent {
-                ours.record_run(run.seq_start, run.offset_start, run.len);
+                ours.record_run(run.seq_start, run.offset_start, run.len, self.runs_max);
             }
         }
     }
@@ -191,7 +206,7 @@ impl DedupIndex {
             .into_iter()
             .map(|(p, e, seqs)| ((p, e), ProducerDedup { seqs, recent: VecDeque::new() }))
             .collect();
-        DedupIndex { producers }
+        DedupIndex { producers, runs_max: RECENT_RUNS_MAX }
     }
 }
 

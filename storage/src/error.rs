@@ -58,6 +58,18 @@ pub enum StorageError {
         /// Why it could not be opened.
         reason: String,
     },
+    /// A message's id is held with a different content (a digest of key, headers and
+    /// payload): the producer broke its promise that an id names one message. Nothing of
+    /// the request was stored.
+    #[error(
+        "message {id} conflicts with the message stored under that id at offset {offset} (same id, different content); nothing of the request was stored"
+    )]
+    Conflict {
+        /// The id, as `producer:seq` or `producer@epoch:seq`.
+        id: String,
+        /// Where the first content is stored.
+        offset: u64,
+    },
     /// A write or sync of the topic's log failed: nothing written since its last good sync
     /// is stored, and the next write first cuts the log back to that point.
     #[error("topic {topic}: a disk write failed ({reason}); nothing since the last sync was stored, retry")]

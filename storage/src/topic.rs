@@ -6,6 +6,7 @@
 //! the dedup entries. Only then are the producers acknowledged. Dedup entries are recorded
 //! after the sync, so a failed sync can never leave a message "held" that is not on disk.
 use std::{
+    collections::{HashMap, VecDeque},
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -20,8 +21,24 @@ use crate::{
     name::TopicName,
 };
 
-/// Messages read per step while rebuilding dedup state from the log tail.
+/// Messages read per step while rebuilding dedup state from the log tail, and while
+/// looking for a held id's first copy.
 const REBUILD_CHUNK_MESSAGES: usize = 10_000;
+
+/// Digests kept of the latest messages (8 bytes each, per topic): a resend of any of
+/// them is compared with what is stored without reading the log.
+pub const RECENT_DIGESTS: usize = 8192;
+
+/// What a write does with a message whose id is held with a different content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Refuse the whole request ([`StorageError::Conflict`]), storing none of it: a
+    /// producer broke its promise and is told.
+    Refuse,
+    /// Store the rest and report the message as [`AppendOutcome::Conflict`], for the
+    /// caller to keep aside: replication, where the content was acknowledged elsewhere.
+    SetAside,
+}
 
 /// What happened to one produced message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,11 +48,55 @@ pub enum AppendOutcome {
         /// The offset.
         offset: u64,
     },
-    /// Already held; stored earlier at this offset, when the node still remembers it.
+    /// Already held with the same content; stored earlier at this offset, when the node
+    /// still holds it (a message retention deleted cannot be compared, and counts as held).
     Duplicate {
-        /// The original offset, if remembered.
+        /// The original offset, if known.
         offset: Option<u64>,
     },
+    /// The id is held with a different content, stored at this offset; the message was
+    /// not stored (only with [`OnConflict::SetAside`]).
+    Conflict {
+        /// Where the content stored first is.
+        offset: u64,
+    },
+}
+
+/// Digests of the latest messages, by offset.
+#[derive(Debug, Default)]
+struct DigestRing {
+    /// The offset of `digests[0]`.
+    start: u64,
+    digests: VecDeque<u64>,
+}
+
+impl DigestRing {
+    fn get(&self, offset: u64) -> Option<u64> {
+        let i = usize::try_from(offset.checked_sub(self.start)?).ok()?;
+        self.digests.get(i).copied()
+    }
+
+    fn push(&mut self, offset: u64, digest: u64) {
+        if self.start + self.digests.len() as u64 != offset {
+            self.digests.clear();
+            self.start = offset;
+        }
+        self.digests.push_back(digest);
+    }
+
+    /// Drops the oldest beyond [`RECENT_DIGESTS`], but none at or past `keep_from` (the
+    /// unsynced messages, whose digests cannot be read back from the log).
+    fn trim(&mut self, keep_from: u64) {
+        while self.digests.len() > RECENT_DIGESTS && self.start < keep_from {
+            self.digests.pop_front();
+            self.start += 1;
+        }
+    }
+
+    /// Forgets every offset at or past `end`.
+    fn truncate(&mut self, end: u64) {
+        self.digests.truncate(usize::try_from(end.saturating_sub(self.start)).unwrap_or(usize::MAX));
+    }
 }
 
 /// The metadata key of a topic's dedup snapshot.
@@ -51,6 +112,8 @@ pub struct TopicStore {
     dedup: DedupIndex,
     /// Written but not yet synced: merged into `dedup` when the sync succeeds.
     unsynced: DedupIndex,
+    /// Content digests of the latest messages, written or synced.
+    digests: DigestRing,
     checkpointed_offset: u64,
     /// Why the last write or sync failed (and whether the disk was full); until
     /// [`TopicStore::recover`] cuts the log back to its last sync, nothing is written.
@@ -108,13 +171,23 @@ impl TopicStore {
             }
             None => (DedupIndex::default(), log.start_offset()),
         };
-        index_log(&log, &mut dedup, from)?;
+        // The tail is read again even when the snapshot covers it: the snapshot keeps no
+        // offsets or digests, and a producer's retry after a restart needs both.
+        let tail = log.committed_offset().saturating_sub(RECENT_DIGESTS as u64).max(log.start_offset());
+        let mut digests = DigestRing::default();
+        for_each_durable(&log, from.min(tail), |m| {
+            dedup.record(&m.message.id, m.offset);
+            if m.offset >= tail {
+                digests.push(m.offset, m.message.content_digest());
+            }
+        })?;
         let checkpointed_offset = from;
         Ok(TopicStore {
             name,
             log,
             dedup,
-            unsynced: DedupIndex::default(),
+            unsynced: DedupIndex::unbounded(),
+            digests,
             checkpointed_offset,
             poisoned: None,
             bug_no_dedup: false,
@@ -126,11 +199,12 @@ impl TopicStore {
     ///
     /// Dedup works on runs (consecutive seqs of one producer, usually a whole client
     /// batch): a run that touches nothing held is checked and recorded with one lookup;
-    /// only a run that overlaps held seqs is checked message by message.
+    /// only a run that overlaps held seqs is checked message by message, and each held
+    /// message's content is compared with the stored one (see [`OnConflict`]).
     ///
     /// A failed write poisons the topic: this and every later write of the group fail, the
     /// group is not published, and the next group starts with [`TopicStore::recover`].
-    pub fn write(&mut self, messages: &[Message]) -> Result<Vec<AppendOutcome>> {
+    pub fn write(&mut self, messages: &[Message], on_conflict: OnConflict) -> Result<Vec<AppendOutcome>> {
         if let Some(e) = self.poisoned_error() {
             return Err(e);
         }
@@ -139,13 +213,14 @@ impl TopicStore {
         }
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut fresh: Vec<&Message> = Vec::with_capacity(messages.len());
-        let mut batch = DedupIndex::default();
+        let mut held: Vec<&Message> = Vec::new();
+        let mut batch = DedupIndex::unbounded();
         let base = self.log.next_offset();
         for run in runs(messages) {
             let (producer, epoch, first) = (&run[0].id.producer, run[0].id.epoch, run[0].id.seq);
             let seqs = first..first + run.len() as u64;
-            let held = |d: &DedupIndex| d.intersects(producer, epoch, &seqs);
-            if self.bug_no_dedup || !held(&self.dedup) && !held(&self.unsynced) && !held(&batch) {
+            let held_in = |d: &DedupIndex| d.intersects(producer, epoch, &seqs);
+            if self.bug_no_dedup || !held_in(&self.dedup) && !held_in(&self.unsynced) && !held_in(&batch) {
                 let offset = base + fresh.len() as u64;
                 batch.record_run(producer, epoch, first, offset, run.len() as u64);
                 outcomes.extend((0..run.len() as u64).map(|i| AppendOutcome::Appended { offset: offset + i }));
@@ -154,7 +229,10 @@ impl TopicStore {
             }
             for m in run {
                 match self.earlier_offset(&batch, &m.id) {
-                    Some(offset) => outcomes.push(AppendOutcome::Duplicate { offset }),
+                    Some(offset) => {
+                        held.push(m);
+                        outcomes.push(AppendOutcome::Duplicate { offset });
+                    }
                     None => {
                         let offset = base + fresh.len() as u64;
                         batch.record(&m.id, offset);
@@ -164,6 +242,17 @@ impl TopicStore {
                 }
             }
         }
+        if !held.is_empty() {
+            self.compare_contents(&held, &fresh, base, &mut outcomes)?;
+            if on_conflict == OnConflict::Refuse
+                && let Some((m, offset)) = messages.iter().zip(&outcomes).find_map(|(m, o)| match o {
+                    AppendOutcome::Conflict { offset } => Some((m, *offset)),
+                    _ => None,
+                })
+            {
+                return Err(StorageError::Conflict { id: m.id.to_string(), offset });
+            }
+        }
         if !fresh.is_empty() {
             if let Err(e) = self.log.append(&fresh) {
                 if matches!(e, StorageError::Io { .. }) {
@@ -171,9 +260,92 @@ impl TopicStore {
                 }
                 return Err(e);
             }
+            for (i, m) in fresh.iter().enumerate() {
+                self.digests.push(base + i as u64, m.content_digest());
+            }
+            self.digests.trim(self.log.committed_offset());
             self.unsynced.merge(batch);
         }
         Ok(outcomes)
+    }
+
+    /// Compares each held message (in `outcomes` order, a `Duplicate` each) with the
+    /// content stored first under its id, and turns the differing ones into `Conflict`s.
+    /// A stored copy is found by its remembered offset, or else by reading the log back
+    /// from its end (bounded memory; time grows with how far back the copy is). A copy
+    /// retention deleted cannot be compared, and stays a duplicate.
+    fn compare_contents(
+        &self,
+        held: &[&Message],
+        fresh: &[&Message],
+        base: u64,
+        outcomes: &mut [AppendOutcome],
+    ) -> Result<()> {
+        let mut unknown: HashMap<&MessageId, Vec<usize>> = HashMap::new();
+        let mut stored: Vec<Option<(u64, u64)>> = Vec::with_capacity(held.len());
+        let duplicates = outcomes.iter().enumerate().filter(|(_, o)| matches!(o, AppendOutcome::Duplicate { .. }));
+        let slots: Vec<usize> = duplicates.map(|(i, _)| i).collect();
+        for (k, (m, &slot)) in held.iter().zip(&slots).enumerate() {
+            let AppendOutcome::Duplicate { offset } = outcomes[slot] else { unreachable!("slots are duplicates") };
+            stored.push(match offset {
+                Some(offset) => self.digest_at(offset, fresh, base)?.map(|d| (offset, d)),
+                None => {
+                    unknown.entry(&m.id).or_default().push(k);
+                    None
+                }
+            });
+        }
+        if !unknown.is_empty() {
+            for (id, found) in self.locate(unknown.keys().copied())? {
+                for &k in &unknown[id] {
+                    stored[k] = Some(found);
+                }
+            }
+        }
+        for ((m, &slot), found) in held.iter().zip(&slots).zip(stored) {
+            if let Some((offset, digest)) = found {
+                outcomes[slot] = if digest == m.content_digest() {
+                    AppendOutcome::Duplicate { offset: Some(offset) }
+                } else {
+                    AppendOutcome::Conflict { offset }
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// The digest of the message at `offset`: one of this write's, a recent one, or read
+    /// from the log (`None` once retention deleted it).
+    fn digest_at(&self, offset: u64, fresh: &[&Message], base: u64) -> Result<Option<u64>> {
+        if offset >= base {
+            return Ok(fresh.get((offset - base) as usize).map(|m| m.content_digest()));
+        }
+        if let Some(d) = self.digests.get(offset) {
+            return Ok(Some(d));
+        }
+        let read = self.log.read(offset, 1, usize::MAX)?;
+        Ok(read.first().filter(|m| m.offset == offset).map(|m| m.message.content_digest()))
+    }
+
+    /// Finds the durable copies of `ids` by reading the log backwards from its end, one
+    /// chunk at a time, until all are found or the log's start is reached: (offset, digest)
+    /// per id found.
+    fn locate<'a>(&self, ids: impl Iterator<Item = &'a MessageId>) -> Result<HashMap<&'a MessageId, (u64, u64)>> {
+        let mut wanted: HashMap<&MessageId, &'a MessageId> = ids.map(|id| (id, id)).collect();
+        let mut found = HashMap::with_capacity(wanted.len());
+        let (start, mut end) = (self.log.start_offset(), self.log.committed_offset());
+        while end > start && !wanted.is_empty() {
+            let from = end.saturating_sub(REBUILD_CHUNK_MESSAGES as u64).max(start);
+            for m in self.log.read(from, (end - from) as usize, usize::MAX)? {
+                if m.offset < end
+                    && let Some(id) = wanted.remove(&m.message.id)
+                {
+                    found.insert(id, (m.offset, m.message.content_digest()));
+                }
+            }
+            end = from;
+        }
+        Ok(found)
     }
 
     fn poison(&mut self, reason: String, disk_full: bool) {
@@ -197,9 +369,15 @@ impl TopicStore {
     pub fn recover(&mut self) -> Result<()> {
         let Some((reason, disk_full)) = self.poisoned.clone() else { return Ok(()) };
         let published = self.log.committed_offset();
-        match self.log.cut_to_synced_and_reopen().and_then(|()| index_log(&self.log, &mut self.dedup, published)) {
+        let dedup = &mut self.dedup;
+        let indexed = self
+            .log
+            .cut_to_synced_and_reopen()
+            .and_then(|()| for_each_durable(&self.log, published, |m| dedup.record(&m.message.id, m.offset)));
+        match indexed {
             Ok(()) => {
-                self.unsynced = DedupIndex::default();
+                self.unsynced = DedupIndex::unbounded();
+                self.digests.truncate(self.log.next_offset());
                 self.poisoned = None;
                 tracing::info!(topic = %self.name, through_offset = self.log.committed_offset(),
                     "topic recovered after a failed disk write");
@@ -230,7 +408,7 @@ impl TopicStore {
 
     /// Takes what was written since the last sync, to be synced outside the lock.
     pub fn prepare_sync(&mut self) -> GroupSync {
-        GroupSync { log: self.log.prepare_sync(), ids: std::mem::take(&mut self.unsynced) }
+        GroupSync { log: self.log.prepare_sync(), ids: std::mem::replace(&mut self.unsynced, DedupIndex::unbounded()) }
     }
 
     /// Publishes a group after its sync. A failed fdatasync poisons the topic: the kernel
@@ -284,19 +462,17 @@ impl TopicStore {
     }
 }
 
-/// Records in `dedup` every durable message of `log` from `from` on: on open, the log past
-/// the dedup snapshot; on recovery, what a segment roll made durable inside a group that
-/// then failed (a roll syncs the sealed segment mid-group), which is kept and must be
-/// indexed, or a retry would store it twice.
-fn index_log(log: &TopicLog, dedup: &mut DedupIndex, from: u64) -> Result<()> {
+/// Calls `f` on every durable message of `log` from `from` on, a chunk at a time. Indexes
+/// dedup state: on open, the log past the dedup snapshot; on recovery, what a segment roll
+/// made durable inside a group that then failed (a roll syncs the sealed segment
+/// mid-group), which is kept and must be indexed, or a retry would store it twice.
+fn for_each_durable(log: &TopicLog, from: u64, mut f: impl FnMut(&StoredMessage)) -> Result<()> {
     let mut at = from;
     while at < log.committed_offset() {
         let chunk = log.read(at, REBUILD_CHUNK_MESSAGES, usize::MAX)?;
         let Some(last) = chunk.last() else { break };
         at = last.offset + 1;
-        for m in &chunk {
-            dedup.record(&m.message.id, m.offset);
-        }
+        chunk.iter().for_each(&mut f);
     }
     Ok(())
 }
@@ -327,7 +503,7 @@ pub type GroupResult = Result<Vec<AppendOutcome>>;
 /// Group commit: writes every request's messages, syncs once, and returns each request's
 /// outcome. Blocking; call it from a thread that may block. The node runs its three steps
 /// ([`write_group`], [`sync_group`], [`publish_group`]) as separate blocking calls.
-pub fn commit_group(store: &Mutex<TopicStore>, requests: &[&[Message]]) -> Vec<GroupResult> {
+pub fn commit_group(store: &Mutex<TopicStore>, requests: &[(&[Message], OnConflict)]) -> Vec<GroupResult> {
     let (results, group) = write_group(store, requests);
     let synced = sync_group(store, &group);
     publish_group(store, results, group, synced)
@@ -335,10 +511,10 @@ pub fn commit_group(store: &Mutex<TopicStore>, requests: &[&[Message]]) -> Vec<G
 
 /// Step 1 of a group commit: under the topic's lock, cuts the log back if the last group
 /// failed, then writes every request's messages to the page cache.
-pub fn write_group(store: &Mutex<TopicStore>, requests: &[&[Message]]) -> (Vec<GroupResult>, GroupSync) {
+pub fn write_group(store: &Mutex<TopicStore>, requests: &[(&[Message], OnConflict)]) -> (Vec<GroupResult>, GroupSync) {
     let mut topic = store.lock().expect("topic lock poisoned");
     let results = match topic.recover() {
-        Ok(()) => requests.iter().map(|msgs| topic.write(msgs)).collect(),
+        Ok(()) => requests.iter().map(|(msgs, on_conflict)| topic.write(msgs, *on_conflict)).collect(),
         Err(e) => requests.iter().map(|_| Err(copy_error(&e))).collect(),
     };
     (results, topic.prepare_sync())
@@ -383,6 +559,17 @@ mod tests {
         Mutex::new(TopicStore::open(Arc::new(StdFs), meta, root, topic(), LogConfig::default()).unwrap())
     }
 
+    /// A group commit of produce requests (conflicts refused).
+    fn commit(store: &Mutex<TopicStore>, requests: &[&[Message]]) -> Vec<GroupResult> {
+        let requests: Vec<_> = requests.iter().map(|r| (*r, OnConflict::Refuse)).collect();
+        commit_group(store, &requests)
+    }
+
+    fn write(store: &Mutex<TopicStore>, requests: &[&[Message]]) -> (Vec<GroupResult>, GroupSync) {
+        let requests: Vec<_> = requests.iter().map(|r| (*r, OnConflict::Refuse)).collect();
+        write_group(store, &requests)
+    }
+
     fn offsets(r: &GroupResult) -> Vec<AppendOutcome> {
         r.as_ref().unwrap().clone()
     }
@@ -398,12 +585,12 @@ mod tests {
         let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), LogConfig::default()).unwrap());
         let batch = |p: &str| (0..3).map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
         full.set_failing(true);
-        let r = commit_group(&store, &[&batch("a"), &batch("b")]);
+        let r = commit(&store, &[&batch("a"), &batch("b")]);
         assert!(r.iter().all(|r| r.as_ref().is_err_and(StorageError::is_disk_full)), "{r:?}");
-        let again = commit_group(&store, &[&batch("a")]);
+        let again = commit(&store, &[&batch("a")]);
         assert!(again[0].as_ref().is_err_and(StorageError::is_disk_full), "{again:?}");
         full.set_failing(false);
-        assert!(commit_group(&store, &[&batch("a")])[0].is_ok());
+        assert!(commit(&store, &[&batch("a")])[0].is_ok());
     }
 
     /// What the dedup index lists (and so a peer's Hello summary) never includes a message
@@ -419,9 +606,9 @@ mod tests {
         let config = LogConfig { segment_bytes_max: 200, ..LogConfig::default() };
         let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), config).unwrap());
         let batch = |p: &str, seqs: std::ops::Range<u64>| seqs.map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
-        assert!(commit_group(&store, &[&batch("a", 0..3)])[0].is_ok());
+        assert!(commit(&store, &[&batch("a", 0..3)])[0].is_ok());
         // b is written, c's write rolls the segment (syncing b's), then the group's sync fails.
-        let (results, group) = write_group(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
+        let (results, group) = write(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         flaky.set_failing(true);
         let synced = sync_group(&store, &group);
@@ -431,7 +618,7 @@ mod tests {
         let held = |s: &Mutex<TopicStore>, p: &str| s.lock().unwrap().dedup().contains(&id(p, 0));
         assert!(held(&store, "a") && !held(&store, "b") && !held(&store, "c"));
         flaky.set_failing(false);
-        let retry = commit_group(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
+        let retry = commit(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
         let log_len = store.lock().unwrap().log().committed_offset();
         let store_b = store.lock().unwrap().read(0, 100, usize::MAX).unwrap();
         let copies = |p: &str| store_b.iter().filter(|m| &*m.message.id.producer.0 == p).count();
@@ -451,17 +638,17 @@ mod tests {
             let fs: Arc<dyn FileSystem> = Arc::new(TestRoot(Arc::clone(&flaky)));
             let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), LogConfig::default()).unwrap());
             let batch = |p: &str, seqs: std::ops::Range<u64>| seqs.map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
-            assert!(commit_group(&store, &[&batch("a", 0..3)])[0].is_ok());
+            assert!(commit(&store, &[&batch("a", 0..3)])[0].is_ok());
             flaky.set_failing(true);
-            let r = commit_group(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
+            let r = commit(&store, &[&batch("b", 0..3), &batch("c", 0..3)]);
             assert!(r.iter().all(|r| r.is_err()), "writes={writes}: {r:?}");
-            let again = commit_group(&store, &[&batch("b", 0..3)]);
+            let again = commit(&store, &[&batch("b", 0..3)]);
             let text = again[0].as_ref().unwrap_err().to_string();
             assert!(text.contains("Input/output error"), "{text}");
             assert_eq!(store.lock().unwrap().log().committed_offset(), 3);
             flaky.set_failing(false);
             // The retry is stored once, at the offset after the last acknowledged message.
-            let r = commit_group(&store, &[&batch("b", 0..3)]);
+            let r = commit(&store, &[&batch("b", 0..3)]);
             assert_eq!(offsets(&r[0])[0], AppendOutcome::Appended { offset: 3 });
             drop(store);
             let store = open(dir.path(), &meta);
@@ -484,12 +671,12 @@ mod tests {
         let store = open(dir.path(), &meta);
         let a: Vec<Message> = (0..3).map(|s| msg("a", s, b"x")).collect();
         let b: Vec<Message> = (0..2).map(|s| msg("b", s, b"y")).collect();
-        let r = commit_group(&store, &[&a, &b, &a[1..2]]);
+        let r = commit(&store, &[&a, &b, &a[1..2]]);
         use AppendOutcome::*;
         assert_eq!(offsets(&r[0]), vec![Appended { offset: 0 }, Appended { offset: 1 }, Appended { offset: 2 }]);
         assert_eq!(offsets(&r[1]), vec![Appended { offset: 3 }, Appended { offset: 4 }]);
         assert_eq!(offsets(&r[2]), vec![Duplicate { offset: Some(1) }], "duplicate within one group");
-        let r = commit_group(&store, &[&a]);
+        let r = commit(&store, &[&a]);
         assert_eq!(
             offsets(&r[0]),
             vec![Duplicate { offset: Some(0) }, Duplicate { offset: Some(1) }, Duplicate { offset: Some(2) }]
@@ -505,17 +692,17 @@ mod tests {
         let second: Vec<Message> = (10..20).map(|s| msg("a", s, b"x")).collect();
         {
             let store = open(dir.path(), &meta);
-            commit_group(&store, &[&first]);
+            commit(&store, &[&first]);
             assert!(store.lock().unwrap().checkpoint(&meta).unwrap());
             meta.flush().unwrap();
-            commit_group(&store, &[&second]); // after the snapshot: rebuilt from the log tail
+            commit(&store, &[&second]); // after the snapshot: rebuilt from the log tail
         }
         for crash_meta in [false, true] {
             if crash_meta {
                 meta.delete("dedup/t/n/x").unwrap(); // no snapshot at all: rebuild from the whole log
             }
             let store = open(dir.path(), &meta);
-            let r = commit_group(&store, &[&first, &second]);
+            let r = commit(&store, &[&first, &second]);
             assert!(
                 r.iter().all(|r| { r.as_ref().unwrap().iter().all(|o| matches!(o, AppendOutcome::Duplicate { .. })) })
             );
@@ -529,11 +716,11 @@ mod tests {
         let meta = MemMeta::default();
         let store = open(dir.path(), &meta);
         let a: Vec<Message> = [0, 1, 2, 5].iter().map(|&s| msg("a", s, b"x")).collect();
-        commit_group(&store, &[&a]);
+        commit(&store, &[&a]);
         // One run 0..8 overlapping the held seqs, plus a second producer in the same batch.
         let mut b: Vec<Message> = (0..8).map(|s| msg("a", s, b"x")).collect();
         b.push(msg("b", 0, b"y"));
-        let r = commit_group(&store, &[&b]);
+        let r = commit(&store, &[&b]);
         use AppendOutcome::*;
         let want = vec![
             Duplicate { offset: Some(0) },
@@ -548,7 +735,64 @@ mod tests {
         ];
         assert_eq!(offsets(&r[0]), want);
         let seq_max = [msg("a", u64::MAX, b"x")];
-        assert!(commit_group(&store, &[&seq_max])[0].as_ref().unwrap_err().to_string().contains("reserved"));
+        assert!(commit(&store, &[&seq_max])[0].as_ref().unwrap_err().to_string().contains("reserved"));
+    }
+
+    /// At produce a different content under a held id refuses the whole request, naming
+    /// the id and where the first content is; in replication it is reported and the rest
+    /// is stored. The same content is a duplicate either way.
+    #[test]
+    fn a_held_id_with_another_content_is_a_conflict_never_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemMeta::default();
+        let store = open(dir.path(), &meta);
+        let first: Vec<Message> = (0..3).map(|s| msg("a", s, b"first")).collect();
+        assert!(commit(&store, &[&first])[0].is_ok());
+        let twin = msg("a", 1, b"second");
+        let request = [msg("b", 0, b"new"), twin.clone()];
+        let err = commit(&store, &[&request])[0].as_ref().unwrap_err().to_string();
+        assert!(err.contains("message a:1 conflicts") && err.contains("offset 1"), "{err}");
+        assert_eq!(store.lock().unwrap().log().committed_offset(), 3, "nothing of the request is stored");
+        let r = commit_group(&store, &[(&request[..], OnConflict::SetAside)]);
+        use AppendOutcome::*;
+        assert_eq!(offsets(&r[0]), vec![Appended { offset: 3 }, Conflict { offset: 1 }]);
+        assert_eq!(offsets(&commit(&store, &[&first[1..2]])[0]), vec![Duplicate { offset: Some(1) }]);
+        // Twins within one request: the second conflicts with the first.
+        let twins = [msg("c", 0, b"x"), msg("c", 0, b"y")];
+        assert!(commit(&store, &[&twins])[0].as_ref().unwrap_err().to_string().contains("c:0 conflicts"));
+        let r = commit_group(&store, &[(&twins[..], OnConflict::SetAside)]);
+        assert_eq!(offsets(&r[0]), vec![Appended { offset: 4 }, Conflict { offset: 4 }]);
+    }
+
+    /// An id whose offset the node no longer remembers (older than the recent digests,
+    /// and after a restart from a snapshot, which keeps no offsets) is found through the
+    /// log; once retention deleted it, a resend is a duplicate that cannot be compared.
+    #[test]
+    fn old_ids_are_compared_through_the_log_until_retention_deletes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemMeta::default();
+        let config = LogConfig { segment_bytes_max: 64 * 1024, ..LogConfig::default() };
+        let reopen = || Mutex::new(TopicStore::open(Arc::new(StdFs), &meta, dir.path(), topic(), config).unwrap());
+        let old = msg("old", 7, b"kept");
+        {
+            let store = reopen();
+            assert!(commit(&store, &[std::slice::from_ref(&old)])[0].is_ok());
+            let filler: Vec<Message> = (0..RECENT_DIGESTS as u64 + 100).map(|s| msg("f", s, b"filler")).collect();
+            for chunk in filler.chunks(1000) {
+                assert!(commit(&store, &[chunk])[0].is_ok());
+            }
+            assert!(store.lock().unwrap().checkpoint(&meta).unwrap());
+            meta.flush().unwrap();
+        }
+        let store = reopen();
+        let changed = Message { payload: b"changed".to_vec(), ..old.clone() };
+        let r = commit_group(&store, &[(std::slice::from_ref(&changed), OnConflict::SetAside)]);
+        assert_eq!(offsets(&r[0]), vec![AppendOutcome::Conflict { offset: 0 }]);
+        assert_eq!(offsets(&commit(&store, &[std::slice::from_ref(&old)])[0]), vec![AppendOutcome::Duplicate { offset: Some(0) }]);
+        while store.lock().unwrap().delete_oldest_segment().unwrap().is_some_and(|s| s.end_offset < 5000) {}
+        assert!(store.lock().unwrap().log().start_offset() > 0);
+        let r = commit_group(&store, &[(&[changed][..], OnConflict::SetAside)]);
+        assert_eq!(offsets(&r[0]), vec![AppendOutcome::Duplicate { offset: None }]);
     }
 
     #[test]
@@ -559,7 +803,7 @@ mod tests {
         meta::put_record(&meta, "dedup/t/n/x", &snap).unwrap();
         let store = open(dir.path(), &meta);
         let m = [msg("a", 0, b"x")];
-        assert_eq!(offsets(&commit_group(&store, &[&m])[0]), vec![AppendOutcome::Appended { offset: 0 }]);
+        assert_eq!(offsets(&commit(&store, &[&m])[0]), vec![AppendOutcome::Appended { offset: 0 }]);
     }
 
     #[test]
@@ -575,8 +819,8 @@ mod tests {
                         let ms: Vec<Message> =
                             (chunk * 5..chunk * 5 + 5).map(|s| msg(&format!("p{t}"), s, b"z")).collect();
                         // Every batch is sent twice, as a client retry would.
-                        commit_group(&store, &[&ms]);
-                        commit_group(&store, &[&ms]);
+                        commit(&store, &[&ms]);
+                        commit(&store, &[&ms]);
                     }
                 })
             })

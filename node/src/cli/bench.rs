@@ -15,7 +15,7 @@ use rill_storage::{
     fs::StdFs,
     log::LogConfig,
     meta::MemMeta,
-    topic::{TopicStore, commit_group},
+    topic::{OnConflict, TopicStore, commit_group},
 };
 use tokio::time::Instant;
 
@@ -115,7 +115,7 @@ fn rill_append(dir: &Path, a: &StorageArgs, round: usize) -> anyhow::Result<f64>
         .collect();
     let started = std::time::Instant::now();
     for batch in &batches {
-        for r in commit_group(&store, &[batch]) {
+        for r in commit_group(&store, &[(batch, OnConflict::Refuse)]) {
             r?;
         }
     }

@@ -33,6 +33,19 @@ pub(crate) struct TopicsListArgs {
     json: bool,
 }
 
+/// Flags of `rill conflicts list`.
+#[derive(Debug, Args)]
+pub(crate) struct ConflictsListArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Only this topic's (`tenant/namespace/topic`).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Flags of `rill stats`.
 #[derive(Debug, Args)]
 pub(crate) struct StatsArgs {
@@ -580,6 +593,31 @@ pub(crate) async fn topics_list(args: TopicsListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub(crate) async fn conflicts_list(args: ConflictsListArgs) -> anyhow::Result<()> {
+    let client = args.conn.connect().await?;
+    let kept = client.list_conflicts(args.topic.as_deref()).await?;
+    client.close().await;
+    if args.json {
+        println!("{}", serde_json::to_string(&kept)?);
+        return Ok(());
+    }
+    println!("{:<36} {:<28} {:>12} {:<16} {:>9}  PAYLOAD", "TOPIC", "ID", "STORED AT", "FROM PEER", "BYTES");
+    for k in &kept {
+        let payload = String::from_utf8_lossy(&k.message.payload);
+        let shown: String = payload.chars().take(40).collect();
+        println!(
+            "{:<36} {:<28} {:>12} {:<16} {:>9}  {shown}",
+            k.topic,
+            k.message.id.to_string(),
+            k.stored_offset,
+            k.from_peer,
+            k.message.payload.len()
+        );
+    }
+    eprintln!("{} conflicts kept (STORED AT: the offset of the content the log holds under that id)", kept.len());
+    Ok(())
+}
+
 pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let client = args.conn.connect().await?;
     let stats = client.stats().await?;
@@ -615,8 +653,8 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10}",
-        "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS"
+        "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10}",
+        "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS", "CONFL-REF", "CONFL-KEPT"
     );
     for t in &stats.topics {
         if let Some(e) = &t.error {
@@ -624,7 +662,7 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
             continue;
         }
         println!(
-            "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10}",
+            "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10}",
             t.topic,
             t.end_offset - t.start_offset,
             t.bytes,
@@ -632,7 +670,9 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
             t.end_offset,
             t.segments,
             t.messages_in,
-            t.duplicates
+            t.duplicates,
+            t.conflicts_refused,
+            t.conflicts_kept
         );
         for s in &t.subscriptions {
             let age = s.backlog_age_ms.map_or("-".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));

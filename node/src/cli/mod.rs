@@ -47,6 +47,9 @@ enum Command {
     /// Subscriptions: list them, move one to an offset or a time, reset one.
     #[command(subcommand)]
     Subs(subs::SubsCommand),
+    /// Replicated messages this node kept aside: their id was held with another content.
+    #[command(subcommand)]
+    Conflicts(ConflictsCommand),
     /// Node statistics: per topic messages, bytes, offsets, subscriptions.
     Stats(client_cmds::StatsArgs),
     /// Benchmarks (print figures; not tests).
@@ -77,6 +80,12 @@ enum CertsCommand {
 enum TopicsCommand {
     /// List topics with their offsets and sizes.
     List(client_cmds::TopicsListArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConflictsCommand {
+    /// List them: topic, id, the offset of the content the log holds, the peer it came from.
+    List(client_cmds::ConflictsListArgs),
 }
 
 /// Where a client command connects.
@@ -138,6 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topics(TopicsCommand::List(args)) => client_cmds::topics_list(args).await,
         Command::Subs(cmd) => subs::run(cmd).await,
         Command::Stats(args) => client_cmds::stats(args).await,
+        Command::Conflicts(ConflictsCommand::List(args)) => client_cmds::conflicts_list(args).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }
 }

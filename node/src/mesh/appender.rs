@@ -11,7 +11,10 @@ use std::{
 };
 
 use rill_replication::core::LinkId;
-use rill_storage::{Message, TopicName, topic::AppendOutcome};
+use rill_storage::{
+    Message, TopicName,
+    topic::{AppendOutcome, OnConflict},
+};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -108,13 +111,14 @@ impl Appender {
     /// Stores a batch durably; `Ok` with the number of messages already held.
     async fn append(&self, messages: Vec<Message>) -> Result<u64, String> {
         let topic = self.shared.topic(&self.topic).await.map_err(|e| e.to_string())?;
-        let reply = topic.append(messages).await.ok_or_else(|| "the topic is closing".to_string())?;
-        match reply.await {
-            Ok(Ok(outcomes)) => {
-                Ok(outcomes.iter().filter(|o| matches!(o, AppendOutcome::Duplicate { .. })).count() as u64)
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the write was abandoned".to_string()),
+        let reply =
+            topic.append(messages, OnConflict::SetAside).await.ok_or_else(|| "the topic is closing".to_string())?;
+        let appended = reply.await.map_err(|_| "the write was abandoned".to_string())?;
+        let outcomes = appended.result.map_err(|e| e.to_string())?;
+        if !appended.set_aside.is_empty() {
+            // Kept before the batch is acked: the peer may drop it once it is.
+            self.shared.conflicts.keep(&self.topic, &self.peer, appended.set_aside).await.map_err(|e| e.to_string())?;
         }
+        Ok(outcomes.iter().filter(|o| matches!(o, AppendOutcome::Duplicate { .. })).count() as u64)
     }
 }
