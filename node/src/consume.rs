@@ -206,6 +206,8 @@ pub(crate) fn topic_stats(shared: &Shared, topic: &Topic) -> TopicStats {
         duplicates: topic.counters.duplicates.load(Ordering::Relaxed),
         conflicts_refused: topic.counters.conflicts_refused.load(Ordering::Relaxed),
         conflicts_kept: topic.counters.conflicts_kept.load(Ordering::Relaxed),
+        expired: topic.counters.expired.load(Ordering::Relaxed),
+        dedup_sessions_dropped: topic.counters.dedup_sessions_dropped.load(Ordering::Relaxed),
         retention_deleted: topic.counters.retention_deleted.load(Ordering::Relaxed),
         quota_dropped: topic.counters.quota_dropped.load(Ordering::Relaxed),
         subscriptions,

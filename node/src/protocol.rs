@@ -1,4 +1,4 @@
-//! The client protocol (ALPN `rill-client/2`, since message ids carry epochs): the values
+//! The client protocol (ALPN `rill-client/3`: message ids with epochs, conflicts and the dedup horizon): the values
 //! carried in frames on bidirectional streams. Frame encoding and its version byte live in
 //! `rill_transport::frame`; this module is the one place the client protocol's shapes live.
 //!
@@ -230,6 +230,7 @@ impl From<AppendOutcome> for Produced {
             // Produce refuses a request with a conflict as a whole (`OnConflict::Refuse`),
             // so no outcome of an answered request is one; were it, the id is held.
             AppendOutcome::Conflict { offset } => Produced::Duplicate(Some(offset)),
+            AppendOutcome::Expired => Produced::Duplicate(None),
         }
     }
 }
@@ -261,6 +262,9 @@ pub enum ErrorCode {
     /// A message's id is held with a different content: the producer reused an id for
     /// another message. Nothing of the request was stored; retrying cannot help.
     Conflict,
+    /// A message's id belongs to a producer session dropped after the namespace's dedup
+    /// horizon; retrying cannot help.
+    Expired,
 }
 
 impl ErrorCode {
@@ -294,6 +298,11 @@ pub struct TopicStats {
     /// Replicated messages kept aside since start because their id was held with another
     /// content (`rill conflicts list` shows them).
     pub conflicts_kept: u64,
+    /// Messages refused (produce: requests) or not stored (replication: messages) since
+    /// start because their producer session was dropped after the dedup horizon.
+    pub expired: u64,
+    /// Producer sessions whose dedup state was dropped after the dedup horizon since start.
+    pub dedup_sessions_dropped: u64,
     /// Messages deleted by retention since the node started (every subscription and
     /// peer had them).
     pub retention_deleted: u64,

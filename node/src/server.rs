@@ -365,6 +365,7 @@ fn frame_error(e: &FrameError) -> Response {
 pub(crate) fn storage_error(e: &StorageError) -> Response {
     let code = match e {
         StorageError::Conflict { .. } => ErrorCode::Conflict,
+        StorageError::Expired { .. } => ErrorCode::Expired,
         e if e.is_disk_full() => ErrorCode::DiskFull,
         _ => ErrorCode::Storage,
     };
@@ -626,6 +627,8 @@ fn topic_stats(shared: &Shared) -> Vec<TopicStats> {
         duplicates: 0,
         conflicts_refused: 0,
         conflicts_kept: 0,
+        expired: 0,
+        dedup_sessions_dropped: 0,
         retention_deleted: 0,
         quota_dropped: 0,
         subscriptions: Vec::new(),

@@ -44,6 +44,11 @@ pub(crate) struct TopicCounters {
     pub(crate) conflicts_refused: AtomicU64,
     /// Replicated messages kept aside because their id was held with another content.
     pub(crate) conflicts_kept: AtomicU64,
+    /// Messages refused (produce) or not stored (replication) because their producer
+    /// session was dropped after the dedup horizon.
+    pub(crate) expired: AtomicU64,
+    /// Producer sessions whose dedup state was dropped after the dedup horizon.
+    pub(crate) dedup_sessions_dropped: AtomicU64,
     /// Messages deleted by retention (every subscription and peer had them).
     pub(crate) retention_deleted: AtomicU64,
     /// Messages dropped by a full backlog quota (`drop_oldest`) before every subscription
@@ -201,6 +206,7 @@ impl Writer {
                             .fetch_add(count(|o| matches!(o, AppendOutcome::Duplicate { .. })), Ordering::Relaxed);
                         c.conflicts_kept
                             .fetch_add(count(|o| matches!(o, AppendOutcome::Conflict { .. })), Ordering::Relaxed);
+                        c.expired.fetch_add(count(|o| *o == AppendOutcome::Expired), Ordering::Relaxed);
                         set_aside = messages
                             .into_iter()
                             .zip(outcomes)
@@ -212,6 +218,9 @@ impl Writer {
                     }
                     Err(StorageError::Conflict { .. }) => {
                         self.counters.conflicts_refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(StorageError::Expired { .. }) => {
+                        self.counters.expired.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(_) => {}
                 }

@@ -485,7 +485,7 @@ impl Replicator {
                 let lane = p.lanes.entry(topic.clone()).or_default();
                 lane.counters.received += messages.len() as u64;
                 for m in &messages {
-                    lane.peer_holds.record(&m.id, 0);
+                    lane.peer_holds.record(m, 0);
                 }
                 self.actions.push_back(Action::Append { peer: peer.to_string(), link, topic, batch, messages });
             }
@@ -645,7 +645,7 @@ impl Replicator {
             .filter(|m| m.offset >= lane.next_read && !lane.peer_holds.contains(&m.message.id))
             .filter(|m| !skip.contains(&*m.message.origin))
             .map(|m| {
-                ids.record(&m.message.id, m.offset);
+                ids.record(&m.message, m.offset);
                 m.message
             })
             .collect();
@@ -765,7 +765,7 @@ mod tests {
                     duplicates += 1;
                 } else {
                     let offset = log.len() as u64;
-                    dedup.record(&m.id, offset);
+                    dedup.record(&m, offset);
                     log.push(StoredMessage { offset, message: m });
                 }
             }

@@ -56,6 +56,32 @@ pub struct NamespacePolicy {
     pub backlog_bytes_max: Field<Option<u64>>,
     /// What happens when the backlog limit is reached.
     pub on_full: Field<OnFull>,
+    /// Producer sessions idle this long (seconds) may be dropped from dedup state, keeping
+    /// their highest seq; `None`: [`DEDUP_HORIZON_DEFAULT_S`]. Never below the retention age.
+    pub dedup_horizon_s: Field<Option<u64>>,
+}
+
+/// The dedup horizon when a namespace sets none: 30 days (DESIGN section 2).
+pub const DEDUP_HORIZON_DEFAULT_S: u64 = 30 * 86_400;
+
+/// The version byte in front of a stored catalogue ([`ConfigDoc::encode`]).
+pub const CATALOGUE_VERSION: u8 = 2;
+
+/// The policy of wave 1 (catalogue version 1, stored without a version byte).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct NamespacePolicyV1 {
+    clusters: Field<BTreeSet<String>>,
+    retention_age_s: Field<Option<u64>>,
+    retention_bytes: Field<Option<u64>>,
+    retention_messages: Field<Option<u64>>,
+    backlog_bytes_max: Field<Option<u64>>,
+    on_full: Field<OnFull>,
+}
+
+/// The catalogue of wave 1.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ConfigDocV1 {
+    namespaces: BTreeMap<String, NamespacePolicyV1>,
 }
 
 /// A change made on one node.
@@ -75,6 +101,8 @@ pub enum Edit {
     BacklogBytesMax(Option<u64>),
     /// Sets the backlog policy.
     OnFull(OnFull),
+    /// Sets the dedup horizon (seconds; `None`: the default).
+    DedupHorizon(Option<u64>),
 }
 
 /// Why an edit was refused.
@@ -123,6 +151,15 @@ impl NamespacePolicy {
             | merge_field(&mut self.retention_messages, &other.retention_messages)
             | merge_field(&mut self.backlog_bytes_max, &other.backlog_bytes_max)
             | merge_field(&mut self.on_full, &other.on_full)
+            | merge_field(&mut self.dedup_horizon_s, &other.dedup_horizon_s)
+    }
+
+    /// How long a producer session may stay idle before its dedup state may be dropped,
+    /// in milliseconds: the horizon set (or the default), never below the retention age,
+    /// so an id is remembered at least as long as its message may be held.
+    pub fn dedup_horizon_ms(&self) -> u64 {
+        let horizon = self.dedup_horizon_s.val.unwrap_or(DEDUP_HORIZON_DEFAULT_S);
+        horizon.max(self.retention_age_s.val.unwrap_or(0)).saturating_mul(1000)
     }
 
     fn apply(&mut self, edit: Edit, stamp: Stamp) {
@@ -134,6 +171,7 @@ impl NamespacePolicy {
             Edit::RetentionMessages(v) => self.retention_messages.update(v, stamp),
             Edit::BacklogBytesMax(v) => self.backlog_bytes_max.update(v, stamp),
             Edit::OnFull(v) => self.on_full.update(v, stamp),
+            Edit::DedupHorizon(v) => self.dedup_horizon_s.update(v, stamp),
         }
     }
 
@@ -146,10 +184,11 @@ impl NamespacePolicy {
             &self.retention_messages.marker,
             &self.backlog_bytes_max.marker,
             &self.on_full.marker,
+            &self.dedup_horizon_s.marker,
         ]
         .into_iter()
         .max()
-        .expect("six fields")
+        .expect("seven fields")
     }
 }
 
@@ -213,6 +252,45 @@ impl ConfigDoc {
     /// The largest stamp anywhere in the document (for the clock to observe).
     pub fn max_stamp(&self) -> Option<&Stamp> {
         self.namespaces.values().map(NamespacePolicy::max_stamp).max()
+    }
+
+    /// The stored form: [`CATALOGUE_VERSION`], then the postcard encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = vec![CATALOGUE_VERSION];
+        bytes.extend(postcard::to_stdvec(self).expect("a catalogue always encodes"));
+        bytes
+    }
+
+    /// Reads [`ConfigDoc::encode`]'s form. `Err` names the version or the problem.
+    pub fn decode(bytes: &[u8]) -> Result<ConfigDoc, String> {
+        match bytes.split_first() {
+            Some((&CATALOGUE_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| e.to_string()),
+            Some((v, _)) => Err(format!("catalogue version {v} is not supported (this build reads 1 and 2)")),
+            None => Err("empty catalogue record".into()),
+        }
+    }
+
+    /// Reads a wave-1 catalogue (version 1, no version byte): every namespace gets the
+    /// default dedup horizon.
+    pub fn decode_v1(bytes: &[u8]) -> Result<ConfigDoc, String> {
+        let v1: ConfigDocV1 = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+        let namespaces = v1
+            .namespaces
+            .into_iter()
+            .map(|(name, p)| {
+                let policy = NamespacePolicy {
+                    clusters: p.clusters,
+                    retention_age_s: p.retention_age_s,
+                    retention_bytes: p.retention_bytes,
+                    retention_messages: p.retention_messages,
+                    backlog_bytes_max: p.backlog_bytes_max,
+                    on_full: p.on_full,
+                    dedup_horizon_s: Field::default(),
+                };
+                (name, policy)
+            })
+            .collect();
+        Ok(ConfigDoc { namespaces })
     }
 
     /// True when the document holds no namespace.
@@ -288,5 +366,29 @@ mod tests {
         d.apply("acme/s", Edit::Create, stamp(1, "a")).unwrap();
         let err = d.apply("acme/s", clusters(&["bad node"]), stamp(2, "a")).unwrap_err().to_string();
         assert!(err.contains("'bad node'"), "{err}");
+    }
+
+    #[test]
+    fn a_wave_1_catalogue_reads_with_the_default_horizon_and_the_new_one_round_trips() {
+        let mut v1 = ConfigDocV1::default();
+        let mut p = NamespacePolicyV1::default();
+        p.retention_age_s.update(Some(3600), stamp(4, "a"));
+        v1.namespaces.insert("t/n".into(), p);
+        let doc = ConfigDoc::decode_v1(&postcard::to_stdvec(&v1).unwrap()).unwrap();
+        let policy = doc.get("t/n").unwrap();
+        assert_eq!((policy.retention_age_s.val, policy.dedup_horizon_s.val), (Some(3600), None));
+        assert_eq!(policy.dedup_horizon_ms(), DEDUP_HORIZON_DEFAULT_S * 1000);
+        assert_eq!(ConfigDoc::decode(&doc.encode()).unwrap(), doc);
+        assert!(ConfigDoc::decode(&[9, 0]).unwrap_err().contains("version 9"));
+    }
+
+    #[test]
+    fn the_dedup_horizon_is_never_below_the_retention_age() {
+        let mut d = ConfigDoc::default();
+        d.apply("t/n", Edit::Create, stamp(1, "a")).unwrap();
+        d.apply("t/n", Edit::DedupHorizon(Some(60)), stamp(2, "a")).unwrap();
+        assert_eq!(d.get("t/n").unwrap().dedup_horizon_ms(), 60_000);
+        d.apply("t/n", Edit::RetentionAge(Some(7200)), stamp(3, "a")).unwrap();
+        assert_eq!(d.get("t/n").unwrap().dedup_horizon_ms(), 7_200_000);
     }
 }

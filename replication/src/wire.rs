@@ -1,7 +1,7 @@
 //! The peer protocol's messages: what travels on a peer link, and nothing else. Its
-//! version is the peer ALPN (`rill-peer/2` since the Hello carries a boot id and a
-//! [`Summary`]); a node of another version fails the handshake with "no application
-//! protocol" instead of misreading frames.
+//! version is the peer ALPN (`rill-peer/3` since the catalogue carries the dedup
+//! horizon; 2 gave the Hello a boot id and a [`Summary`]); a node of another version
+//! fails the handshake with "no application protocol" instead of misreading frames.
 use std::collections::BTreeSet;
 
 use rill_storage::{MessageId, ProducerId, TopicName, dedup::DedupIndex, rangeset::RangeSet};
@@ -36,7 +36,7 @@ impl Summary {
         let mut index = DedupIndex::default();
         for (producer, epoch, seqs) in self.producers {
             for run in seqs.iter() {
-                index.record_run(&producer, epoch, run.start, 0, run.end - run.start);
+                index.record_run(&producer, epoch, run.start, 0, run.end - run.start, 0);
             }
         }
         index
@@ -93,9 +93,9 @@ mod tests {
     fn a_summary_round_trips_through_a_dedup_index() {
         let mut index = DedupIndex::default();
         let p = ProducerId("p".into());
-        index.record_run(&p, 0, 0, 100, 10);
-        index.record_run(&p, 0, 20, 110, 5);
-        index.record_run(&p, 9, 0, 200, 1);
+        index.record_run(&p, 0, 0, 100, 10, 0);
+        index.record_run(&p, 0, 20, 110, 5, 0);
+        index.record_run(&p, 9, 0, 200, 1, 0);
         let summary = Summary::of(&index);
         assert!(summary.contains(&MessageId { producer: p.clone(), epoch: 0, seq: 9 }));
         assert!(!summary.contains(&MessageId { producer: p.clone(), epoch: 0, seq: 10 }));

@@ -70,6 +70,16 @@ pub enum StorageError {
         /// Where the first content is stored.
         offset: u64,
     },
+    /// A message's id belongs to a producer session the node dropped after its namespace's
+    /// dedup horizon, at or below the highest seq that session held: it may have been
+    /// stored and deleted since. Nothing of the request was stored.
+    #[error(
+        "message {id} is expired: its producer session was idle past the namespace's dedup horizon and the node keeps only its highest seq; send new messages under a new seq or epoch (nothing of the request was stored)"
+    )]
+    Expired {
+        /// The id.
+        id: String,
+    },
     /// A write or sync of the topic's log failed: nothing written since its last good sync
     /// is stored, and the next write first cuts the log back to that point.
     #[error("topic {topic}: a disk write failed ({reason}); nothing since the last sync was stored, retry")]

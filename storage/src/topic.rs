@@ -54,6 +54,10 @@ pub enum AppendOutcome {
         /// The original offset, if known.
         offset: Option<u64>,
     },
+    /// The id belongs to a producer session dropped after the namespace's dedup horizon
+    /// and is at or below its highest seq: not stored, since it may have been stored and
+    /// deleted since (only with [`OnConflict::SetAside`]; produce refuses it).
+    Expired,
     /// The id is held with a different content, stored at this offset; the message was
     /// not stored (only with [`OnConflict::SetAside`]).
     Conflict {
@@ -176,7 +180,10 @@ impl TopicStore {
         let tail = log.committed_offset().saturating_sub(RECENT_DIGESTS as u64).max(log.start_offset());
         let mut digests = DigestRing::default();
         for_each_durable(&log, from.min(tail), |m| {
-            dedup.record(&m.message.id, m.offset);
+            // Below `from` the snapshot has the seqs; a session it dropped stays dropped.
+            if m.offset >= from || !dedup.expired(&m.message.id) {
+                dedup.record(&m.message, m.offset);
+            }
             if m.offset >= tail {
                 digests.push(m.offset, m.message.content_digest());
             }
@@ -220,9 +227,11 @@ impl TopicStore {
             let (producer, epoch, first) = (&run[0].id.producer, run[0].id.epoch, run[0].id.seq);
             let seqs = first..first + run.len() as u64;
             let held_in = |d: &DedupIndex| d.intersects(producer, epoch, &seqs);
-            if self.bug_no_dedup || !held_in(&self.dedup) && !held_in(&self.unsynced) && !held_in(&batch) {
+            let new = !held_in(&self.dedup) && !held_in(&self.unsynced) && !held_in(&batch);
+            if self.bug_no_dedup || new && !self.dedup.any_expired(producer, epoch, &seqs) {
                 let offset = base + fresh.len() as u64;
-                batch.record_run(producer, epoch, first, offset, run.len() as u64);
+                let last_ms = run.iter().map(|m| m.publish_time_ms).max().unwrap_or(0);
+                batch.record_run(producer, epoch, first, offset, run.len() as u64, last_ms);
                 outcomes.extend((0..run.len() as u64).map(|i| AppendOutcome::Appended { offset: offset + i }));
                 fresh.extend(run);
                 continue;
@@ -233,14 +242,20 @@ impl TopicStore {
                         held.push(m);
                         outcomes.push(AppendOutcome::Duplicate { offset });
                     }
+                    None if self.dedup.expired(&m.id) => outcomes.push(AppendOutcome::Expired),
                     None => {
                         let offset = base + fresh.len() as u64;
-                        batch.record(&m.id, offset);
+                        batch.record(m, offset);
                         fresh.push(m);
                         outcomes.push(AppendOutcome::Appended { offset });
                     }
                 }
             }
+        }
+        if on_conflict == OnConflict::Refuse
+            && let Some((m, _)) = messages.iter().zip(&outcomes).find(|(_, o)| **o == AppendOutcome::Expired)
+        {
+            return Err(StorageError::Expired { id: m.id.to_string() });
         }
         if !held.is_empty() {
             self.compare_contents(&held, &fresh, base, &mut outcomes)?;
@@ -373,7 +388,7 @@ impl TopicStore {
         let indexed = self
             .log
             .cut_to_synced_and_reopen()
-            .and_then(|()| for_each_durable(&self.log, published, |m| dedup.record(&m.message.id, m.offset)));
+            .and_then(|()| for_each_durable(&self.log, published, |m| dedup.record(&m.message, m.offset)));
         match indexed {
             Ok(()) => {
                 self.unsynced = DedupIndex::unbounded();
@@ -441,6 +456,17 @@ impl TopicStore {
         meta::put_record(meta, &dedup_key(&self.name), &self.dedup.snapshot(through))?;
         self.checkpointed_offset = through;
         Ok(true)
+    }
+
+    /// Drops the producer sessions idle for longer than `horizon_ms` (see
+    /// [`DedupIndex::drop_idle`]); the next checkpoint saves the change.
+    pub fn drop_idle_sessions(&mut self, now_ms: u64, horizon_ms: u64) -> usize {
+        let dropped = self.dedup.drop_idle(now_ms, horizon_ms);
+        if dropped > 0 {
+            // Force the next checkpoint even if the log did not move.
+            self.checkpointed_offset = u64::MAX;
+        }
+        dropped
     }
 
     /// Deletes the oldest sealed segment (see [`TopicLog::delete_oldest_segment`]).
@@ -788,11 +814,36 @@ mod tests {
         let changed = Message { payload: b"changed".to_vec(), ..old.clone() };
         let r = commit_group(&store, &[(std::slice::from_ref(&changed), OnConflict::SetAside)]);
         assert_eq!(offsets(&r[0]), vec![AppendOutcome::Conflict { offset: 0 }]);
-        assert_eq!(offsets(&commit(&store, &[std::slice::from_ref(&old)])[0]), vec![AppendOutcome::Duplicate { offset: Some(0) }]);
+        assert_eq!(
+            offsets(&commit(&store, &[std::slice::from_ref(&old)])[0]),
+            vec![AppendOutcome::Duplicate { offset: Some(0) }]
+        );
         while store.lock().unwrap().delete_oldest_segment().unwrap().is_some_and(|s| s.end_offset < 5000) {}
         assert!(store.lock().unwrap().log().start_offset() > 0);
         let r = commit_group(&store, &[(&[changed][..], OnConflict::SetAside)]);
         assert_eq!(offsets(&r[0]), vec![AppendOutcome::Duplicate { offset: None }]);
+    }
+
+    /// After a session is dropped at the dedup horizon, its old ids are expired: refused at
+    /// produce, not stored in replication, even after a restart; newer seqs are stored.
+    #[test]
+    fn ids_of_a_dropped_session_are_expired_not_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemMeta::default();
+        let store = open(dir.path(), &meta);
+        let first: Vec<Message> = (0..5).map(|s| msg("a", s, b"x")).collect();
+        assert!(commit(&store, &[&first])[0].is_ok());
+        let now = first[4].publish_time_ms + 10_000;
+        assert_eq!(store.lock().unwrap().drop_idle_sessions(now, 1_000), 1);
+        assert!(store.lock().unwrap().checkpoint(&meta).unwrap(), "the drop is saved even though the log did not move");
+        meta.flush().unwrap();
+        drop(store);
+        let store = open(dir.path(), &meta);
+        let err = commit(&store, &[&first[2..3]])[0].as_ref().unwrap_err().to_string();
+        assert!(err.contains("message a:2 is expired"), "{err}");
+        let resend = [msg("a", 2, b"x"), msg("a", 5, b"x")];
+        let r = commit_group(&store, &[(&resend[..], OnConflict::SetAside)]);
+        assert_eq!(offsets(&r[0]), vec![AppendOutcome::Expired, AppendOutcome::Appended { offset: 5 }]);
     }
 
     #[test]

@@ -653,8 +653,8 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10}",
-        "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS", "CONFL-REF", "CONFL-KEPT"
+        "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10} {:>8}",
+        "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS", "CONFL-REF", "CONFL-KEPT", "EXPIRED"
     );
     for t in &stats.topics {
         if let Some(e) = &t.error {
@@ -662,7 +662,7 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
             continue;
         }
         println!(
-            "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10}",
+            "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10} {:>8}",
             t.topic,
             t.end_offset - t.start_offset,
             t.bytes,
@@ -672,7 +672,8 @@ pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
             t.messages_in,
             t.duplicates,
             t.conflicts_refused,
-            t.conflicts_kept
+            t.conflicts_kept,
+            t.expired
         );
         for s in &t.subscriptions {
             let age = s.backlog_age_ms.map_or("-".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));

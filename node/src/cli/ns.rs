@@ -40,6 +40,11 @@ pub(crate) enum NsCommand {
         /// What producers get when the backlog is full.
         #[arg(long, value_enum)]
         on_full: Option<OnFullArg>,
+        /// Producer sessions idle this long may be dropped from dedup state, keeping their
+        /// highest seq (older ids are then refused as expired): seconds or with a unit
+        /// (30d); "none" for the default, 30 days. Never below the retention age.
+        #[arg(long)]
+        dedup_horizon: Option<String>,
     },
     /// Show namespaces and their policies as this node sees them.
     Get {
@@ -100,8 +105,19 @@ pub(crate) async fn run(cmd: NsCommand) -> anyhow::Result<()> {
             }
             edit(&ns, vec![Edit::SetClusters(set)]).await
         }
-        NsCommand::Policy { ns, retention_age, retention_size, retention_messages, backlog_max, on_full } => {
+        NsCommand::Policy {
+            ns,
+            retention_age,
+            retention_size,
+            retention_messages,
+            backlog_max,
+            on_full,
+            dedup_horizon,
+        } => {
             let mut edits = Vec::new();
+            if let Some(h) = dedup_horizon {
+                edits.push(Edit::DedupHorizon(parse_amount(&h, DURATION_UNITS, "dedup horizon")?));
+            }
             if let Some(a) = retention_age {
                 edits.push(Edit::RetentionAge(parse_amount(&a, DURATION_UNITS, "retention age")?));
             }
@@ -122,7 +138,7 @@ pub(crate) async fn run(cmd: NsCommand) -> anyhow::Result<()> {
             }
             if edits.is_empty() {
                 bail!(
-                    "nothing to change: give --retention-age, --retention-size, --retention-messages, --backlog-max or --on-full"
+                    "nothing to change: give --retention-age, --retention-size, --retention-messages, --backlog-max, --on-full or --dedup-horizon"
                 );
             }
             edit(&ns, edits).await
@@ -166,6 +182,8 @@ async fn get(namespace: Option<String>, conn: &Conn, json: bool) -> anyhow::Resu
                         OnFull::Reject => "reject",
                         OnFull::DropOldest => "drop-oldest",
                     },
+                    "dedup_horizon_s": p.dedup_horizon_s.val,
+                    "effective_dedup_horizon_s": p.dedup_horizon_ms() / 1000,
                 });
                 (name.to_string(), policy)
             })
@@ -182,6 +200,7 @@ async fn get(namespace: Option<String>, conn: &Conn, json: bool) -> anyhow::Resu
         println!("  retention count {} messages", show(&p.retention_messages.val));
         println!("  backlog max     {} bytes", show(&p.backlog_bytes_max.val));
         println!("  on full         {:?}", p.on_full.val);
+        println!("  dedup horizon   {} s (set: {})", p.dedup_horizon_ms() / 1000, show(&p.dedup_horizon_s.val));
     }
     Ok(())
 }

@@ -44,8 +44,22 @@ use crate::{
 const EVENTS_MAX: usize = 4096;
 /// How often the core is told the time (candidate links expire on it).
 const TICK: Duration = Duration::from_secs(1);
-/// Metadata key of the catalogue.
-const CONFIG_KEY: &str = "repl/config";
+/// Metadata key of the catalogue (versioned: [`ConfigDoc::encode`]).
+const CATALOGUE_KEY: &str = "repl/catalogue";
+/// Metadata key of wave 1's catalogue (version 1), read when the versioned one is absent.
+const CATALOGUE_V1_KEY: &str = "repl/config";
+
+/// The stored catalogue: the versioned record, else wave 1's, else an empty one.
+fn load_catalogue(meta: &dyn rill_storage::meta::MetaStore) -> Result<ConfigDoc, StorageError> {
+    let corrupt = |key: &'static str| move |reason| StorageError::MetaCorrupt { key: key.to_string(), reason };
+    if let Some(bytes) = meta.get(CATALOGUE_KEY)? {
+        return ConfigDoc::decode(&bytes).map_err(corrupt(CATALOGUE_KEY));
+    }
+    match meta.get(CATALOGUE_V1_KEY)? {
+        Some(bytes) => ConfigDoc::decode_v1(&bytes).map_err(corrupt(CATALOGUE_V1_KEY)),
+        None => Ok(ConfigDoc::default()),
+    }
+}
 
 fn cursor_key(peer: &str, topic: &TopicName) -> String {
     format!("repl/cursor/{peer}/{topic}")
@@ -133,7 +147,7 @@ pub(crate) fn start(
     handle: &MeshHandle,
     rx: mpsc::Receiver<Event>,
 ) -> Result<(), StorageError> {
-    let config: ConfigDoc = meta::get_record(shared.meta.as_ref(), CONFIG_KEY)?.unwrap_or_default();
+    let config = load_catalogue(shared.meta.as_ref())?;
     let settings = Settings { bug_skip_batch: shared.env.bugs.skip_batch, ..Settings::default() };
     let boot = shared.env.random.next_u64();
     let mut rep = Replicator::new(&shared.name, boot, settings, config);
@@ -294,7 +308,7 @@ impl Driver {
                     }
                 }
                 Action::SaveConfig => {
-                    if let Err(e) = meta::put_record(self.shared.meta.as_ref(), CONFIG_KEY, self.rep.config()) {
+                    if let Err(e) = self.shared.meta.put(CATALOGUE_KEY, &self.rep.config().encode()) {
                         tracing::warn!(error = %e, "could not save the namespace catalogue; peers will resend it");
                     }
                 }
@@ -414,4 +428,31 @@ impl Driver {
 /// Why a connection ended, for the log.
 fn close_reason(conn: &Connection) -> String {
     conn.close_reason().map_or_else(|| "unknown".to_string(), |e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use rill_replication::{
+        hlc::Hlc,
+        namespace::{ConfigDoc, Edit, Stamp},
+    };
+    use rill_storage::meta::{MemMeta, MetaStore};
+
+    use super::*;
+
+    #[test]
+    fn the_catalogue_is_read_from_its_versioned_record_else_from_wave_1s() {
+        let meta = MemMeta::default();
+        assert!(load_catalogue(&meta).unwrap().is_empty());
+        let mut doc = ConfigDoc::default();
+        let stamp = Stamp { hlc: Hlc { wall_ms: 1, logical: 0 }, node: "a".into() };
+        doc.apply("t/n", Edit::Create, stamp).unwrap();
+        // Wave 1 stored the document's postcard form, without a version byte, here.
+        meta.put(CATALOGUE_V1_KEY, &doc.encode()[1..]).unwrap();
+        assert!(load_catalogue(&meta).unwrap().get("t/n").is_some());
+        meta.put(CATALOGUE_KEY, &ConfigDoc::default().encode()).unwrap();
+        assert!(load_catalogue(&meta).unwrap().is_empty(), "the versioned record wins");
+        meta.put(CATALOGUE_KEY, &[7]).unwrap();
+        assert!(load_catalogue(&meta).unwrap_err().to_string().contains("version 7"));
+    }
 }
