@@ -66,6 +66,10 @@ pub struct Bugs {
     pub no_dedup: bool,
     /// The replicator skips one batch per lane: it advances past it without sending it.
     pub skip_batch: bool,
+    /// Every assigned-seq session of a producer gets epoch 1 and continues after the
+    /// highest seq its node holds, as wave 1's ids without epochs did: a producer that
+    /// restarts through another node reuses ids for other messages.
+    pub shared_epoch: bool,
 }
 
 impl Env {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use rill_node::{
-    client::{Client, ClientOptions, Outgoing},
+    client::{Client, ClientError, ClientOptions, Outgoing, Producer},
     protocol::StartPosition,
 };
 use rill_replication::namespace::{ConfigDoc, Edit};
@@ -127,6 +127,12 @@ pub struct ProducerPlan {
     pub home: String,
     /// Where it goes when its node fails for a while (and back, alternating).
     pub failover: Option<String>,
+    /// It chooses its seqs (epoch 0) and sends a batch again with the same ones.
+    pub chosen_seqs: bool,
+    /// It restarts without memory: after a failed write, and in the middle of every
+    /// fourth batch, a new session sends the batch again (a new epoch, unless it chooses
+    /// its seqs).
+    pub restarts: bool,
 }
 
 /// An operator's `ns set-clusters` through some node.
@@ -275,11 +281,28 @@ impl Plan {
         let mut producers = Vec::new();
         for (i, edge) in edges.iter().enumerate() {
             let failover = rng.one_in(2).then(|| rng.pick(&targets));
-            producers.push(ProducerPlan { name: format!("sensor-{}", i + 1), home: edge.clone(), failover });
+            producers.push(ProducerPlan {
+                name: format!("sensor-{}", i + 1),
+                home: edge.clone(),
+                failover,
+                chosen_seqs: false,
+                restarts: false,
+            });
         }
         let other_regions: Vec<String> = targets.iter().filter(|r| *r != "region-a").cloned().collect();
         let failover = (!other_regions.is_empty() && rng.one_in(2)).then(|| rng.pick(&other_regions));
-        producers.push(ProducerPlan { name: "model".into(), home: "region-a".into(), failover });
+        producers.push(ProducerPlan {
+            name: "model".into(),
+            home: "region-a".into(),
+            failover,
+            chosen_seqs: false,
+            restarts: false,
+        });
+        // Drawn from a stream of their own, so that adding them changed no earlier plan.
+        let mut modes = Rng(seed ^ 0x05e9_51d5);
+        for p in &mut producers {
+            (p.chosen_seqs, p.restarts) = (modes.one_in(2), modes.one_in(2));
+        }
         let consumer = rng.pick(&nodes);
         Plan { nodes, links, skew_ms, faults, heal_at, producers, edits, consumer }
     }
@@ -342,6 +365,9 @@ fn make_certs(dir: &Path, nodes: &[String]) -> anyhow::Result<PathBuf> {
 /// session is the producer name and its epoch ([`session`]).
 type Held = (String, String, u64);
 
+/// What a node holds under each (producer session, seq): the payload.
+type Contents = BTreeMap<(String, u64), String>;
+
 /// A producer session as the checker names it: ids of two sessions never compare equal.
 fn session(producer: &str, epoch: u64) -> String {
     format!("{producer}@{epoch:x}")
@@ -350,14 +376,16 @@ fn session(producer: &str, epoch: u64) -> String {
 /// Shared between the harness and the simulated clients.
 #[derive(Default)]
 struct Shared {
-    /// (producer, seq) acknowledged.
-    acked: Mutex<BTreeSet<(String, u64)>>,
+    /// (producer session, seq) acknowledged, with the payload acknowledged under it.
+    acked: Mutex<BTreeMap<(String, u64), String>>,
     failovers: Mutex<u64>,
     /// Producers and the operator that finished.
     clients_done: Mutex<usize>,
     healed: Mutex<bool>,
     /// Per node: what it holds, in log order; and its catalogue.
     holdings: Mutex<BTreeMap<String, Vec<Held>>>,
+    /// Per node: the payload it holds under each (producer session, seq).
+    contents: Mutex<BTreeMap<String, Contents>>,
     catalogues: Mutex<BTreeMap<String, ConfigDoc>>,
     /// When the checker finished reading the nodes.
     collected_at: Mutex<Option<Duration>>,
@@ -527,21 +555,38 @@ async fn produce(
         }
     }
     let mut p = loop {
-        match client.producer(TOPIC, plan.name.clone()).await {
+        match open_producer(&client, plan).await {
             Ok(p) => break p,
             Err(_) => client = route.connect(net, certs, shared).await,
         }
     };
     for batch in 0..BATCHES {
-        let messages = (0..BATCH).map(|i| Outgoing::payload(format!("{}-{}", plan.name, batch * BATCH + i))).collect();
-        let _ = p.send(messages).await;
+        let payloads: Vec<String> = (0..BATCH).map(|i| format!("{}-{}", plan.name, batch * BATCH + i)).collect();
+        let outgoing = || {
+            let seqs = batch * BATCH..;
+            let chosen = plan.chosen_seqs;
+            payloads.iter().zip(seqs).map(move |(pl, seq)| {
+                let m = Outgoing::payload(pl.clone());
+                if chosen { m.with_seq(seq) } else { m }
+            })
+        };
+        let _ = p.send(outgoing().collect()).await;
+        if plan.restarts && batch % 4 == 3 {
+            // Restarted mid-batch without memory: a new session sends the batch again.
+            if let Ok(restarted) = open_producer(&client, plan).await {
+                p = restarted;
+                let _ = p.send(outgoing().collect()).await;
+            }
+        }
         // Bounded: a node that never takes writes again shows up in the check.
         while now() < give_up {
             match p.flush().await {
                 Ok(acks) => {
                     let mut acked = lock(&shared.acked);
                     for a in acks {
-                        acked.extend(a.seqs.iter().map(|&s| (session(&plan.name, p.epoch()), s)));
+                        for (&seq, payload) in a.seqs.iter().zip(&payloads) {
+                            acked.insert((session(&plan.name, p.epoch()), seq), payload.clone());
+                        }
                     }
                     route.failing_since = None;
                     break;
@@ -550,13 +595,28 @@ async fn produce(
                     route.failed(shared);
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     client = route.connect(net, certs, shared).await;
-                    let _ = p.resume(&client).await;
+                    if !plan.restarts {
+                        let _ = p.resume(&client).await;
+                    } else if let Ok(restarted) = open_producer(&client, plan).await {
+                        p = restarted;
+                        let _ = p.send(outgoing().collect()).await;
+                    }
                 }
             }
         }
         tokio::time::sleep(BATCH_EVERY).await;
     }
     Ok(())
+}
+
+/// A new producer session as the plan's producer opens one: a new epoch, or epoch 0 with
+/// its own seqs.
+async fn open_producer(client: &Client, plan: &ProducerPlan) -> Result<Producer, ClientError> {
+    if plan.chosen_seqs {
+        client.producer_with_seqs(TOPIC, plan.name.clone()).await
+    } else {
+        client.producer(TOPIC, plan.name.clone()).await
+    }
 }
 
 /// The operator: each clusters change at its time through its node, retried until taken.
@@ -634,36 +694,44 @@ async fn collect(
     };
     let clusters = final_clusters(&catalogues);
     *lock(&shared.catalogues) = catalogues;
-    let want = lock(&shared.acked).len() as u64;
+    let acked = lock(&shared.acked).clone();
     for node in nodes {
         let client = connect_retrying(net, certs, node).await;
-        // Every node is read at least once, even after the deadline, so that one node that
-        // never converges does not hide the others.
-        let end = loop {
+        // Read until the node holds every acknowledged id with its payload (a count is not
+        // enough: restarting producers store messages nobody was told of). Every node is
+        // read at least once, even after the deadline, so that one node that never
+        // converges does not hide the others.
+        for attempt in 0.. {
             let end = client
                 .stats()
                 .await
                 .ok()
                 .and_then(|s| s.topics.iter().find(|t| t.topic == TOPIC).map(|t| t.end_offset))
                 .unwrap_or(0);
-            if end >= want || !clusters.contains(node) || tokio::time::Instant::now() >= deadline {
-                break end;
+            // A node that cannot serve the topic holds nothing, as far as the check goes.
+            let (mut held, mut contents) = (Vec::new(), BTreeMap::new());
+            let reader = format!("checker-{attempt}");
+            if end > 0
+                && let Ok(mut consumer) = client.subscribe(TOPIC, &reader, StartPosition::Earliest).await
+            {
+                for _ in 0..end {
+                    let Ok(Some(m)) = consumer.next().await else { break };
+                    let id = &m.message.id;
+                    let name = session(id.producer.as_str(), id.epoch);
+                    held.push((m.message.origin.to_string(), name.clone(), id.seq));
+                    contents.insert((name, id.seq), String::from_utf8_lossy(&m.message.payload).into_owned());
+                    consumer.ack(m.offset);
+                }
+            }
+            let complete = acked.iter().all(|(id, payload)| contents.get(id) == Some(payload));
+            let done = complete || !clusters.contains(node) || tokio::time::Instant::now() >= deadline;
+            if done {
+                lock(&shared.holdings).insert(node.clone(), held);
+                lock(&shared.contents).insert(node.clone(), contents);
+                break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-        };
-        // A node that cannot serve the topic holds nothing, as far as the check goes.
-        let mut held = Vec::new();
-        if end > 0
-            && let Ok(mut consumer) = client.subscribe(TOPIC, "checker", StartPosition::Earliest).await
-        {
-            for _ in 0..end {
-                let Ok(Some(m)) = consumer.next().await else { break };
-                let id = &m.message.id;
-                held.push((m.message.origin.to_string(), session(id.producer.as_str(), id.epoch), id.seq));
-                consumer.ack(m.offset);
-            }
         }
-        lock(&shared.holdings).insert(node.clone(), held);
     }
     *lock(&shared.collected_at) = Some(now());
     Ok(())
@@ -749,6 +817,16 @@ fn check(plan: &Plan, shared: &Shared) -> Vec<Violation> {
     let holdings = lock(&shared.holdings);
     let catalogues = lock(&shared.catalogues);
     let clusters = final_clusters(&catalogues);
+    let all_contents = lock(&shared.contents);
+    let mut payloads: BTreeMap<&(String, u64), BTreeSet<&String>> = BTreeMap::new();
+    for (id, payload) in all_contents.values().flatten() {
+        payloads.entry(id).or_default().insert(payload);
+    }
+    let twins: Vec<String> =
+        payloads.iter().filter(|(_, p)| p.len() > 1).take(5).map(|(id, p)| format!("{id:?}: {p:?}")).collect();
+    if !twins.is_empty() {
+        out.push(Violation { invariant: 1, detail: format!("ids with two contents on the nodes: {twins:?}") });
+    }
     for node in &plan.nodes {
         let held = holdings.get(node).cloned().unwrap_or_default();
         let ids: Vec<(String, u64)> = held.iter().map(|(_, p, s)| (p.clone(), *s)).collect();
@@ -759,9 +837,21 @@ fn check(plan: &Plan, shared: &Shared) -> Vec<Violation> {
                 detail: format!("{node} holds {} duplicate message(s)", ids.len() - unique.len()),
             });
         }
-        let missing: Vec<&(String, u64)> = acked.iter().filter(|id| !unique.contains(id)).take(5).collect();
+        let contents = all_contents.get(node).cloned().unwrap_or_default();
+        let missing: Vec<&(String, u64)> = acked.keys().filter(|id| !unique.contains(id)).take(5).collect();
         if clusters.contains(node) && !missing.is_empty() {
             out.push(Violation { invariant: 1, detail: format!("{node} lacks acknowledged {missing:?}") });
+        }
+        let changed: Vec<String> = acked
+            .iter()
+            .filter_map(|(id, payload)| {
+                let held = contents.get(id).filter(|held| *held != payload)?;
+                Some(format!("{id:?} holds '{held}', acknowledged '{payload}'"))
+            })
+            .take(5)
+            .collect();
+        if !changed.is_empty() {
+            out.push(Violation { invariant: 1, detail: format!("{node}: {changed:?}") });
         }
         if let Some(v) = out_of_order(&held) {
             out.push(Violation { invariant: 3, detail: format!("{node}: {v}") });
@@ -923,7 +1013,13 @@ mod tests {
             faults.push((at, Fault::DiskFails("edge-1".into())));
             faults.push((at + Duration::from_millis(1500 + (i % 3) * 300), Fault::DiskHeals("edge-1".into())));
         }
-        let producer = |name: &str, home: &str| ProducerPlan { name: name.into(), home: home.into(), failover: None };
+        let producer = |name: &str, home: &str| ProducerPlan {
+            name: name.into(),
+            home: home.into(),
+            failover: None,
+            chosen_seqs: false,
+            restarts: false,
+        };
         for seed in 0..3 {
             let plan = Plan {
                 nodes: names(&["edge-1", "region-a", "region-b"]),
@@ -962,6 +1058,46 @@ mod tests {
     fn the_sweep_catches_disabled_dedup() {
         let bugs = Bugs { node: NodeBugs { no_dedup: true, ..NodeBugs::default() }, ..Bugs::default() };
         assert!(caught(bugs, 20, 2).is_some(), "20 seeds without dedup and no duplicate: the checker is blind");
+    }
+
+    /// A producer restarted without memory fails over from an edge that crashed after its
+    /// uplink was cut to a region that lacks its latest acknowledged batches. With an epoch per session
+    /// every content keeps its own id; with wave 1's one id space per producer (the
+    /// `shared_epoch` bug) the region hands the producer's old seqs out again for other
+    /// payloads, and the checker finds ids with two contents.
+    #[test]
+    fn a_producer_restarted_through_another_node_never_gives_an_id_two_contents() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (edge, region) = ("edge-1".to_string(), "region-a".to_string());
+        let plan = |chosen_seqs| Plan {
+            nodes: names(&["edge-1", "region-a"]),
+            links: vec![(edge.clone(), region.clone())],
+            skew_ms: BTreeMap::new(),
+            faults: vec![
+                (Duration::from_millis(500), Fault::Partition(edge.clone(), region.clone())),
+                // Down until the heal, which restarts it.
+                (Duration::from_secs(5), Fault::Crash(edge.clone())),
+            ],
+            heal_at: FAULTS_END,
+            producers: vec![ProducerPlan {
+                name: "gw".into(),
+                home: edge.clone(),
+                failover: Some(region.clone()),
+                chosen_seqs,
+                restarts: true,
+            }],
+            edits: Vec::new(),
+            consumer: region.clone(),
+        };
+        let shared_epoch = Bugs { node: NodeBugs { shared_epoch: true, ..NodeBugs::default() }, ..Bugs::default() };
+        for chosen_seqs in [false, true] {
+            let report = run_plan(1, plan(chosen_seqs), Bugs::default()).unwrap();
+            assert!(report.violations.is_empty(), "chosen seqs {chosen_seqs}: {:?}", report.violations);
+            assert!(report.failovers > 0, "the producer never failed over: the test proves nothing: {report:?}");
+        }
+        let report = run_plan(1, plan(false), shared_epoch).unwrap();
+        let twins = report.violations.iter().any(|v| v.detail.contains("two contents"));
+        assert!(twins, "ids reused through another node and no id with two contents: {:?}", report.violations);
     }
 
     #[test]
