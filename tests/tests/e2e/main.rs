@@ -3,6 +3,7 @@ mod bad_input;
 mod consume;
 mod crash;
 mod disk_full;
+mod failover;
 mod mesh;
 mod partition;
 mod produce;

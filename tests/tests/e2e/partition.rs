@@ -40,7 +40,7 @@ fn ip_of(node: &str) -> &'static str {
 }
 
 /// An nftables table of this test's own, deleted on drop.
-struct Firewall {
+pub(crate) struct Firewall {
     table: String,
     cuts: BTreeSet<(String, String)>,
 }
@@ -51,7 +51,7 @@ fn nft(args: &[&str]) -> Result<(), String> {
 }
 
 impl Firewall {
-    fn new(seed: u64) -> Firewall {
+    pub(crate) fn new(seed: u64) -> Firewall {
         let table = format!("rill_e2e_{}_{seed}", std::process::id());
         let made = nft(&["add", "table", "inet", &table]).and_then(|()| {
             let chain = "{ type filter hook input priority 0; policy accept; }";
@@ -65,12 +65,21 @@ impl Firewall {
 
     /// Drops every packet between nodes `a` and `b`, both ways, from now on.
     fn cut(&mut self, a: &str, b: &str) {
-        self.cuts.insert((ip_of(a).to_string(), ip_of(b).to_string()));
-        self.apply();
+        self.cut_ips(ip_of(a), ip_of(b));
     }
 
     fn heal(&mut self, a: &str, b: &str) {
-        self.cuts.remove(&(ip_of(a).to_string(), ip_of(b).to_string()));
+        self.heal_ips(ip_of(a), ip_of(b));
+    }
+
+    /// Drops every packet between two loopback addresses, both ways, from now on.
+    pub(crate) fn cut_ips(&mut self, a: &str, b: &str) {
+        self.cuts.insert((a.to_string(), b.to_string()));
+        self.apply();
+    }
+
+    pub(crate) fn heal_ips(&mut self, a: &str, b: &str) {
+        self.cuts.remove(&(a.to_string(), b.to_string()));
         self.apply();
     }
 

@@ -31,7 +31,7 @@ pub(crate) struct TestNode {
     pub(crate) addr: SocketAddr,
     pub(crate) cwd: PathBuf,
     pub(crate) data_dir: PathBuf,
-    name: String,
+    pub(crate) name: String,
     extra: Vec<String>,
     /// Client certificates (default: the node's dev certificates).
     pub(crate) certs: PathBuf,
@@ -143,8 +143,17 @@ impl TestNode {
         options(self.addr, &self.certs)
     }
 
+    /// A client, retrying for up to 10 s: a node just (re)started may not answer yet, and
+    /// on a loaded machine its first handshake can fail.
     pub(crate) async fn client(&self) -> Client {
-        Client::connect(&self.options()).await.expect("connect to the node")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Client::connect(&self.options()).await {
+                Ok(client) => return client,
+                Err(e) if Instant::now() >= deadline => panic!("connect to node {}: {e}\n{}", self.name, self.log()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Waits up to 10 s for `needle` to appear in the node's log.
