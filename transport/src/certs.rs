@@ -152,7 +152,7 @@ pub fn issue_client(dir: &Path) -> Result<Identity, CertError> {
 /// so every certificate of a kind has one length (the simulation replays a seed to the
 /// same datagrams only if the handshakes carrying them do not change size).
 fn serial_number(key: &KeyPair) -> rcgen::SerialNumber {
-    let digest = ring::digest::digest(&ring::digest::SHA256, &key.public_key_raw());
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key_raw());
     let mut serial = digest.as_ref()[..20].to_vec();
     serial[0] = 0x40 | (serial[0] & 0x3f);
     rcgen::SerialNumber::from_slice(&serial)
