@@ -316,6 +316,23 @@ impl Mounted {
         Ok(report)
     }
 
+    /// Turns the power off at a moment when some written data is not yet synced (polling
+    /// for up to `wait`), so that the cut that follows drops something. Returns false if
+    /// everything stayed synced that long (the power is then off all the same).
+    pub fn power_off_while_unsynced(&self, wait: Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let mut volume = self.volume();
+            if volume.has_unsynced() || std::time::Instant::now() >= deadline {
+                let unsynced = volume.has_unsynced();
+                volume.power_off();
+                return unsynced;
+            }
+            drop(volume);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The volume, to inspect it or to make it ignore syncs.
     pub fn volume(&self) -> MutexGuard<'_, Volume> {
         self.volume.lock().unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -48,12 +48,14 @@ pub struct Volume {
     next_ino: u64,
     /// Syncs are skipped (the volume's own "bug" switch, for its tests).
     syncs_ignored: bool,
+    /// The power is off: every operation fails with EIO until the cut.
+    off: bool,
 }
 
 impl Default for Volume {
     fn default() -> Self {
         let root = HashMap::from([(ROOT, Node::Dir(BTreeMap::new()))]);
-        Volume { live: root.clone(), durable: root, next_ino: ROOT + 1, syncs_ignored: false }
+        Volume { live: root.clone(), durable: root, next_ino: ROOT + 1, syncs_ignored: false, off: false }
     }
 }
 
@@ -64,6 +66,9 @@ impl Volume {
     }
 
     fn dir(&self, ino: u64) -> Result<&BTreeMap<OsString, u64>, Errno> {
+        if self.off {
+            return Err(libc::EIO);
+        }
         match self.live.get(&ino) {
             Some(Node::Dir(entries)) => Ok(entries),
             Some(Node::File(_)) => Err(libc::ENOTDIR),
@@ -72,6 +77,9 @@ impl Volume {
     }
 
     fn dir_mut(&mut self, ino: u64) -> Result<&mut BTreeMap<OsString, u64>, Errno> {
+        if self.off {
+            return Err(libc::EIO);
+        }
         match self.live.get_mut(&ino) {
             Some(Node::Dir(entries)) => Ok(entries),
             Some(Node::File(_)) => Err(libc::ENOTDIR),
@@ -80,6 +88,9 @@ impl Volume {
     }
 
     fn file_mut(&mut self, ino: u64) -> Result<&mut Vec<u8>, Errno> {
+        if self.off {
+            return Err(libc::EIO);
+        }
         match self.live.get_mut(&ino) {
             Some(Node::File(data)) => Ok(data),
             Some(Node::Dir(_)) => Err(libc::EISDIR),
@@ -143,6 +154,9 @@ impl Volume {
 
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&self, ino: u64, offset: u64, size: usize) -> Result<&[u8], Errno> {
+        if self.off {
+            return Err(libc::EIO);
+        }
         match self.live.get(&ino) {
             Some(Node::File(data)) => {
                 let start = (offset as usize).min(data.len());
@@ -173,6 +187,9 @@ impl Volume {
     /// Makes an inode durable: a file's contents, or a directory's entries (an inode they
     /// name that was never synced becomes durable empty).
     pub fn sync(&mut self, ino: u64) -> Result<(), Errno> {
+        if self.off {
+            return Err(libc::EIO);
+        }
         let node = self.live.get(&ino).ok_or(libc::ENOENT)?.clone();
         if self.syncs_ignored {
             return Ok(());
@@ -190,6 +207,12 @@ impl Volume {
         }
         self.durable.insert(ino, node);
         Ok(())
+    }
+
+    /// Turns the power off: from now on every operation fails with EIO (a sync in flight
+    /// never completes), until [`Volume::power_cut`].
+    pub fn power_off(&mut self) {
+        self.off = true;
     }
 
     /// Makes every later sync do nothing, as a disk that lies about its cache would.
@@ -217,6 +240,16 @@ impl Volume {
 
     /// The power cut: the live tree becomes what is durable and reachable from the root.
     pub fn power_cut(&mut self) -> CutReport {
+        let report = self.unsynced();
+        let keep = self.reachable(&self.durable);
+        self.durable.retain(|ino, _| keep.contains(ino));
+        self.live = self.durable.clone();
+        self.off = false;
+        report
+    }
+
+    /// What a cut now would drop.
+    pub fn unsynced(&self) -> CutReport {
         let mut report = CutReport::default();
         for ino in self.reachable(&self.live) {
             match (self.live.get(&ino), self.durable.get(&ino)) {
@@ -241,9 +274,6 @@ impl Volume {
                 (None, _) => {}
             }
         }
-        let keep = self.reachable(&self.durable);
-        self.durable.retain(|ino, _| keep.contains(ino));
-        self.live = self.durable.clone();
         report
     }
 }
@@ -271,6 +301,7 @@ mod tests {
         let f = synced_file(&mut v, b"kept");
         v.write(f, 4, b" and lost").unwrap();
         assert!(v.has_unsynced());
+        assert_eq!(v.unsynced(), CutReport { bytes_dropped: 9, entries_undone: 0 });
         let report = v.power_cut();
         assert_eq!(v.read(f, 0, 100).unwrap(), b"kept");
         assert_eq!(report, CutReport { bytes_dropped: 9, entries_undone: 0 });
@@ -325,6 +356,18 @@ mod tests {
         v.sync(ROOT).unwrap();
         v.power_cut();
         assert_eq!(v.lookup(ROOT, name("g")), Ok(f), "synced, the rename stays");
+    }
+
+    #[test]
+    fn with_the_power_off_every_operation_fails_until_the_cut() {
+        let mut v = Volume::default();
+        let f = synced_file(&mut v, b"x");
+        v.power_off();
+        assert_eq!(v.write(f, 0, b"y"), Err(libc::EIO));
+        assert_eq!(v.sync(f), Err(libc::EIO));
+        assert_eq!(v.read(f, 0, 1), Err(libc::EIO));
+        v.power_cut();
+        assert_eq!(v.read(f, 0, 1).unwrap(), b"x");
     }
 
     #[test]
