@@ -124,7 +124,11 @@ fn data_dir_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Star
 
 /// Fails early, with the directory's name, when the data dir cannot take writes.
 fn check_data_dir(fs: &dyn FileSystem, dir: &std::path::Path) -> Result<(), StartError> {
-    fs.create_dir_all(dir).map_err(data_dir_error(dir))?;
+    // Durably: a data dir whose entry a power cut drops takes everything in it along.
+    rill_storage::fs::create_dir_durably(fs, dir).map_err(|e| match e {
+        StorageError::Io { source, .. } => data_dir_error(dir)(source),
+        other => data_dir_error(dir)(std::io::Error::other(other.to_string())),
+    })?;
     let probe = dir.join(".rill-write-check");
     let file = fs.open(&probe, true).map_err(data_dir_error(dir))?;
     file.write_all_at(b"ok", 0).and_then(|()| file.sync_data()).map_err(data_dir_error(dir))?;
@@ -155,7 +159,7 @@ impl Node {
         peer_client.transport_config(net::Limits::peer().transport_config());
         let growth = Arc::new(Growth::default());
 
-        let meta = env.meta.open(&config.data_dir.join("meta"))?;
+        let meta = env.meta.open(&config.data_dir)?;
         let topics_root = config.data_dir.join(TOPICS_DIR);
         let log_config = log_config(&config);
         let mut topics = BTreeMap::new();

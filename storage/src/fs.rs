@@ -94,6 +94,19 @@ impl FileSystem for StdFs {
 
 /// Real files for tests, with faults: while `failing` is set, syncs and truncations (and,
 /// with `fail_writes`, writes) fail with `errno` (EIO by default). Directory syncs are recorded.
+/// Creates `dir` and any missing parents, then syncs the parent of every directory it
+/// created: a new directory entry survives a crash only once its parent is synced, and
+/// without that a crash could drop a whole new topic, acknowledged messages included.
+pub fn create_dir_durably(fs: &dyn FileSystem, dir: &Path) -> crate::error::Result<()> {
+    let created: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !fs.is_dir(d)).collect();
+    fs.create_dir_all(dir).map_err(|e| crate::error::StorageError::io(dir, e))?;
+    for d in created {
+        let parent = d.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs.sync_dir(parent).map_err(|e| crate::error::StorageError::io(parent, e))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct TestFs {

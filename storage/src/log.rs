@@ -80,26 +80,13 @@ pub struct TopicLog {
     encode_buf: Vec<u8>,
 }
 
-/// Creates `dir` and any missing parents, then syncs the parent of every directory it
-/// created: a new directory entry survives a crash only once its parent is synced, and
-/// without that a crash could drop a whole new topic, acknowledged messages included.
-fn create_dir_durably(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
-    let created: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !fs.is_dir(d)).collect();
-    fs.create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
-    for d in created {
-        let parent = d.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        fs.sync_dir(parent).map_err(|e| StorageError::io(parent, e))?;
-    }
-    Ok(())
-}
-
 impl TopicLog {
     /// Opens (or creates) the log in `dir`, recovering its last segment. `durable_through`,
     /// when known, is an offset every message below which was synced (a checkpoint's): damage
     /// below it is corruption, damage at or above it the remains of writes a crash cut short
     /// (see [`Segment::open`]).
     pub fn open(fs: Arc<dyn FileSystem>, dir: &Path, config: LogConfig, durable_through: Option<u64>) -> Result<Self> {
-        create_dir_durably(fs.as_ref(), dir)?;
+        crate::fs::create_dir_durably(fs.as_ref(), dir)?;
         let mut bases: Vec<(u64, PathBuf)> = fs
             .read_dir(dir)
             .map_err(|e| StorageError::io(dir, e))?
