@@ -1,5 +1,69 @@
 //! The node binary under end-to-end test: the same code as `rill` (`rill_node::cli`), built
 //! in this package so that its tests can name it with `CARGO_BIN_EXE_rill-e2e`.
+//!
+//! One switch the `rill` binary does not have: `RILL_E2E_SKIP_FDATASYNC=1` makes the log's
+//! file and directory syncs do nothing, so that the power-cut test can show that it
+//! catches a node that acknowledges what is not on disk.
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rill_node::env::Env;
+use rill_storage::fs::{FileSystem, LogFile, StdFs};
+
+/// The real file system with syncs that do nothing.
+#[derive(Debug)]
+struct SkipSyncs;
+
+#[derive(Debug)]
+struct SkipSyncFile(Arc<dyn LogFile>);
+
+impl LogFile for SkipSyncFile {
+    fn read_at(&self, buf: &mut [u8], position: u64) -> io::Result<usize> {
+        self.0.read_at(buf, position)
+    }
+    fn write_all_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, position)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+}
+
+impl FileSystem for SkipSyncs {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
+        Ok(Arc::new(SkipSyncFile(StdFs.open(path, create)?)))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        StdFs.create_dir_all(path)
+    }
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        StdFs.read_dir(path)
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        StdFs.is_dir(path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        StdFs.remove_file(path)
+    }
+    fn sync_dir(&self, _path: &Path) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    rill_node::cli::main()
+    let mut env = Env::production();
+    if std::env::var_os("RILL_E2E_SKIP_FDATASYNC").is_some_and(|v| v == "1") {
+        eprintln!("rill-e2e: RILL_E2E_SKIP_FDATASYNC=1: log syncs do nothing (a test of the tests)");
+        env.fs = Arc::new(SkipSyncs);
+    }
+    rill_node::cli::main_with(env)
 }

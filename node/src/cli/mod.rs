@@ -118,6 +118,12 @@ fn init_tracing(default: &str) {
 
 /// Runs the command line; the process's exit status follows the result.
 pub fn main() -> std::process::ExitCode {
+    main_with(crate::env::Env::production())
+}
+
+/// [`main`] with the environment `rill node run` starts its node in: test binaries pass
+/// one with a fault switched on (the `rill` binary has no such switch).
+pub fn main_with(env: crate::env::Env) -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_log = if matches!(cli.command, Command::Node(_)) { "info" } else { "warn" };
     init_tracing(default_log);
@@ -128,7 +134,7 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, env)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -137,9 +143,9 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, env: crate::env::Env) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node(NodeCommand::Run(args)) => node_cmd::run(args).await,
+        Command::Node(NodeCommand::Run(args)) => node_cmd::run(args, env).await,
         Command::Certs(CertsCommand::Init { dir, nodes }) => certs_init(&dir, &nodes),
         Command::Produce(args) => client_cmds::produce(args).await,
         Command::Consume(args) => client_cmds::consume(args).await,

@@ -23,7 +23,7 @@ pub(crate) struct RunArgs {
     name: Option<String>,
 }
 
-pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: RunArgs, env: Env) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(path) => NodeConfig::load(path)?,
         None => NodeConfig::default(),
@@ -37,7 +37,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.name.is_some() {
         config.name = args.name;
     }
-    let node = Node::start(config, Env::production()).await.context("node failed to start")?;
+    let node = Node::start(config, env).await.context("node failed to start")?;
     // Tests and scripts read this line to learn the address (the port may be 0).
     println!("rill node {} listening on {}", node.name(), node.local_addr());
     wait_for_signal().await;
