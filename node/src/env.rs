@@ -6,7 +6,8 @@ use std::{fmt, path::Path, sync::Arc};
 use rill_storage::{
     StorageError,
     fs::{FileSystem, StdFs},
-    meta::{MetaStore, SledMeta},
+    meta::MetaStore,
+    metalog::LogMeta,
 };
 use rill_transport::{Net, TokioNet};
 
@@ -24,8 +25,8 @@ pub trait Random: Send + Sync + fmt::Debug {
 
 /// Opens the metadata store of a data directory.
 pub trait MetaOpener: Send + Sync + fmt::Debug {
-    /// Opens (or creates) the store in `dir`.
-    fn open(&self, dir: &Path) -> Result<Arc<dyn MetaStore>, StorageError>;
+    /// Opens (or creates) the store of the data dir `data_dir`.
+    fn open(&self, data_dir: &Path) -> Result<Arc<dyn MetaStore>, StorageError>;
 }
 
 /// How blocking work (fdatasync, file reads) is run.
@@ -73,13 +74,13 @@ pub struct Bugs {
 }
 
 impl Env {
-    /// Real clock, OS randomness, real files, sled, real sockets.
+    /// Real clock, OS randomness, real files, the metadata log, real sockets.
     pub fn production() -> Self {
         Env {
             clock: Arc::new(SystemClock),
             random: Arc::new(OsRandom(ring::rand::SystemRandom::new())),
             fs: Arc::new(StdFs),
-            meta: Arc::new(SledOpener),
+            meta: Arc::new(LogOpener),
             net: Arc::new(TokioNet),
             blocking: Blocking::Pool,
             bugs: Bugs::default(),
@@ -129,12 +130,13 @@ impl Random for OsRandom {
     }
 }
 
-/// Opens sled.
+/// Opens the metadata log `meta.log` in the data dir, importing the sled store `meta` of
+/// an older data dir once (see `rill_storage::metalog`).
 #[derive(Debug, Clone, Copy)]
-pub struct SledOpener;
+pub struct LogOpener;
 
-impl MetaOpener for SledOpener {
-    fn open(&self, dir: &Path) -> Result<Arc<dyn MetaStore>, StorageError> {
-        Ok(Arc::new(SledMeta::open(dir)?))
+impl MetaOpener for LogOpener {
+    fn open(&self, data_dir: &Path) -> Result<Arc<dyn MetaStore>, StorageError> {
+        Ok(Arc::new(LogMeta::open_importing(&data_dir.join("meta.log"), &data_dir.join("meta"))?))
     }
 }

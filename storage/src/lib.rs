@@ -17,6 +17,7 @@ pub mod fs;
 pub mod log;
 pub mod message;
 pub mod meta;
+pub mod metalog;
 pub mod name;
 pub mod rangeset;
 pub mod segment;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use rill_storage::meta::{MetaStore, SledMeta};
+use rill_storage::{meta::MetaStore, metalog::LogMeta};
 use tokio::time::Instant;
 
 use super::bench::{ChildNode, payloads, tempfile_in};
@@ -115,9 +115,9 @@ pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
     let peak = sampler.await??;
     println!("ack state during the drain: up to {peak} bytes (sampled every 50 ms)");
     let data = node.stop()?;
-    let meta = SledMeta::open(&data.join("meta"))?;
+    let meta = LogMeta::open(&data.join("meta.log"))?;
     let key = format!("sub/{TOPIC}/work");
     let record = meta.get(&key)?.map_or(0, |v| v.len());
-    println!("ack state in sled: {record} bytes for the subscription's record");
+    println!("ack state in the metadata log: {record} bytes for the subscription's record");
     Ok(())
 }
