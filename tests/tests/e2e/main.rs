@@ -6,6 +6,7 @@ mod disk_full;
 mod failover;
 mod mesh;
 mod partition;
+mod powercut;
 mod produce;
 mod retention;
 mod subscriptions;

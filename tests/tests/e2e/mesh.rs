@@ -41,8 +41,13 @@ impl MeshDir {
         MeshDir { root, addrs }
     }
 
-    fn certs(&self) -> PathBuf {
+    pub(crate) fn certs(&self) -> PathBuf {
         self.root.path().join("certs")
+    }
+
+    /// The working dir of node `name` (its config is `node.toml` there).
+    pub(crate) fn node_dir(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
     }
 
     /// Writes `name`'s config: peers it dials (with address) and peers that dial it.

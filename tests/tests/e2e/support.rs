@@ -35,6 +35,8 @@ pub(crate) struct TestNode {
     extra: Vec<String>,
     /// Client certificates (default: the node's dev certificates).
     pub(crate) certs: PathBuf,
+    /// Environment variables of the node process.
+    pub(crate) envs: Vec<(String, String)>,
 }
 
 /// Waits for a child to exit, at most `timeout`; kills it if it does not.
@@ -64,6 +66,17 @@ impl TestNode {
 
     /// Starts a node listening on `addr`.
     pub(crate) fn start_at(cwd: &Path, name: &str, addr: SocketAddr, extra: &[&str]) -> Result<TestNode, String> {
+        Self::start_at_with_env(cwd, name, addr, extra, &[])
+    }
+
+    /// Starts a node listening on `addr`, with environment variables.
+    pub(crate) fn start_at_with_env(
+        cwd: &Path,
+        name: &str,
+        addr: SocketAddr,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<TestNode, String> {
         let mut node = TestNode {
             child: None,
             addr,
@@ -72,6 +85,7 @@ impl TestNode {
             name: name.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             certs: cwd.join("rill-data/certs"),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         node.spawn()?;
         Ok(node)
@@ -90,6 +104,7 @@ impl TestNode {
             .args(["node", "run", "--name", &self.name, "--listen", &self.addr.to_string()])
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -130,6 +145,11 @@ impl TestNode {
             let status = wait_exit(&mut c, Duration::from_secs(15));
             assert!(status.is_some_and(|s| s.success()), "node {} did not stop cleanly: {status:?}", self.name);
         }
+    }
+
+    /// Starts a node killed with [`TestNode::kill9`] again.
+    pub(crate) fn start_again(&mut self) {
+        self.spawn().unwrap_or_else(|e| panic!("node {} did not start again: {e}", self.name));
     }
 
     /// Starts the node again on the same address and data.
