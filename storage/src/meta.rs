@@ -86,7 +86,16 @@ impl MetaStore for SledMeta {
 }
 
 /// Key-value pairs in key order.
-type Entries = BTreeMap<String, Vec<u8>>;
+pub(crate) type Entries = BTreeMap<String, Vec<u8>>;
+
+/// The entries whose key starts with `prefix`, in key order (for in-memory stores).
+pub(crate) fn scan(entries: &Entries, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    entries
+        .range(prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
 
 /// An in-memory store: `flush` copies the working state to the durable state, and
 /// [`MemMeta::crash`] throws away what was not flushed.
@@ -117,12 +126,7 @@ impl MetaStore for MemMeta {
         Ok(())
     }
     fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let s = self.state.lock().expect("MemMeta lock poisoned");
-        Ok(s.0
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(scan(&self.state.lock().expect("MemMeta lock poisoned").0, prefix))
     }
     fn flush(&self) -> Result<()> {
         let mut s = self.state.lock().expect("MemMeta lock poisoned");
@@ -149,6 +153,12 @@ mod tests {
         m.put("bad", &[0xff]).unwrap();
         assert!(get_record::<(u64, String)>(m, "bad").unwrap_err().to_string().contains("bad"));
         m.flush().unwrap();
+    }
+
+    #[test]
+    fn log_store() {
+        let dir = tempfile::tempdir().unwrap();
+        exercise(&crate::metalog::LogMeta::open(&dir.path().join("meta.log")).unwrap());
     }
 
     #[test]

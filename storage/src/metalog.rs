@@ -205,12 +205,7 @@ impl MetaStore for LogMeta {
     }
 
     fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let s = self.state();
-        Ok(s.map
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(crate::meta::scan(&self.state().map, prefix))
     }
 
     /// Appends what was put since the last flush and fdatasyncs. A failed write is retried
