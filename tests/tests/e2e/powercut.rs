@@ -127,6 +127,9 @@ async fn consume(options: ClientOptions, stop: Arc<AtomicBool>) -> u64 {
     skips
 }
 
+/// Readers made so far: each read uses a subscription of its own, from the start.
+static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Payload per id of everything `node` holds of `topic`, and how many ids it holds twice.
 async fn holdings(node: &TestNode, topic: &str) -> (BTreeMap<(String, u64), String>, u64) {
     let client = node.client().await;
@@ -136,7 +139,10 @@ async fn holdings(node: &TestNode, topic: &str) -> (BTreeMap<(String, u64), Stri
     if end == 0 {
         return (held, 0);
     }
-    let mut consumer = client.subscribe(topic, "powercut-check", StartPosition::Earliest).await.expect("subscribe");
+    // A new subscription each time: one that read (and acked) before would continue after
+    // what it read, and a read during catch-up would then never see the start again.
+    let reader = format!("powercut-check-{}", READS.fetch_add(1, Ordering::Relaxed));
+    let mut consumer = client.subscribe(topic, &reader, StartPosition::Earliest).await.expect("subscribe");
     while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
         let id = (m.message.id.producer.as_str().to_string(), m.message.id.seq);
         if held.insert(id, String::from_utf8_lossy(&m.message.payload).into_owned()).is_some() {
