@@ -74,9 +74,12 @@ fn a_produce_killed_mid_file_and_rerun_with_seqs_from_lines_stores_each_line_onc
     let out = node.cli(&["topics", "list", "--json"], "");
     let topics: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(topics[0]["end_offset"], lines, "each line stored once: {topics}");
+    let conflicts = (&topics[0]["conflicts_refused"], &topics[0]["conflicts_kept"]);
+    assert_eq!(conflicts, (&serde_json::json!(0), &serde_json::json!(0)), "a resend is never a conflict: {topics}");
     eprintln!(
-        "rerun: {lines} lines, {acked_first} acknowledged before kill -9, rerun stored {} and found {duplicates} duplicates",
-        lines - duplicates
+        "rerun: {lines} lines, {acked_first} acknowledged before kill -9, rerun stored {} and found {duplicates} duplicates; {} stored in all, 0 conflicts",
+        lines - duplicates,
+        topics[0]["end_offset"]
     );
 }
 
