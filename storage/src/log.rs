@@ -236,20 +236,43 @@ impl TopicLog {
     /// Reads durable messages from `from_offset` on (clamped to the first offset held), at
     /// most `max_messages` and about `max_bytes` (whole frames; at least one).
     pub fn read(&self, from_offset: u64, max_messages: usize, max_bytes: usize) -> Result<Vec<StoredMessage>> {
+        self.read_below(false, from_offset, max_messages, max_bytes)
+    }
+
+    /// Like [`TopicLog::read`], but also the messages written and not yet synced: for the
+    /// writer's own checks under the topic's lock, never for readers (a failed sync cuts
+    /// them back).
+    pub fn read_written(&self, from_offset: u64, max_messages: usize) -> Result<Vec<StoredMessage>> {
+        self.read_below(true, from_offset, max_messages, usize::MAX)
+    }
+
+    fn read_below(
+        &self,
+        unsynced: bool,
+        from_offset: u64,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let end = if unsynced { self.next_offset() } else { self.committed_offset };
         let from = from_offset.max(self.start_offset());
         let mut out = Vec::new();
         let mut bytes_left = max_bytes;
         let later = self.segments.range((Bound::Excluded(from), Bound::Unbounded));
         for seg in self.segments.range(..=from).next_back().into_iter().chain(later).map(|(_, s)| s) {
-            if from >= self.committed_offset || out.len() >= max_messages || bytes_left == 0 {
+            if from >= end || out.len() >= max_messages || bytes_left == 0 {
                 break;
             }
             let before = out.len();
-            seg.read(from.max(seg.base_offset()), max_messages - out.len(), bytes_left, &mut out)?;
+            let (seg_from, room) = (from.max(seg.base_offset()), max_messages - out.len());
+            if unsynced {
+                seg.read_written(seg_from, room, &mut out)?;
+            } else {
+                seg.read(seg_from, room, bytes_left, &mut out)?;
+            }
             let got: usize = out[before..].iter().map(|m| m.message.size_bytes()).sum();
             bytes_left = bytes_left.saturating_sub(got);
         }
-        out.retain(|m| m.offset < self.committed_offset);
+        out.retain(|m| m.offset < end);
         Ok(out)
     }
 

@@ -225,18 +225,31 @@ impl Segment {
         max_bytes: usize,
         out: &mut Vec<StoredMessage>,
     ) -> Result<()> {
+        self.read_frames(self.synced_bytes, from_offset, max_messages, max_bytes, out)
+    }
+
+    /// Like [`Segment::read`], but also from frames written and not yet synced.
+    pub fn read_written(&self, from_offset: u64, max_messages: usize, out: &mut Vec<StoredMessage>) -> Result<()> {
+        self.read_frames(self.len_bytes, from_offset, max_messages, usize::MAX, out)
+    }
+
+    fn read_frames(
+        &self,
+        end_bytes: u64,
+        from_offset: u64,
+        max_messages: usize,
+        max_bytes: usize,
+        out: &mut Vec<StoredMessage>,
+    ) -> Result<()> {
         let start = match self.index.partition_point(|&(o, _)| o <= from_offset) {
             0 => 0,
             i => self.index[i - 1].1,
         };
         let (mut position, mut bytes) = (start, 0usize);
         let first = out.len();
-        while position < self.synced_bytes
-            && out.len() - first < max_messages
-            && (bytes < max_bytes || out.len() == first)
-        {
+        while position < end_bytes && out.len() - first < max_messages && (bytes < max_bytes || out.len() == first) {
             let (header, prefix) =
-                self.check_frame_at(position, self.synced_bytes, false).map_err(|r| self.corruption(position, r))?;
+                self.check_frame_at(position, end_bytes, false).map_err(|r| self.corruption(position, r))?;
             if prefix.base_offset + u64::from(prefix.count) > from_offset {
                 let mut body = vec![0u8; header.body_len as usize];
                 if !self.read_exact_at(&mut body, position + FRAME_HEADER_BYTES as u64)? {

@@ -25,9 +25,14 @@ use crate::{
 /// looking for a held id's first copy.
 const REBUILD_CHUNK_MESSAGES: usize = 10_000;
 
-/// Digests kept of the latest messages (8 bytes each, per topic): a resend of any of
-/// them is compared with what is stored without reading the log.
-pub const RECENT_DIGESTS: usize = 8192;
+/// Messages at the log's end whose offsets are indexed again on open, past the dedup
+/// snapshot (which keeps no offsets), so that a retry after a restart finds its first copy
+/// without a search.
+pub const REINDEXED_TAIL: usize = 8192;
+
+/// Messages whose digests are computed together when a comparison needs one that is not
+/// cached: the rest of a resent batch then finds its digests in the cache.
+const DIGEST_FILL: usize = 1024;
 
 /// What a write does with a message whose id is held with a different content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,35 +71,29 @@ pub enum AppendOutcome {
     },
 }
 
-/// Digests of the latest messages, by offset.
+/// Digests of a run of consecutive stored messages, by offset: computed when a comparison
+/// first needs one, for [`DIGEST_FILL`] messages at once. Digests are never computed on the
+/// write path: only resends pay for them.
 #[derive(Debug, Default)]
-struct DigestRing {
+struct DigestCache {
     /// The offset of `digests[0]`.
     start: u64,
     digests: VecDeque<u64>,
 }
 
-impl DigestRing {
+impl DigestCache {
     fn get(&self, offset: u64) -> Option<u64> {
         let i = usize::try_from(offset.checked_sub(self.start)?).ok()?;
         self.digests.get(i).copied()
     }
 
-    fn push(&mut self, offset: u64, digest: u64) {
-        if self.start + self.digests.len() as u64 != offset {
-            self.digests.clear();
-            self.start = offset;
-        }
-        self.digests.push_back(digest);
-    }
-
-    /// Drops the oldest beyond [`RECENT_DIGESTS`], but none at or past `keep_from` (the
-    /// unsynced messages, whose digests cannot be read back from the log).
-    fn trim(&mut self, keep_from: u64) {
-        while self.digests.len() > RECENT_DIGESTS && self.start < keep_from {
-            self.digests.pop_front();
-            self.start += 1;
-        }
+    /// Replaces the cache with the digests of `messages` (consecutive offsets).
+    fn fill(&mut self, messages: &[StoredMessage]) {
+        self.digests.clear();
+        self.start = messages.first().map_or(0, |m| m.offset);
+        let start = self.start;
+        let consecutive = messages.iter().enumerate().take_while(|(i, m)| m.offset == start + *i as u64);
+        self.digests.extend(consecutive.map(|(_, m)| m.message.content_digest()));
     }
 
     /// Forgets every offset at or past `end`.
@@ -116,8 +115,8 @@ pub struct TopicStore {
     dedup: DedupIndex,
     /// Written but not yet synced: merged into `dedup` when the sync succeeds.
     unsynced: DedupIndex,
-    /// Content digests of the latest messages, written or synced.
-    digests: DigestRing,
+    /// Content digests of a run of stored messages, computed for comparisons.
+    digests: DigestCache,
     checkpointed_offset: u64,
     /// Why the last write or sync failed (and whether the disk was full); until
     /// [`TopicStore::recover`] cuts the log back to its last sync, nothing is written.
@@ -177,15 +176,11 @@ impl TopicStore {
         };
         // The tail is read again even when the snapshot covers it: the snapshot keeps no
         // offsets or digests, and a producer's retry after a restart needs both.
-        let tail = log.committed_offset().saturating_sub(RECENT_DIGESTS as u64).max(log.start_offset());
-        let mut digests = DigestRing::default();
+        let tail = log.committed_offset().saturating_sub(REINDEXED_TAIL as u64).max(log.start_offset());
         for_each_durable(&log, from.min(tail), |m| {
             // Below `from` the snapshot has the seqs; a session it dropped stays dropped.
             if m.offset >= from || !dedup.expired(&m.message.id) {
                 dedup.record(&m.message, m.offset);
-            }
-            if m.offset >= tail {
-                digests.push(m.offset, m.message.content_digest());
             }
         })?;
         let checkpointed_offset = from;
@@ -194,7 +189,7 @@ impl TopicStore {
             log,
             dedup,
             unsynced: DedupIndex::unbounded(),
-            digests,
+            digests: DigestCache::default(),
             checkpointed_offset,
             poisoned: None,
             bug_no_dedup: false,
@@ -275,10 +270,6 @@ impl TopicStore {
                 }
                 return Err(e);
             }
-            for (i, m) in fresh.iter().enumerate() {
-                self.digests.push(base + i as u64, m.content_digest());
-            }
-            self.digests.trim(self.log.committed_offset());
             self.unsynced.merge(batch);
         }
         Ok(outcomes)
@@ -290,7 +281,7 @@ impl TopicStore {
     /// from its end (bounded memory; time grows with how far back the copy is). A copy
     /// retention deleted cannot be compared, and stays a duplicate.
     fn compare_contents(
-        &self,
+        &mut self,
         held: &[&Message],
         fresh: &[&Message],
         base: u64,
@@ -329,17 +320,17 @@ impl TopicStore {
         Ok(())
     }
 
-    /// The digest of the message at `offset`: one of this write's, a recent one, or read
-    /// from the log (`None` once retention deleted it).
-    fn digest_at(&self, offset: u64, fresh: &[&Message], base: u64) -> Result<Option<u64>> {
+    /// The digest of the message at `offset`: one of this write's, a cached one, or read
+    /// from the log, synced or not, with the next ones into the cache (`None` once
+    /// retention deleted it).
+    fn digest_at(&mut self, offset: u64, fresh: &[&Message], base: u64) -> Result<Option<u64>> {
         if offset >= base {
             return Ok(fresh.get((offset - base) as usize).map(|m| m.content_digest()));
         }
-        if let Some(d) = self.digests.get(offset) {
-            return Ok(Some(d));
+        if self.digests.get(offset).is_none() {
+            self.digests.fill(&self.log.read_written(offset, DIGEST_FILL)?);
         }
-        let read = self.log.read(offset, 1, usize::MAX)?;
-        Ok(read.first().filter(|m| m.offset == offset).map(|m| m.message.content_digest()))
+        Ok(self.digests.get(offset))
     }
 
     /// Finds the durable copies of `ids` by reading the log backwards from its end, one
@@ -790,6 +781,25 @@ mod tests {
         assert_eq!(offsets(&r[0]), vec![Appended { offset: 4 }, Conflict { offset: 4 }]);
     }
 
+    /// Within one group the first copy is written and not yet synced: its content is read
+    /// back from the unsynced frame for the comparison.
+    #[test]
+    fn a_resend_within_one_group_is_compared_with_the_unsynced_first_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MemMeta::default();
+        let store = open(dir.path(), &meta);
+        let first = [msg("a", 0, b"x"), msg("a", 1, b"x")];
+        let same = [msg("a", 1, b"x")];
+        let other = [msg("b", 0, b"new"), msg("a", 0, b"y")];
+        let (results, group) = write(&store, &[&first, &same, &other]);
+        let synced = sync_group(&store, &group);
+        let results = publish_group(&store, results, group, synced);
+        assert_eq!(offsets(&results[1]), vec![AppendOutcome::Duplicate { offset: Some(1) }]);
+        let err = results[2].as_ref().unwrap_err().to_string();
+        assert!(err.contains("message a:0 conflicts") && err.contains("offset 0"), "{err}");
+        assert_eq!(store.lock().unwrap().log().committed_offset(), 2);
+    }
+
     /// An id whose offset the node no longer remembers (older than the recent digests,
     /// and after a restart from a snapshot, which keeps no offsets) is found through the
     /// log; once retention deleted it, a resend is a duplicate that cannot be compared.
@@ -803,7 +813,7 @@ mod tests {
         {
             let store = reopen();
             assert!(commit(&store, &[std::slice::from_ref(&old)])[0].is_ok());
-            let filler: Vec<Message> = (0..RECENT_DIGESTS as u64 + 100).map(|s| msg("f", s, b"filler")).collect();
+            let filler: Vec<Message> = (0..REINDEXED_TAIL as u64 + 100).map(|s| msg("f", s, b"filler")).collect();
             for chunk in filler.chunks(1000) {
                 assert!(commit(&store, &[chunk])[0].is_ok());
             }
