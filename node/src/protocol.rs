@@ -1,6 +1,7 @@
-//! The client protocol (ALPN `rill-client/3`: message ids with epochs, conflicts and the dedup horizon): the values
-//! carried in frames on bidirectional streams. Frame encoding and its version byte live in
-//! `rill_transport::frame`; this module is the one place the client protocol's shapes live.
+//! The client protocol (ALPN `rill-client/3`: message ids with epochs, conflicts and the
+//! dedup horizon): the values carried in frames on bidirectional streams. Frame encoding
+//! and its version byte live in `rill_transport::frame`; this module is the one place the
+//! client protocol's shapes live.
 //!
 //! A stream carries one of three conversations:
 //! - produce: any number of [`Request::Produce`], each answered in order by

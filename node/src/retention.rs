@@ -85,15 +85,11 @@ async fn enforce(shared: &Shared) {
             if let Err(e) = retain(b, policy, now_ms) {
                 tracing::warn!(topic = %b.topic.name, error = %e, "retention failed; retrying later");
             }
-            let dropped = b
-                .topic
-                .store
-                .lock()
-                .expect("topic lock poisoned")
-                .drop_idle_sessions(now_ms, policy.dedup_horizon_ms());
+            let horizon_ms = policy.dedup_horizon_ms();
+            let dropped = b.topic.store.lock().expect("topic lock poisoned").drop_idle_sessions(now_ms, horizon_ms);
             if dropped > 0 {
                 b.topic.counters.dedup_sessions_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
-                tracing::info!(topic = %b.topic.name, sessions = dropped, horizon_s = policy.dedup_horizon_ms() / 1000,
+                tracing::info!(topic = %b.topic.name, sessions = dropped, horizon_s = horizon_ms / 1000,
                     "dropped the dedup state of idle producer sessions (their highest seqs are kept)");
             }
         }

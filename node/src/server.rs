@@ -19,8 +19,7 @@ use rill_storage::{
     message::PRODUCER_ID_BYTES_MAX,
     meta::MetaStore,
     store::{self, TOPICS_DIR},
-    topic::OnConflict,
-    topic::TopicStore,
+    topic::{OnConflict, TopicStore},
 };
 use rill_transport::{
     FrameError,
@@ -538,13 +537,14 @@ async fn open_producer(shared: &Shared, topic: &str, producer: String, seqs: Seq
         Err(e) => return storage_error(&e),
     };
     match seqs {
-        // 64 random bits per session: two sessions of one producer share an epoch with
-        // odds of about n^2 / 2^65 for n sessions; 0 is the caller-chosen space.
-        // Wave 1's scheme: one id space per producer, continued after the highest seq held.
+        // Injected bug, wave 1's scheme: one id space per producer, continued after the
+        // highest seq held.
         SeqMode::Assigned if shared.env.bugs.shared_epoch => Response::ProducerOpened {
             epoch: 1,
             next_seq: topic.store.lock().expect("topic lock poisoned").dedup().next_seq(&producer, 1),
         },
+        // 64 random bits per session: two sessions of one producer share an epoch with
+        // odds of about n^2 / 2^65 for n sessions; 0 is the caller-chosen space.
         SeqMode::Assigned => Response::ProducerOpened { epoch: shared.env.random.next_u64().max(1), next_seq: 0 },
         SeqMode::Chosen => Response::ProducerOpened {
             epoch: 0,

@@ -198,23 +198,20 @@ impl Writer {
                 let mut set_aside = Vec::new();
                 match &result {
                     Ok(outcomes) => {
-                        let count = |f: fn(&AppendOutcome) -> bool| outcomes.iter().filter(|o| f(o)).count() as u64;
+                        let (mut stored, mut duplicates, mut expired) = (0, 0, 0);
+                        for (m, o) in messages.into_iter().zip(outcomes) {
+                            match *o {
+                                AppendOutcome::Appended { .. } => stored += 1,
+                                AppendOutcome::Duplicate { .. } => duplicates += 1,
+                                AppendOutcome::Expired => expired += 1,
+                                AppendOutcome::Conflict { offset } => set_aside.push((m, offset)),
+                            }
+                        }
                         let c = &self.counters;
-                        c.messages_in
-                            .fetch_add(count(|o| matches!(o, AppendOutcome::Appended { .. })), Ordering::Relaxed);
-                        c.duplicates
-                            .fetch_add(count(|o| matches!(o, AppendOutcome::Duplicate { .. })), Ordering::Relaxed);
-                        c.conflicts_kept
-                            .fetch_add(count(|o| matches!(o, AppendOutcome::Conflict { .. })), Ordering::Relaxed);
-                        c.expired.fetch_add(count(|o| *o == AppendOutcome::Expired), Ordering::Relaxed);
-                        set_aside = messages
-                            .into_iter()
-                            .zip(outcomes)
-                            .filter_map(|(m, o)| match o {
-                                AppendOutcome::Conflict { offset } => Some((m, *offset)),
-                                _ => None,
-                            })
-                            .collect();
+                        c.messages_in.fetch_add(stored, Ordering::Relaxed);
+                        c.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+                        c.expired.fetch_add(expired, Ordering::Relaxed);
+                        c.conflicts_kept.fetch_add(set_aside.len() as u64, Ordering::Relaxed);
                     }
                     Err(StorageError::Conflict { .. }) => {
                         self.counters.conflicts_refused.fetch_add(1, Ordering::Relaxed);

@@ -837,7 +837,7 @@ fn check(plan: &Plan, shared: &Shared) -> Vec<Violation> {
                 detail: format!("{node} holds {} duplicate message(s)", ids.len() - unique.len()),
             });
         }
-        let contents = all_contents.get(node).cloned().unwrap_or_default();
+        let contents = all_contents.get(node);
         let missing: Vec<&(String, u64)> = acked.keys().filter(|id| !unique.contains(id)).take(5).collect();
         if clusters.contains(node) && !missing.is_empty() {
             out.push(Violation { invariant: 1, detail: format!("{node} lacks acknowledged {missing:?}") });
@@ -845,7 +845,7 @@ fn check(plan: &Plan, shared: &Shared) -> Vec<Violation> {
         let changed: Vec<String> = acked
             .iter()
             .filter_map(|(id, payload)| {
-                let held = contents.get(id).filter(|held| *held != payload)?;
+                let held = contents?.get(id).filter(|held| *held != payload)?;
                 Some(format!("{id:?} holds '{held}', acknowledged '{payload}'"))
             })
             .take(5)

@@ -193,7 +193,7 @@ impl DedupIndex {
     /// below its highest seq: it may have been stored and deleted since, so it can be
     /// neither stored nor compared.
     pub fn expired(&self, id: &MessageId) -> bool {
-        self.dropped.get(&(id.producer.clone(), id.epoch)).is_some_and(|&highest| id.seq <= highest)
+        self.any_expired(&id.producer, id.epoch, &(id.seq..id.seq + 1))
     }
 
     /// True when any seq of `seqs` from `producer` in `epoch` is expired.

@@ -28,7 +28,7 @@ const REBUILD_CHUNK_MESSAGES: usize = 10_000;
 /// Messages at the log's end whose offsets are indexed again on open, past the dedup
 /// snapshot (which keeps no offsets), so that a retry after a restart finds its first copy
 /// without a search.
-pub const REINDEXED_TAIL: usize = 8192;
+const REINDEXED_TAIL: usize = 8192;
 
 /// Messages whose digests are computed together when a comparison needs one that is not
 /// cached: the rest of a resent batch then finds its digests in the cache.
@@ -175,7 +175,7 @@ impl TopicStore {
             None => (DedupIndex::default(), log.start_offset()),
         };
         // The tail is read again even when the snapshot covers it: the snapshot keeps no
-        // offsets or digests, and a producer's retry after a restart needs both.
+        // offsets, and a producer's retry after a restart needs them.
         let tail = log.committed_offset().saturating_sub(REINDEXED_TAIL as u64).max(log.start_offset());
         for_each_durable(&log, from.min(tail), |m| {
             // Below `from` the snapshot has the seqs; a session it dropped stays dropped.
@@ -215,7 +215,8 @@ impl TopicStore {
         }
         let mut outcomes = Vec::with_capacity(messages.len());
         let mut fresh: Vec<&Message> = Vec::with_capacity(messages.len());
-        let mut held: Vec<&Message> = Vec::new();
+        // Held messages with the index of their outcome, to compare their contents.
+        let mut held: Vec<(usize, &Message)> = Vec::new();
         let mut batch = DedupIndex::unbounded();
         let base = self.log.next_offset();
         for run in runs(messages) {
@@ -234,7 +235,7 @@ impl TopicStore {
             for m in run {
                 match self.earlier_offset(&batch, &m.id) {
                     Some(offset) => {
-                        held.push(m);
+                        held.push((outcomes.len(), m));
                         outcomes.push(AppendOutcome::Duplicate { offset });
                     }
                     None if self.dedup.expired(&m.id) => outcomes.push(AppendOutcome::Expired),
@@ -275,24 +276,24 @@ impl TopicStore {
         Ok(outcomes)
     }
 
-    /// Compares each held message (in `outcomes` order, a `Duplicate` each) with the
+    /// Compares each held message (with the index of its outcome, a `Duplicate`) with the
     /// content stored first under its id, and turns the differing ones into `Conflict`s.
     /// A stored copy is found by its remembered offset, or else by reading the log back
     /// from its end (bounded memory; time grows with how far back the copy is). A copy
     /// retention deleted cannot be compared, and stays a duplicate.
     fn compare_contents(
         &mut self,
-        held: &[&Message],
+        held: &[(usize, &Message)],
         fresh: &[&Message],
         base: u64,
         outcomes: &mut [AppendOutcome],
     ) -> Result<()> {
         let mut unknown: HashMap<&MessageId, Vec<usize>> = HashMap::new();
         let mut stored: Vec<Option<(u64, u64)>> = Vec::with_capacity(held.len());
-        let duplicates = outcomes.iter().enumerate().filter(|(_, o)| matches!(o, AppendOutcome::Duplicate { .. }));
-        let slots: Vec<usize> = duplicates.map(|(i, _)| i).collect();
-        for (k, (m, &slot)) in held.iter().zip(&slots).enumerate() {
-            let AppendOutcome::Duplicate { offset } = outcomes[slot] else { unreachable!("slots are duplicates") };
+        for (k, &(slot, m)) in held.iter().enumerate() {
+            let AppendOutcome::Duplicate { offset } = outcomes[slot] else {
+                unreachable!("held messages are duplicates")
+            };
             stored.push(match offset {
                 Some(offset) => self.digest_at(offset, fresh, base)?.map(|d| (offset, d)),
                 None => {
@@ -308,7 +309,7 @@ impl TopicStore {
                 }
             }
         }
-        for ((m, &slot), found) in held.iter().zip(&slots).zip(stored) {
+        for (&(slot, m), found) in held.iter().zip(stored) {
             if let Some((offset, digest)) = found {
                 outcomes[slot] = if digest == m.content_digest() {
                     AppendOutcome::Duplicate { offset: Some(offset) }
