@@ -5,6 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use rill_storage::NodeName;
 use serde::{Deserialize, Serialize};
 
 /// All defaults, in one place.
@@ -108,7 +109,7 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// The peer's node name.
-    pub name: String,
+    pub name: NodeName,
     /// Where to dial it; `None`: wait for it to dial us.
     pub addr: Option<SocketAddr>,
 }
@@ -234,7 +235,7 @@ impl NodeConfig {
     /// Rejects out-of-range values and contradictions, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(name) = &self.name {
-            rill_storage::NodeName::parse(name).map_err(|e| invalid("name", e.to_string()))?;
+            NodeName::parse(name).map_err(|e| invalid("name", e.to_string()))?;
         }
         let s = &self.storage;
         if s.segment_bytes_max < 64 << 10 {
@@ -276,8 +277,8 @@ impl NodeConfig {
         }
         let mut seen = std::collections::BTreeSet::new();
         for p in &self.peers {
-            rill_storage::NodeName::parse(&p.name).map_err(|e| invalid("peers.name", e.to_string()))?;
-            if Some(&p.name) == self.name.as_ref() {
+            NodeName::parse(p.name.as_str()).map_err(|e| invalid("peers.name", e.to_string()))?;
+            if self.name.as_deref() == Some(p.name.as_str()) {
                 return Err(invalid("peers.name", format!("'{}' is this node itself", p.name)));
             }
             if !seen.insert(&p.name) {
@@ -292,15 +293,16 @@ impl NodeConfig {
     }
 
     /// The node's name: configured, else the host name, else a fallback.
-    pub fn node_name(&self) -> String {
-        if let Some(n) = &self.name {
-            return n.clone();
-        }
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_string())
-            .filter(|h| rill_storage::NodeName::parse(h).is_ok())
-            .unwrap_or_else(|| defaults::NAME_FALLBACK.to_string())
+    pub fn node_name(&self) -> Result<NodeName, ConfigError> {
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| NodeName::parse(h).is_ok())
+                .unwrap_or_else(|| defaults::NAME_FALLBACK.to_string()),
+        };
+        NodeName::parse(&name).map_err(|e| invalid("name", e.to_string()))
     }
 
     /// The directory of dev certificates.

@@ -10,14 +10,11 @@
 use std::sync::Arc;
 
 use rill_storage::{
-    Message, StorageError, TopicName,
+    Message, NodeName, StorageError, TopicName, keys,
     meta::{self, MetaStore},
 };
 
 use crate::{env::Env, protocol::KeptConflict};
-
-/// The metadata key prefix of kept conflicts.
-const PREFIX: &str = "conflict/";
 
 /// The conflict store of a node.
 #[derive(Debug)]
@@ -35,25 +32,25 @@ impl Conflicts {
     pub(crate) async fn keep(
         &self,
         topic: &TopicName,
-        peer: &str,
+        peer: &NodeName,
         messages: Vec<(Message, u64)>,
     ) -> Result<(), StorageError> {
         let meta = Arc::clone(&self.meta);
-        let (topic, peer, now_ms) = (topic.to_string(), peer.to_string(), self.env.clock.now_ms());
+        let (topic, peer, now_ms) = (topic.clone(), peer.clone(), self.env.clock.now_ms());
         self.env
             .run_blocking(move || {
                 for (message, stored_offset) in messages {
-                    let key = format!("{PREFIX}{topic}/{}/{:016x}", message.id, message.content_digest());
+                    let key = keys::conflict(&topic, &message.id, message.content_digest());
                     if meta.get(&key)?.is_some() {
                         continue;
                     }
                     tracing::warn!(%topic, id = %message.id, stored_offset, from_peer = %peer,
                         "replicated message conflicts with the content stored under its id; kept aside");
                     let kept = KeptConflict {
-                        topic: topic.clone(),
+                        topic: topic.to_string(),
                         message,
                         stored_offset,
-                        from_peer: peer.clone(),
+                        from_peer: peer.to_string(),
                         kept_at_ms: now_ms,
                     };
                     meta::put_record(meta.as_ref(), &key, &kept)?;
@@ -65,12 +62,8 @@ impl Conflicts {
 
     /// The kept conflicts, of one topic or of all, in key order.
     pub(crate) fn list(&self, topic: Option<&TopicName>) -> Result<Vec<KeptConflict>, StorageError> {
-        let prefix = match topic {
-            Some(t) => format!("{PREFIX}{t}/"),
-            None => PREFIX.to_string(),
-        };
         self.meta
-            .scan_prefix(&prefix)?
+            .scan_prefix(&keys::conflicts_of(topic))?
             .into_iter()
             .map(|(key, bytes)| {
                 postcard::from_bytes(&bytes).map_err(|e| StorageError::MetaCorrupt { key, reason: e.to_string() })
@@ -96,14 +89,18 @@ mod tests {
         }
     }
 
+    fn edge(name: &str) -> NodeName {
+        NodeName::parse(name).unwrap()
+    }
+
     #[tokio::test]
     async fn a_kept_conflict_is_durable_listed_per_topic_and_kept_once() {
         let meta = Arc::new(MemMeta::default());
         let conflicts = Conflicts::new(Arc::clone(&meta) as Arc<dyn MetaStore>, Env::production());
         let (a, b) = (TopicName::parse("t/n/a").unwrap(), TopicName::parse("t/n/b").unwrap());
-        conflicts.keep(&a, "edge-1", vec![(message(1, b"x"), 0), (message(2, b"y"), 1)]).await.unwrap();
-        conflicts.keep(&a, "edge-2", vec![(message(1, b"x"), 0)]).await.unwrap();
-        conflicts.keep(&b, "edge-1", vec![(message(1, b"z"), 5)]).await.unwrap();
+        conflicts.keep(&a, &edge("edge-1"), vec![(message(1, b"x"), 0), (message(2, b"y"), 1)]).await.unwrap();
+        conflicts.keep(&a, &edge("edge-2"), vec![(message(1, b"x"), 0)]).await.unwrap();
+        conflicts.keep(&b, &edge("edge-1"), vec![(message(1, b"z"), 5)]).await.unwrap();
         meta.crash();
         let kept = conflicts.list(Some(&a)).unwrap();
         let seen: Vec<_> = kept.iter().map(|k| (k.message.id.seq, k.stored_offset, k.from_peer.as_str())).collect();

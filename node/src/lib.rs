@@ -12,10 +12,14 @@ mod conflicts;
 mod consume;
 mod dispatch;
 pub mod env;
+mod error;
 mod mesh;
+mod node;
 pub mod protocol;
+mod registry;
 mod retention;
 mod server;
+mod stats;
 mod topic;
 
-pub use server::{Node, StartError};
+pub use node::{Node, StartError};

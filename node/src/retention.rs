@@ -15,23 +15,42 @@
 //!   unconsumed message dropped (`quota_dropped` in `rill stats`) and logging it.
 use std::{
     collections::BTreeMap,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
 use rill_replication::namespace::{NamespacePolicy, OnFull};
-use rill_storage::subscription::CursorState;
+use rill_storage::{NamespaceName, StorageError, keys, subscription::CursorState};
 
-use crate::{server::Shared, topic::Topic};
+use crate::{mesh::MeshHandle, registry::Registry, topic::Topic};
 
-pub(crate) async fn run(shared: Arc<Shared>) {
-    let every = Duration::from_millis(shared.config.storage.retention_check_interval_ms);
+/// Namespaces whose backlog quota is full with `on_full = reject`, with the refusal a
+/// producer gets. Retention fills it; the server reads it on every produce.
+#[derive(Debug, Default)]
+pub(crate) struct BacklogGate {
+    full: Mutex<BTreeMap<NamespaceName, String>>,
+}
+
+impl BacklogGate {
+    /// Why produces to `namespace` are refused, if they are.
+    pub(crate) fn refusal(&self, namespace: &NamespaceName) -> Option<String> {
+        self.lock().get(namespace).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NamespaceName, String>> {
+        self.full.lock().expect("backlog lock poisoned")
+    }
+}
+
+/// Enforces retention, dedup horizons and backlog quotas every `every` until the node
+/// closes.
+pub(crate) async fn run(registry: Arc<Registry>, mesh: MeshHandle, gate: Arc<BacklogGate>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
-        if shared.is_shutting_down() {
+        if registry.is_closing() {
             return;
         }
-        enforce(&shared).await;
+        enforce(&registry, &mesh, &gate).await;
     }
 }
 
@@ -44,82 +63,83 @@ struct Backlog {
 impl Backlog {
     /// Bytes from the protected offset to the end.
     fn bytes(&self) -> u64 {
-        let store = self.topic.store.lock().expect("topic lock poisoned");
-        let log = store.log();
-        if self.protected >= log.committed_offset() {
-            0
-        } else {
-            log.bytes_from(self.protected.max(log.start_offset()))
-        }
+        self.topic.bytes_from(self.protected)
     }
 }
 
-async fn enforce(shared: &Shared) {
-    let topics = shared.topic_list();
+/// The lowest ack floor of the topic's subscriptions (`u64::MAX` with none).
+fn subscriptions_need(registry: &Registry, topic: &Topic) -> u64 {
+    let cursors = registry.meta.scan_prefix(&keys::cursors_of(&topic.name)).unwrap_or_default();
+    cursors
+        .iter()
+        .filter_map(|(_, v)| postcard::from_bytes::<CursorState>(v).ok())
+        .map(|c| c.ack_floor)
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
+async fn enforce(registry: &Arc<Registry>, mesh: &MeshHandle, gate: &Arc<BacklogGate>) {
+    let topics = registry.list();
     if topics.is_empty() {
         return;
     }
-    let config = shared.mesh.config().await;
-    let needed = shared.mesh.retained_from(topics.iter().map(|t| t.name.clone()).collect()).await;
-    let mut by_namespace: BTreeMap<String, Vec<Backlog>> = BTreeMap::new();
+    let config = mesh.config().await;
+    let needed = mesh.retained_from(topics.iter().map(|t| t.name.clone()).collect()).await;
+    let mut by_namespace: BTreeMap<NamespaceName, Vec<Backlog>> = BTreeMap::new();
     for (topic, peers_need) in topics.into_iter().zip(needed) {
-        let subscriptions_need = shared
-            .meta
-            .scan_prefix(&crate::dispatch::cursor_key(&topic.name, ""))
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|(_, v)| postcard::from_bytes::<CursorState>(v).ok())
-            .map(|c| c.ack_floor)
-            .min()
-            .unwrap_or(u64::MAX);
-        let namespace = format!("{}/{}", topic.name.tenant(), topic.name.namespace());
-        by_namespace
-            .entry(namespace)
-            .or_default()
-            .push(Backlog { topic, protected: peers_need.min(subscriptions_need) });
+        let protected = peers_need.min(subscriptions_need(registry, &topic));
+        by_namespace.entry(topic.name.namespace_name()).or_default().push(Backlog { topic, protected });
     }
-    let now_ms = shared.env.clock.now_ms();
+    let now_ms = registry.env.clock.now_ms();
     for (namespace, backlogs) in by_namespace {
-        let Some(policy) = config.get(&namespace) else { continue };
-        for b in &backlogs {
-            if let Err(e) = retain(b, policy, now_ms) {
-                tracing::warn!(topic = %b.topic.name, error = %e, "retention failed; retrying later");
-            }
-            let horizon_ms = policy.dedup_horizon_ms();
-            let dropped = b.topic.store.lock().expect("topic lock poisoned").drop_idle_sessions(now_ms, horizon_ms);
-            if dropped > 0 {
-                b.topic.counters.dedup_sessions_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
-                tracing::info!(topic = %b.topic.name, sessions = dropped, horizon_s = horizon_ms / 1000,
-                    "dropped the dedup state of idle producer sessions (their highest seqs are kept)");
-            }
-        }
-        quota(shared, &namespace, &backlogs, policy);
+        let Some(policy) = config.get(namespace.as_str()).cloned() else { continue };
+        let gate = Arc::clone(gate);
+        // Deleting segments is disk work: off the async threads.
+        registry.env.run_blocking(move || enforce_namespace(&namespace, &backlogs, &policy, &gate, now_ms)).await;
     }
 }
 
+fn enforce_namespace(
+    namespace: &NamespaceName,
+    backlogs: &[Backlog],
+    policy: &NamespacePolicy,
+    gate: &BacklogGate,
+    now_ms: u64,
+) {
+    for b in backlogs {
+        if let Err(e) = retain(b, policy, now_ms) {
+            tracing::warn!(topic = %b.topic.name, error = %e, "retention failed; retrying later");
+        }
+        let horizon_ms = policy.dedup_horizon_ms();
+        let dropped = b.topic.drop_idle_sessions(now_ms, horizon_ms);
+        if dropped > 0 {
+            tracing::info!(topic = %b.topic.name, sessions = dropped, horizon_s = horizon_ms / 1000,
+                "dropped the dedup state of idle producer sessions (their highest seqs are kept)");
+        }
+    }
+    quota(gate, namespace, backlogs, policy);
+}
+
 /// Deletes the oldest consumed segments while a retention limit is exceeded.
-fn retain(b: &Backlog, policy: &NamespacePolicy, now_ms: u64) -> Result<(), rill_storage::StorageError> {
+fn retain(b: &Backlog, policy: &NamespacePolicy, now_ms: u64) -> Result<(), StorageError> {
     let (age, bytes, messages) =
         (policy.retention_age_s.val, policy.retention_bytes.val, policy.retention_messages.val);
     if age.is_none() && bytes.is_none() && messages.is_none() {
         return Ok(());
     }
-    let mut store = b.topic.store.lock().expect("topic lock poisoned");
     loop {
-        let log = store.log();
-        let Some(oldest) = log.sealed_segments().into_iter().next() else { return Ok(()) };
+        let Some((oldest, newest_ms)) = b.topic.oldest_sealed()? else { return Ok(()) };
         if oldest.end_offset > b.protected {
             return Ok(());
         }
-        let newest_ms = store.read(oldest.end_offset - 1, 1, 1)?.first().map_or(0, |m| m.message.publish_time_ms);
-        let log = store.log();
+        let shape = b.topic.shape();
         let too_old = age.is_some_and(|s| now_ms.saturating_sub(newest_ms) > s.saturating_mul(1000));
-        let too_big = bytes.is_some_and(|max| log.size_bytes() > max);
-        let too_many = messages.is_some_and(|max| log.committed_offset() - log.start_offset() > max);
+        let too_big = bytes.is_some_and(|max| shape.bytes > max);
+        let too_many = messages.is_some_and(|max| shape.end - shape.start > max);
         if !(too_old || too_big || too_many) {
             return Ok(());
         }
-        store.delete_oldest_segment()?;
+        b.topic.delete_oldest_segment()?;
         let n = oldest.end_offset - oldest.base_offset;
         b.topic.counters.retention_deleted.fetch_add(n, Ordering::Relaxed);
         tracing::info!(topic = %b.topic.name, from = oldest.base_offset, to = oldest.end_offset, messages = n,
@@ -128,53 +148,53 @@ fn retain(b: &Backlog, policy: &NamespacePolicy, now_ms: u64) -> Result<(), rill
 }
 
 /// Applies the namespace's backlog quota.
-fn quota(shared: &Shared, namespace: &str, backlogs: &[Backlog], policy: &NamespacePolicy) {
+fn quota(gate: &BacklogGate, namespace: &NamespaceName, backlogs: &[Backlog], policy: &NamespacePolicy) {
     let Some(max) = policy.backlog_bytes_max.val else {
-        shared.backlog_full.lock().expect("backlog lock poisoned").remove(namespace);
+        gate.lock().remove(namespace);
         return;
     };
-    let total = |bs: &[Backlog]| bs.iter().map(Backlog::bytes).sum::<u64>();
-    let mut backlog = total(backlogs);
+    let backlog = backlogs.iter().map(Backlog::bytes).sum::<u64>();
     if policy.on_full.val == OnFull::DropOldest {
-        shared.backlog_full.lock().expect("backlog lock poisoned").remove(namespace);
-        while backlog > max {
-            // The topic with the most backlog that still has a sealed segment to drop.
-            let Some(b) = backlogs
-                .iter()
-                .filter(|b| !b.topic.store.lock().expect("topic lock poisoned").log().sealed_segments().is_empty())
-                .max_by_key(|b| b.bytes())
-            else {
-                tracing::warn!(namespace, backlog, max, "backlog over its quota, but only active segments are left");
-                return;
-            };
-            let dropped = b.topic.store.lock().expect("topic lock poisoned").delete_oldest_segment();
-            match dropped {
-                Ok(Some(seg)) => {
-                    let unconsumed = seg.end_offset.saturating_sub(seg.base_offset.max(b.protected));
-                    b.topic.counters.quota_dropped.fetch_add(unconsumed, Ordering::Relaxed);
-                    tracing::warn!(topic = %b.topic.name, from = seg.base_offset, to = seg.end_offset,
-                        unconsumed, bytes = seg.bytes, backlog, max, "backlog quota full: dropped the oldest segment");
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(topic = %b.topic.name, error = %e, "could not drop a segment; retrying later");
-                    return;
-                }
-            }
-            backlog = total(backlogs);
-        }
+        gate.lock().remove(namespace);
+        drop_oldest(namespace, backlogs, backlog, max);
         return;
     }
-    let mut full = shared.backlog_full.lock().expect("backlog lock poisoned");
+    let mut full = gate.lock();
     if backlog > max {
         let why = format!(
             "namespace {namespace}: backlog full ({backlog} bytes not yet consumed or replicated, quota {max}); \
              retry when consumers or replication catch up"
         );
-        if full.insert(namespace.to_string(), why).is_none() {
-            tracing::warn!(namespace, backlog, max, "backlog quota full: refusing produces");
+        if full.insert(namespace.clone(), why).is_none() {
+            tracing::warn!(%namespace, backlog, max, "backlog quota full: refusing produces");
         }
     } else if full.remove(namespace).is_some() {
-        tracing::info!(namespace, backlog, max, "backlog back under its quota: taking produces again");
+        tracing::info!(%namespace, backlog, max, "backlog back under its quota: taking produces again");
+    }
+}
+
+/// `on_full = drop_oldest`: deletes the oldest segments of the topics with the most
+/// backlog until the namespace is under `max`.
+fn drop_oldest(namespace: &NamespaceName, backlogs: &[Backlog], mut backlog: u64, max: u64) {
+    while backlog > max {
+        // The topic with the most backlog that still has a sealed segment to drop.
+        let Some(b) = backlogs.iter().filter(|b| b.topic.has_sealed_segment()).max_by_key(|b| b.bytes()) else {
+            tracing::warn!(%namespace, backlog, max, "backlog over its quota, but only active segments are left");
+            return;
+        };
+        match b.topic.delete_oldest_segment() {
+            Ok(Some(seg)) => {
+                let unconsumed = seg.end_offset.saturating_sub(seg.base_offset.max(b.protected));
+                b.topic.counters.quota_dropped.fetch_add(unconsumed, Ordering::Relaxed);
+                tracing::warn!(topic = %b.topic.name, from = seg.base_offset, to = seg.end_offset,
+                    unconsumed, bytes = seg.bytes, backlog, max, "backlog quota full: dropped the oldest segment");
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(topic = %b.topic.name, error = %e, "could not drop a segment; retrying later");
+                return;
+            }
+        }
+        backlog = backlogs.iter().map(Backlog::bytes).sum::<u64>();
     }
 }

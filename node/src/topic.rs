@@ -3,13 +3,16 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use rill_replication::wire::Summary;
 use rill_storage::{
-    Message, StorageError, StoredMessage, TopicName,
+    Message, ProducerId, StorageError, StoredMessage, TopicName,
+    log::SegmentInfo,
+    meta::MetaStore,
     topic::{AppendOutcome, GroupResult, OnConflict, TopicStore, publish_group, sync_group, write_group},
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -79,10 +82,31 @@ impl Growth {
     }
 }
 
+/// The shape of a topic's log, for statistics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogShape {
+    /// The first offset held.
+    pub(crate) start: u64,
+    /// One past the last durable offset.
+    pub(crate) end: u64,
+    pub(crate) bytes: u64,
+    pub(crate) segments: usize,
+    /// Producer sessions in the dedup index.
+    pub(crate) producers: usize,
+}
+
+/// What is left to consume (or replicate) from an offset on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lag {
+    pub(crate) bytes: u64,
+    /// The publish time of the first message left, if any is left.
+    pub(crate) oldest_ms: Option<u64>,
+}
+
 /// A topic being served.
 pub(crate) struct Topic {
     pub(crate) name: TopicName,
-    pub(crate) store: Arc<Mutex<TopicStore>>,
+    store: Arc<Mutex<TopicStore>>,
     queue: mpsc::Sender<AppendJob>,
     committed: watch::Receiver<u64>,
     pub(crate) counters: Arc<TopicCounters>,
@@ -143,8 +167,86 @@ impl Topic {
 
     /// The first offset held and one past the last durable one.
     pub(crate) fn bounds(&self) -> (u64, u64) {
-        let store = self.store.lock().expect("topic lock poisoned");
+        let store = self.store();
         (store.log().start_offset(), store.log().committed_offset())
+    }
+
+    fn store(&self) -> MutexGuard<'_, TopicStore> {
+        self.store.lock().expect("topic lock poisoned")
+    }
+
+    /// The log's bounds and size, and how many producer sessions it remembers.
+    pub(crate) fn shape(&self) -> LogShape {
+        let store = self.store();
+        let log = store.log();
+        LogShape {
+            start: log.start_offset(),
+            end: log.committed_offset(),
+            bytes: log.size_bytes(),
+            segments: log.segment_count(),
+            producers: store.dedup().producer_count(),
+        }
+    }
+
+    /// The seq after the highest one held of a producer session.
+    pub(crate) fn next_seq(&self, producer: &ProducerId, epoch: u64) -> u64 {
+        self.store().dedup().next_seq(producer, epoch)
+    }
+
+    /// What this topic holds, as a Hello announces it to peers.
+    pub(crate) fn summary(&self) -> Summary {
+        Summary::of(self.store().dedup())
+    }
+
+    /// Bytes of the durable log from `offset` (or its start, if later) to the end.
+    pub(crate) fn bytes_from(&self, offset: u64) -> u64 {
+        let store = self.store();
+        let log = store.log();
+        if offset >= log.committed_offset() { 0 } else { log.bytes_from(offset.max(log.start_offset())) }
+    }
+
+    /// What is left from `offset`: its bytes and the age of its first message. Reads the
+    /// log, so call it from blocking work.
+    pub(crate) fn lag_from(&self, offset: u64) -> Lag {
+        let store = self.store();
+        let log = store.log();
+        if offset >= log.committed_offset() {
+            return Lag { bytes: 0, oldest_ms: None };
+        }
+        let oldest = store.read(offset, 1, 1).ok().and_then(|m| m.first().map(|m| m.message.publish_time_ms));
+        Lag { bytes: log.bytes_from(offset.max(log.start_offset())), oldest_ms: oldest }
+    }
+
+    /// The oldest sealed segment (the active one is never deleted) and the publish time
+    /// of its newest message. Reads the log, so call it from blocking work.
+    pub(crate) fn oldest_sealed(&self) -> Result<Option<(SegmentInfo, u64)>, StorageError> {
+        let store = self.store();
+        let Some(oldest) = store.log().sealed_segments().into_iter().next() else { return Ok(None) };
+        let newest_ms = store.read(oldest.end_offset - 1, 1, 1)?.first().map_or(0, |m| m.message.publish_time_ms);
+        Ok(Some((oldest, newest_ms)))
+    }
+
+    /// Whether the log has a sealed segment retention or a quota could delete.
+    pub(crate) fn has_sealed_segment(&self) -> bool {
+        !self.store().log().sealed_segments().is_empty()
+    }
+
+    /// Deletes the oldest sealed segment. Blocking work.
+    pub(crate) fn delete_oldest_segment(&self) -> Result<Option<SegmentInfo>, StorageError> {
+        self.store().delete_oldest_segment()
+    }
+
+    /// Drops producer sessions idle for longer than `horizon_ms` (their highest seqs are
+    /// kept), counting them.
+    pub(crate) fn drop_idle_sessions(&self, now_ms: u64, horizon_ms: u64) -> usize {
+        let dropped = self.store().drop_idle_sessions(now_ms, horizon_ms);
+        self.counters.dedup_sessions_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Saves the dedup snapshot (blocking work).
+    pub(crate) fn checkpoint(&self, meta: &dyn MetaStore) -> Result<bool, StorageError> {
+        self.store().checkpoint(meta)
     }
 
     /// A receiver of the durable end offset, which changes after every group commit.

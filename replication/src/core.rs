@@ -38,7 +38,7 @@
 //! and is shipped on its other lanes.
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use rill_storage::{Message, StoredMessage, TopicName, dedup::DedupIndex};
+use rill_storage::{Message, NamespaceName, NodeName, StoredMessage, TopicName, dedup::DedupIndex};
 
 use crate::{
     hlc::HlcClock,
@@ -79,7 +79,7 @@ pub enum Action {
     /// Send a message on a link (dropped if that link is gone; the core copes).
     Send {
         /// The peer.
-        peer: String,
+        peer: NodeName,
         /// The link to send on.
         link: LinkId,
         /// The message.
@@ -89,7 +89,7 @@ pub enum Action {
     /// [`Replicator::handle_read`], passing `ticket` back.
     Read {
         /// For whom.
-        peer: String,
+        peer: NodeName,
         /// The topic.
         topic: TopicName,
         /// First offset wanted.
@@ -106,7 +106,7 @@ pub enum Action {
     /// that is no longer current must not be appended after the current link's.
     Append {
         /// Who sent them.
-        peer: String,
+        peer: NodeName,
         /// The link they came on.
         link: LinkId,
         /// The topic.
@@ -119,7 +119,7 @@ pub enum Action {
     /// Persist a lane's cursor (everything below `offset` is held by the peer).
     SaveCursor {
         /// The peer.
-        peer: String,
+        peer: NodeName,
         /// The topic.
         topic: TopicName,
         /// The cursor.
@@ -131,14 +131,14 @@ pub enum Action {
     /// [`Replicator::hello`] from what the node durably holds now.
     Greet {
         /// The peer.
-        peer: String,
+        peer: NodeName,
         /// The link.
         link: LinkId,
     },
     /// Close a link (the core already treats it as closed). Log the reason.
     CloseLink {
         /// The peer.
-        peer: String,
+        peer: NodeName,
         /// The link.
         link: LinkId,
         /// Why.
@@ -230,7 +230,7 @@ pub struct LaneStats {
 /// The replication state machine of one node.
 #[derive(Debug)]
 pub struct Replicator {
-    node: String,
+    node: NodeName,
     /// Drawn at each start; sent in every Hello.
     boot: u64,
     settings: Settings,
@@ -238,27 +238,27 @@ pub struct Replicator {
     clock: HlcClock,
     /// Local topics and their durable end offsets.
     topics: BTreeMap<TopicName, u64>,
-    peers: BTreeMap<String, Peer>,
+    peers: BTreeMap<NodeName, Peer>,
     /// Each peer's live links, from its Hello and Links messages.
-    links_of: BTreeMap<String, BTreeSet<String>>,
+    links_of: BTreeMap<NodeName, BTreeSet<NodeName>>,
     next_ticket: u64,
     actions: VecDeque<Action>,
 }
 
-fn namespace_of(topic: &TopicName) -> String {
-    format!("{}/{}", topic.tenant(), topic.namespace())
+fn namespace_of(topic: &TopicName) -> NamespaceName {
+    topic.namespace_name()
 }
 
 impl Replicator {
     /// A replicator for node `node` in the boot `boot` (random, new at every start),
     /// starting from a saved catalogue.
-    pub fn new(node: &str, boot: u64, settings: Settings, config: ConfigDoc) -> Self {
+    pub fn new(node: NodeName, boot: u64, settings: Settings, config: ConfigDoc) -> Self {
         let mut clock = HlcClock::default();
         if let Some(s) = config.max_stamp() {
             clock.observe(s.hlc);
         }
         Replicator {
-            node: node.to_string(),
+            node,
             boot,
             settings,
             config,
@@ -272,12 +272,12 @@ impl Replicator {
     }
 
     /// Declares a configured peer (its link starts down).
-    pub fn add_peer(&mut self, peer: &str) {
-        self.peers.entry(peer.to_string()).or_default();
+    pub fn add_peer(&mut self, peer: NodeName) {
+        self.peers.entry(peer).or_default();
     }
 
     /// Restores a lane's saved cursor (at start-up, before links come up).
-    pub fn restore_cursor(&mut self, peer: &str, topic: &TopicName, offset: u64) {
+    pub fn restore_cursor(&mut self, peer: &NodeName, topic: &TopicName, offset: u64) {
         if let Some(p) = self.peers.get_mut(peer) {
             let lane = p.lanes.entry(topic.clone()).or_default();
             lane.cursor = offset;
@@ -292,7 +292,7 @@ impl Replicator {
         let namespace = namespace_of(topic);
         self.peers
             .iter()
-            .filter(|(peer, _)| self.config.replicates_between(&namespace, &self.node, peer))
+            .filter(|(peer, _)| self.config.replicates_between(namespace.as_str(), self.node.as_str(), peer.as_str()))
             .map(|(_, p)| p.lanes.get(topic).map_or(0, Lane::durable_cursor))
             .min()
             .unwrap_or(u64::MAX)
@@ -310,7 +310,7 @@ impl Replicator {
 
     /// A connection to `peer` completed its handshake; `dialed_by_us` says which side
     /// opened it. It becomes current, replaces the current link, or waits as a candidate.
-    pub fn handle_link_opened(&mut self, now_ms: u64, peer: &str, link: LinkId, dialed_by_us: bool) {
+    pub fn handle_link_opened(&mut self, now_ms: u64, peer: &NodeName, link: LinkId, dialed_by_us: bool) {
         let Some(p) = self.peers.get_mut(peer) else {
             self.close(peer, link, CloseReason::NotConfigured);
             return;
@@ -328,7 +328,7 @@ impl Replicator {
                 return;
             }
         }
-        self.actions.push_back(Action::Greet { peer: peer.to_string(), link });
+        self.actions.push_back(Action::Greet { peer: peer.clone(), link });
     }
 
     /// This node's Hello, for an [`Action::Greet`]: `holds` is what it durably holds now
@@ -337,15 +337,15 @@ impl Replicator {
         PeerMessage::Hello { boot: self.boot, config: self.config.clone(), holds, links: self.live_links() }
     }
 
-    fn close(&mut self, peer: &str, link: LinkId, reason: CloseReason) {
-        self.actions.push_back(Action::CloseLink { peer: peer.to_string(), link, reason });
+    fn close(&mut self, peer: &NodeName, link: LinkId, reason: CloseReason) {
+        self.actions.push_back(Action::CloseLink { peer: peer.clone(), link, reason });
     }
 
     /// The current link to `peer` was replaced by another connection: lanes restart from
     /// their cursors, since what was in flight on the old connection is gone, but the peer
     /// never became unreachable: what it said about its links still holds, and nothing is
     /// announced until the new link's Hello.
-    fn link_replaced(&mut self, peer: &str) {
+    fn link_replaced(&mut self, peer: &NodeName) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.lanes.values_mut().for_each(Lane::restart);
         }
@@ -353,7 +353,7 @@ impl Replicator {
 
     /// A connection to `peer` ended (closed by either side, timed out, or closed by the
     /// driver). Unknown or stale links are ignored.
-    pub fn handle_link_closed(&mut self, now_ms: u64, peer: &str, link: LinkId) {
+    pub fn handle_link_closed(&mut self, now_ms: u64, peer: &NodeName, link: LinkId) {
         let Some(p) = self.peers.get_mut(peer) else { return };
         let was_greeted = p.links.greeted().is_some();
         let (was_current, promoted) = p.links.close(now_ms, link);
@@ -369,13 +369,13 @@ impl Replicator {
             self.announce_links();
         }
         if let Some(next) = promoted {
-            self.actions.push_back(Action::Greet { peer: peer.to_string(), link: next });
+            self.actions.push_back(Action::Greet { peer: peer.clone(), link: next });
         }
     }
 
     /// Time passed: candidate links that waited too long for a Hello are closed.
     pub fn handle_timeout(&mut self, now_ms: u64) {
-        let expired: Vec<(String, LinkId)> = self
+        let expired: Vec<(NodeName, LinkId)> = self
             .peers
             .iter_mut()
             .filter_map(|(name, p)| p.links.expired_candidate(now_ms).map(|l| (name.clone(), l)))
@@ -386,7 +386,7 @@ impl Replicator {
     }
 
     /// Peers with a live, greeted link.
-    fn live_links(&self) -> BTreeSet<String> {
+    fn live_links(&self) -> BTreeSet<NodeName> {
         self.peers.iter().filter(|(_, p)| p.links.greeted().is_some()).map(|(n, _)| n.clone()).collect()
     }
 
@@ -405,28 +405,28 @@ impl Replicator {
     pub fn handle_log_grew(&mut self, topic: &TopicName, end: u64) {
         let known = self.topics.entry(topic.clone()).or_insert(0);
         *known = (*known).max(end);
-        let peers: Vec<String> = self.peers.keys().cloned().collect();
+        let peers: Vec<NodeName> = self.peers.keys().cloned().collect();
         for peer in peers {
             self.pump(&peer, topic);
         }
     }
 
     /// A local config edit (from an admin command), stamped at `wall_ms`.
-    pub fn edit_config(&mut self, namespace: &str, edit: Edit, wall_ms: u64) -> Result<(), EditError> {
-        let stamp = Stamp { hlc: self.clock.tick(wall_ms), node: self.node.clone() };
-        let delta = self.config.apply(namespace, edit, stamp)?;
+    pub fn edit_config(&mut self, namespace: &NamespaceName, edit: Edit, wall_ms: u64) -> Result<(), EditError> {
+        let stamp = Stamp { hlc: self.clock.tick(wall_ms), node: self.node.to_string() };
+        let delta = self.config.apply(namespace.as_str(), edit, stamp)?;
         self.config_changed(delta, None);
         Ok(())
     }
 
-    fn config_changed(&mut self, delta: ConfigDoc, from: Option<&str>) {
+    fn config_changed(&mut self, delta: ConfigDoc, from: Option<&NodeName>) {
         if delta.is_empty() {
             return;
         }
         self.actions.push_back(Action::SaveConfig);
         for (peer, p) in &self.peers {
             if let Some(link) = p.links.current.map(|l| l.id)
-                && Some(peer.as_str()) != from
+                && Some(peer) != from
             {
                 let message = PeerMessage::Config(delta.clone());
                 self.actions.push_back(Action::Send { peer: peer.clone(), link, message });
@@ -439,7 +439,7 @@ impl Replicator {
     fn pump_all(&mut self) {
         let topics: Vec<TopicName> = self.topics.keys().cloned().collect();
         for topic in &topics {
-            let peers: Vec<String> = self.peers.keys().cloned().collect();
+            let peers: Vec<NodeName> = self.peers.keys().cloned().collect();
             for peer in peers {
                 self.pump(&peer, topic);
             }
@@ -449,17 +449,17 @@ impl Replicator {
     /// A message from `peer` on `link`. Only the current link's messages count, except a
     /// Hello, which also decides a candidate link, and a catalogue delta (a CRDT merge is
     /// harmless from anywhere).
-    pub fn handle_message(&mut self, now_ms: u64, peer: &str, link: LinkId, message: PeerMessage) {
+    pub fn handle_message(&mut self, now_ms: u64, peer: &NodeName, link: LinkId, message: PeerMessage) {
         let Some(p) = self.peers.get_mut(peer) else { return };
         if let PeerMessage::Hello { boot, config, holds, links } = message {
-            let we_are_smaller = self.node.as_str() < peer;
+            let we_are_smaller = self.node < *peer;
             match p.links.hello(now_ms, link, boot, we_are_smaller) {
                 Greeting::Greeted => {}
                 Greeting::Promoted(old) => {
                     self.close(peer, old, CloseReason::Replaced);
                     self.link_replaced(peer);
                     // Our Hello goes out on the winner only now.
-                    self.actions.push_back(Action::Greet { peer: peer.to_string(), link });
+                    self.actions.push_back(Action::Greet { peer: peer.clone(), link });
                 }
                 Greeting::Refused => return self.close(peer, link, CloseReason::Duplicate),
                 Greeting::Repeated => {
@@ -487,13 +487,19 @@ impl Replicator {
                 for m in &messages {
                     lane.peer_holds.record(m, 0);
                 }
-                self.actions.push_back(Action::Append { peer: peer.to_string(), link, topic, batch, messages });
+                self.actions.push_back(Action::Append { peer: peer.clone(), link, topic, batch, messages });
             }
             PeerMessage::Ack { topic, batch } => self.handle_ack(now_ms, peer, link, &topic, batch),
         }
     }
 
-    fn greeted(&mut self, peer: &str, config: &ConfigDoc, holds: Vec<(TopicName, Summary)>, links: BTreeSet<String>) {
+    fn greeted(
+        &mut self,
+        peer: &NodeName,
+        config: &ConfigDoc,
+        holds: Vec<(TopicName, Summary)>,
+        links: BTreeSet<NodeName>,
+    ) {
         let p = self.peers.get_mut(peer).expect("greeted peers exist");
         for (topic, summary) in holds {
             p.lanes.entry(topic).or_default().peer_holds.merge(summary.into_index());
@@ -506,7 +512,7 @@ impl Replicator {
 
     /// The peer broke the protocol on `link`: close it. Closing the current link is a link
     /// loss like any other: lanes restart from their cursors, and no cursor moves.
-    fn violation(&mut self, now_ms: u64, peer: &str, link: LinkId, what: String) {
+    fn violation(&mut self, now_ms: u64, peer: &NodeName, link: LinkId, what: String) {
         self.close(peer, link, CloseReason::Violation(what));
         self.handle_link_closed(now_ms, peer, link);
     }
@@ -515,12 +521,12 @@ impl Replicator {
     /// for that node (its link to the origin was to deliver them) must now go through us:
     /// lanes to it rewind to the lowest skipped offset. What the node holds is still left
     /// out.
-    fn learn_links(&mut self, peer: &str, links: BTreeSet<String>) {
-        let dropped: Vec<String> = match self.links_of.get(peer) {
+    fn learn_links(&mut self, peer: &NodeName, links: BTreeSet<NodeName>) {
+        let dropped: Vec<NodeName> = match self.links_of.get(peer) {
             Some(old) => old.difference(&links).cloned().collect(),
             None => Vec::new(),
         };
-        self.links_of.insert(peer.to_string(), links);
+        self.links_of.insert(peer.clone(), links);
         for q in dropped {
             let Some(p) = self.peers.get_mut(&q) else { continue };
             for (topic, lane) in &mut p.lanes {
@@ -543,11 +549,11 @@ impl Replicator {
     /// True when a message from `origin` need not travel from this node to `peer`: the
     /// peer is its origin, or the origin has a live link to the peer and its own lane (in
     /// order) delivers it. Relaying it too would only send duplicates.
-    fn delivered_elsewhere(&self, origin: &str, peer: &str) -> bool {
-        origin == peer || (origin != self.node && self.links_of.get(origin).is_some_and(|n| n.contains(peer)))
+    fn delivered_elsewhere(&self, origin: &str, peer: &NodeName) -> bool {
+        *peer == *origin || (self.node != *origin && self.links_of.get(origin).is_some_and(|n| n.contains(peer)))
     }
 
-    fn merge_config(&mut self, peer: &str, theirs: &ConfigDoc) {
+    fn merge_config(&mut self, peer: &NodeName, theirs: &ConfigDoc) {
         if let Some(s) = theirs.max_stamp() {
             self.clock.observe(s.hlc);
         }
@@ -555,7 +561,7 @@ impl Replicator {
         self.config_changed(delta, Some(peer));
     }
 
-    fn handle_ack(&mut self, now_ms: u64, peer: &str, link: LinkId, topic: &TopicName, batch: u64) {
+    fn handle_ack(&mut self, now_ms: u64, peer: &NodeName, link: LinkId, topic: &TopicName, batch: u64) {
         let lane = self.peers.get_mut(peer).and_then(|p| p.lanes.get_mut(topic));
         let sent_here = lane.as_ref().is_some_and(|l| (l.link_first_batch..l.next_batch).contains(&batch));
         if !sent_here {
@@ -575,7 +581,7 @@ impl Replicator {
     }
 
     /// Moves the cursor past every acknowledged batch at the front of the lane.
-    fn advance(&mut self, peer: &str, topic: &TopicName) {
+    fn advance(&mut self, peer: &NodeName, topic: &TopicName) {
         let Some(lane) = self.peers.get_mut(peer).and_then(|p| p.lanes.get_mut(topic)) else { return };
         let before = lane.durable_cursor();
         while lane.in_flight.front().is_some_and(|b| b.acked) {
@@ -584,18 +590,14 @@ impl Replicator {
         }
         let durable = lane.durable_cursor();
         if durable != before {
-            self.actions.push_back(Action::SaveCursor {
-                peer: peer.to_string(),
-                topic: topic.clone(),
-                offset: durable,
-            });
+            self.actions.push_back(Action::SaveCursor { peer: peer.clone(), topic: topic.clone(), offset: durable });
         }
     }
 
     /// Starts a read on the lane if it may ship and has room.
-    fn pump(&mut self, peer: &str, topic: &TopicName) {
+    fn pump(&mut self, peer: &NodeName, topic: &TopicName) {
         let end = self.topics.get(topic).copied().unwrap_or(0);
-        let ships = self.config.replicates_between(&namespace_of(topic), &self.node, peer);
+        let ships = self.config.replicates_between(namespace_of(topic).as_str(), self.node.as_str(), peer.as_str());
         let Some(p) = self.peers.get_mut(peer) else { return };
         if p.links.greeted().is_none() || !ships {
             return;
@@ -608,7 +610,7 @@ impl Replicator {
         self.next_ticket += 1;
         lane.reading = Some(self.next_ticket);
         self.actions.push_back(Action::Read {
-            peer: peer.to_string(),
+            peer: peer.clone(),
             topic: topic.clone(),
             from: lane.next_read,
             max_messages: self.settings.batch_messages_max,
@@ -618,10 +620,10 @@ impl Replicator {
     }
 
     /// The result of an [`Action::Read`]: messages from the requested offset on, in order.
-    pub fn handle_read(&mut self, peer: &str, topic: &TopicName, ticket: u64, messages: Vec<StoredMessage>) {
-        let skip: BTreeSet<String> = messages
+    pub fn handle_read(&mut self, peer: &NodeName, topic: &TopicName, ticket: u64, messages: Vec<StoredMessage>) {
+        let skip: BTreeSet<std::sync::Arc<str>> = messages
             .iter()
-            .map(|m| m.message.origin.to_string())
+            .map(|m| std::sync::Arc::clone(&m.message.origin))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .filter(|origin| self.delivered_elsewhere(origin, peer))
@@ -657,7 +659,7 @@ impl Replicator {
         if !acked {
             lane.counters.sent += fresh.len() as u64;
             let message = PeerMessage::Batch { topic: topic.clone(), batch, messages: fresh };
-            self.actions.push_back(Action::Send { peer: peer.to_string(), link, message });
+            self.actions.push_back(Action::Send { peer: peer.clone(), link, message });
         }
         self.advance(peer, topic);
         self.pump(peer, topic);
@@ -670,7 +672,7 @@ impl Replicator {
     pub fn handle_appended(
         &mut self,
         now_ms: u64,
-        peer: &str,
+        peer: &NodeName,
         link: LinkId,
         topic: &TopicName,
         batch: u64,
@@ -684,7 +686,7 @@ impl Replicator {
             Ok(duplicates) => {
                 p.lanes.entry(topic.clone()).or_default().counters.deduplicated += duplicates;
                 let message = PeerMessage::Ack { topic: topic.clone(), batch };
-                self.actions.push_back(Action::Send { peer: peer.to_string(), link, message });
+                self.actions.push_back(Action::Send { peer: peer.clone(), link, message });
             }
             Err(reason) => {
                 self.close(peer, link, CloseReason::AppendFailed(reason));
@@ -694,11 +696,11 @@ impl Replicator {
     }
 
     /// Every lane that ships, by peer then topic.
-    pub fn lanes(&self) -> Vec<(String, TopicName, LaneStats)> {
+    pub fn lanes(&self) -> Vec<(NodeName, TopicName, LaneStats)> {
         let mut out = Vec::new();
         for (peer, p) in &self.peers {
             for (topic, lane) in &p.lanes {
-                if !self.config.replicates_between(&namespace_of(topic), &self.node, peer) {
+                if !self.config.replicates_between(namespace_of(topic).as_str(), self.node.as_str(), peer.as_str()) {
                     continue;
                 }
                 let end = self.topics.get(topic).copied().unwrap_or(0);
@@ -715,17 +717,17 @@ impl Replicator {
     }
 
     /// The greeted current link to `peer`, if any.
-    pub fn link(&self, peer: &str) -> Option<LinkId> {
+    pub fn link(&self, peer: &NodeName) -> Option<LinkId> {
         self.peers.get(peer).and_then(|p| p.links.greeted())
     }
 
     /// The current link to `peer`, greeted or not: the one whose batches may be appended.
-    pub fn current_link(&self, peer: &str) -> Option<LinkId> {
+    pub fn current_link(&self, peer: &NodeName) -> Option<LinkId> {
         self.peers.get(peer).and_then(|p| p.links.current.map(|l| l.id))
     }
 
     /// Link events of `peer` since start.
-    pub fn link_stats(&self, peer: &str) -> LinkStats {
+    pub fn link_stats(&self, peer: &NodeName) -> LinkStats {
         self.peers.get(peer).map(|p| p.links.stats).unwrap_or_default()
     }
 }
@@ -737,6 +739,14 @@ mod tests {
     use rill_storage::{MessageId, ProducerId};
 
     use super::*;
+
+    fn nn(name: &str) -> NodeName {
+        NodeName::parse(name).unwrap()
+    }
+
+    fn ns(name: &str) -> NamespaceName {
+        NamespaceName::parse(name).unwrap()
+    }
 
     /// A node of the in-memory mesh: the core plus a log with dedup, as the driver has.
     #[derive(Debug)]
@@ -751,7 +761,7 @@ mod tests {
 
     impl Node {
         fn new(name: &str, boot: u64, settings: Settings, config: ConfigDoc) -> Node {
-            let rep = Replicator::new(name, boot, settings, config);
+            let rep = Replicator::new(nn(name), boot, settings, config);
             Node { rep, logs: BTreeMap::new(), dedup: BTreeMap::new(), cursors: BTreeMap::new(), disk_fails: false }
         }
 
@@ -850,13 +860,13 @@ mod tests {
             };
             for &(a, b) in paths {
                 mesh.paths.insert(key(a, b), false);
-                mesh.node(a).rep.add_peer(b);
-                mesh.node(b).rep.add_peer(a);
+                mesh.node(a).rep.add_peer(nn(b));
+                mesh.node(b).rep.add_peer(nn(a));
             }
             let first = names[0];
             let all: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
-            mesh.node(first).rep.edit_config("t/ns", Edit::Create, 1).unwrap();
-            mesh.node(first).rep.edit_config("t/ns", Edit::SetClusters(all), 2).unwrap();
+            mesh.node(first).rep.edit_config(&ns("t/ns"), Edit::Create, 1).unwrap();
+            mesh.node(first).rep.edit_config(&ns("t/ns"), Edit::SetClusters(all), 2).unwrap();
             mesh
         }
 
@@ -890,8 +900,8 @@ mod tests {
             let id = LinkId(self.next_link);
             self.conns.insert(id, Conn { dialer: dialer.into(), acceptor: acceptor.into(), open: true });
             let now = self.now_ms;
-            self.node(dialer).rep.handle_link_opened(now, acceptor, id, true);
-            self.node(acceptor).rep.handle_link_opened(now, dialer, id, false);
+            self.node(dialer).rep.handle_link_opened(now, &nn(acceptor), id, true);
+            self.node(acceptor).rep.handle_link_opened(now, &nn(dialer), id, false);
             id
         }
 
@@ -902,8 +912,8 @@ mod tests {
             let (a, b) = (conn.dialer.clone(), conn.acceptor.clone());
             self.wire.retain(|(l, _), _| *l != id);
             let now = self.now_ms;
-            self.node(&a).rep.handle_link_closed(now, &b, id);
-            self.node(&b).rep.handle_link_closed(now, &a, id);
+            self.node(&a).rep.handle_link_closed(now, &nn(&b), id);
+            self.node(&b).rep.handle_link_closed(now, &nn(&a), id);
         }
 
         fn open_conns(&self, a: &str, b: &str) -> Vec<LinkId> {
@@ -933,11 +943,11 @@ mod tests {
             while let Some(action) = self.node(name).rep.poll_action() {
                 any = true;
                 match action {
-                    Action::Send { peer, link, message } => self.send(name, &peer, link, message),
+                    Action::Send { peer, link, message } => self.send(name, peer.as_str(), link, message),
                     Action::Greet { peer, link } => {
                         let n = self.node(name);
                         let hello = n.rep.hello(n.holds());
-                        self.send(name, &peer, link, hello);
+                        self.send(name, peer.as_str(), link, hello);
                     }
                     Action::Read { peer, topic, from, max_messages, ticket, .. } => {
                         let n = self.node(name);
@@ -958,7 +968,7 @@ mod tests {
                         n.rep.handle_appended(now, &peer, link, &topic, batch, Ok(duplicates));
                     }
                     Action::SaveCursor { peer, topic, offset } => {
-                        self.node(name).cursors.insert((peer, topic), offset);
+                        self.node(name).cursors.insert((peer.to_string(), topic), offset);
                     }
                     Action::SaveConfig => {}
                     Action::CloseLink { peer, link, reason } => {
@@ -994,7 +1004,7 @@ mod tests {
             let conn = &self.conns[&link];
             let to = if conn.dialer == from { conn.acceptor.clone() } else { conn.dialer.clone() };
             let now = self.now_ms;
-            self.node(&to).rep.handle_message(now, &from, link, message);
+            self.node(&to).rep.handle_message(now, &nn(&from), link, message);
             true
         }
 
@@ -1053,7 +1063,7 @@ mod tests {
         /// One end learns of a connection: for tests that order the two ends' views.
         fn open_half(&mut self, node: &str, peer: &str, id: LinkId, dialed_by_us: bool) {
             let now = self.now_ms;
-            self.node(node).rep.handle_link_opened(now, peer, id, dialed_by_us);
+            self.node(node).rep.handle_link_opened(now, &nn(peer), id, dialed_by_us);
         }
 
         fn new_conn(&mut self, dialer: &str, acceptor: &str) -> LinkId {
@@ -1239,9 +1249,9 @@ mod tests {
         let config = mesh.node("a").rep.config().clone();
         let cursor = mesh.node("a").cursors[&("b".to_string(), topic("t/ns/x"))];
         let node = mesh.node("a");
-        node.rep = Replicator::new("a", 77, Settings::default(), config);
-        node.rep.add_peer("b");
-        node.rep.restore_cursor("b", &topic("t/ns/x"), cursor);
+        node.rep = Replicator::new(nn("a"), 77, Settings::default(), config);
+        node.rep.add_peer(nn("b"));
+        node.rep.restore_cursor(&nn("b"), &topic("t/ns/x"), cursor);
         node.rep.handle_log_grew(&topic("t/ns/x"), 30);
         mesh.produce("a", "t/ns/x", "p", 30..35);
         mesh.heal();
@@ -1252,14 +1262,14 @@ mod tests {
     #[test]
     fn namespaces_outside_the_clusters_stay_home_until_added() {
         let mut mesh = Mesh::new(&["a", "b"], &[("a", "b")], 5);
-        mesh.node("a").rep.edit_config("t/private", Edit::Create, 10).unwrap();
+        mesh.node("a").rep.edit_config(&ns("t/private"), Edit::Create, 10).unwrap();
         let only_a: BTreeSet<String> = ["a".to_string()].into();
-        mesh.node("a").rep.edit_config("t/private", Edit::SetClusters(only_a), 11).unwrap();
+        mesh.node("a").rep.edit_config(&ns("t/private"), Edit::SetClusters(only_a), 11).unwrap();
         mesh.produce("a", "t/private/x", "p", 0..5);
         mesh.heal();
         assert!(!mesh.node("b").logs.contains_key(&topic("t/private/x")));
         let both: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
-        mesh.node("b").rep.edit_config("t/private", Edit::SetClusters(both), 12).unwrap();
+        mesh.node("b").rep.edit_config(&ns("t/private"), Edit::SetClusters(both), 12).unwrap();
         mesh.run(0);
         assert_eq!(mesh.node("b").logs[&topic("t/private/x")].len(), 5);
         assert_eq!(mesh.nodes["a"].rep.config(), mesh.nodes["b"].rep.config());
@@ -1272,9 +1282,9 @@ mod tests {
         mesh.set_link("a", "b", false);
         let ab: BTreeSet<String> = ["a".into(), "b".into()].into();
         let bc: BTreeSet<String> = ["b".into(), "c".into()].into();
-        mesh.node("a").rep.edit_config("t/ns", Edit::SetClusters(ab), 100).unwrap();
-        mesh.node("c").rep.edit_config("t/ns", Edit::SetClusters(bc.clone()), 200).unwrap();
-        mesh.node("a").rep.edit_config("t/ns", Edit::RetentionAge(Some(60)), 300).unwrap();
+        mesh.node("a").rep.edit_config(&ns("t/ns"), Edit::SetClusters(ab), 100).unwrap();
+        mesh.node("c").rep.edit_config(&ns("t/ns"), Edit::SetClusters(bc.clone()), 200).unwrap();
+        mesh.node("a").rep.edit_config(&ns("t/ns"), Edit::RetentionAge(Some(60)), 300).unwrap();
         mesh.run(0);
         mesh.heal();
         let config = mesh.node("a").rep.config().clone();
@@ -1306,8 +1316,8 @@ mod tests {
         mesh.run(0);
         mesh.check();
         assert_eq!(mesh.log_len("b", "t/ns/x"), 20);
-        assert_eq!(mesh.nodes["a"].rep.link("b"), Some(new));
-        assert_eq!(mesh.nodes["a"].rep.link_stats("b").replacements, 1);
+        assert_eq!(mesh.nodes["a"].rep.link(&nn("b")), Some(new));
+        assert_eq!(mesh.nodes["a"].rep.link_stats(&nn("b")).replacements, 1);
     }
 
     #[test]
@@ -1332,9 +1342,9 @@ mod tests {
             mesh.run(0);
             mesh.check();
             assert_eq!(mesh.log_len("a", "t/ns/x"), 60);
-            let kept = mesh.nodes["a"].rep.link("b");
+            let kept = mesh.nodes["a"].rep.link(&nn("b"));
             assert!(
-                kept.is_some() && kept == mesh.nodes["b"].rep.link("a"),
+                kept.is_some() && kept == mesh.nodes["b"].rep.link(&nn("a")),
                 "a_sees_its_own_first={a_sees_its_own_first}"
             );
             // When the Hellos cross, the smaller name's dial wins; when both ends saw b's
@@ -1352,7 +1362,7 @@ mod tests {
         let (mut mesh, old) = batches_in_flight(13);
         while mesh.wire.get(&(old, "a".to_string())).is_some_and(|q| !q.is_empty()) {
             let m = mesh.wire.get_mut(&(old, "a".to_string())).unwrap().pop_front().unwrap();
-            mesh.node("b").rep.handle_message(0, "a", old, m);
+            mesh.node("b").rep.handle_message(0, &nn("a"), old, m);
         }
         mesh.drain("b");
         let stale: Vec<PeerMessage> = mesh.wire.remove(&(old, "b".to_string())).unwrap_or_default().into();
@@ -1360,10 +1370,10 @@ mod tests {
         let new = mesh.dial("a", "b");
         mesh.drain("a");
         for m in stale {
-            mesh.node("a").rep.handle_message(0, "b", old, m);
+            mesh.node("a").rep.handle_message(0, &nn("b"), old, m);
         }
         assert_eq!(mesh.cursor("a", "b"), 0, "acks of the old link moved the cursor");
-        assert_eq!(mesh.nodes["a"].rep.current_link("b"), Some(new));
+        assert_eq!(mesh.nodes["a"].rep.current_link(&nn("b")), Some(new));
         mesh.run(0);
         mesh.check();
     }
@@ -1380,8 +1390,8 @@ mod tests {
         mesh.kill_silently(old);
         let config = mesh.nodes["b"].rep.config().clone();
         let b = mesh.node("b");
-        b.rep = Replicator::new("b", 4242, settings(), config);
-        b.rep.add_peer("a");
+        b.rep = Replicator::new(nn("b"), 4242, settings(), config);
+        b.rep.add_peer(nn("a"));
         b.rep.handle_log_grew(&topic("t/ns/x"), 10);
         mesh.produce("a", "t/ns/x", "p", 10..20);
         let new = mesh.dial("b", "a");
@@ -1389,8 +1399,8 @@ mod tests {
         mesh.run(0);
         mesh.check();
         assert_eq!(mesh.log_len("b", "t/ns/x"), 20);
-        assert_eq!(mesh.nodes["a"].rep.link("b"), Some(new));
-        let stats = mesh.nodes["a"].rep.link_stats("b");
+        assert_eq!(mesh.nodes["a"].rep.link(&nn("b")), Some(new));
+        let stats = mesh.nodes["a"].rep.link_stats(&nn("b"));
         assert_eq!((stats.replacements, stats.refusals), (1, 0), "{stats:?}");
     }
 
@@ -1442,14 +1452,14 @@ mod tests {
     #[test]
     fn a_peer_that_acks_what_it_never_got_or_repeats_its_hello_loses_the_link_not_data() {
         let (mut mesh, link) = batches_in_flight(15);
-        mesh.node("a").rep.handle_message(0, "b", link, PeerMessage::Ack { topic: topic("t/ns/x"), batch: 99 });
+        mesh.node("a").rep.handle_message(0, &nn("b"), link, PeerMessage::Ack { topic: topic("t/ns/x"), batch: 99 });
         mesh.drain("a");
         assert_eq!(mesh.cursor("a", "b"), 0);
         assert!(matches!(mesh.closed.last(), Some((n, l, CloseReason::Violation(_))) if n == "a" && *l == link));
         mesh.heal();
         let link = mesh.open_conns("a", "b")[0];
         let hello = mesh.nodes["b"].rep.hello(Vec::new());
-        mesh.node("a").rep.handle_message(0, "b", link, hello);
+        mesh.node("a").rep.handle_message(0, &nn("b"), link, hello);
         mesh.drain("a");
         assert!(
             matches!(mesh.closed.last(), Some((_, l, CloseReason::Violation(w))) if *l == link && w.contains("Hello"))

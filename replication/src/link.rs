@@ -52,19 +52,6 @@ pub enum CloseReason {
     Violation(String),
 }
 
-impl CloseReason {
-    /// The QUIC application close code for this reason.
-    pub fn code(&self) -> u32 {
-        match self {
-            CloseReason::Replaced | CloseReason::Duplicate => 0,
-            CloseReason::NoHello => 1,
-            CloseReason::NotConfigured => 2,
-            CloseReason::Violation(_) => 3,
-            CloseReason::AppendFailed(_) => 4,
-        }
-    }
-}
-
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

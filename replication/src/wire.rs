@@ -4,7 +4,7 @@
 //! fails the handshake with "no application protocol" instead of misreading frames.
 use std::collections::BTreeSet;
 
-use rill_storage::{MessageId, ProducerId, TopicName, dedup::DedupIndex, rangeset::RangeSet};
+use rill_storage::{MessageId, NodeName, ProducerId, TopicName, dedup::DedupIndex, rangeset::RangeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::namespace::ConfigDoc;
@@ -58,10 +58,10 @@ pub enum PeerMessage {
         /// What it durably holds, per topic.
         holds: Vec<(TopicName, Summary)>,
         /// The peers the sender has live links to.
-        links: BTreeSet<String>,
+        links: BTreeSet<NodeName>,
     },
     /// The sender's set of live links changed.
-    Links(BTreeSet<String>),
+    Links(BTreeSet<NodeName>),
     /// Namespaces that changed (a delta of the catalogue).
     Config(ConfigDoc),
     /// Messages of one topic, in the sender's log order.

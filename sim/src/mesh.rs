@@ -19,7 +19,7 @@ use rill_node::{
     protocol::{NodeStats, SeekTarget, StartPosition},
 };
 use rill_replication::namespace::{ConfigDoc, Edit};
-use rill_storage::message::StoredMessage;
+use rill_storage::{NodeName, message::StoredMessage};
 
 use crate::{
     client::{Ctx, PORT, node_addr, sim_now},
@@ -305,10 +305,13 @@ impl NodeSpawn {
 pub(crate) fn node_config(name: &str, certs: &Path, links: &[(String, String)]) -> NodeConfig {
     let peers = links
         .iter()
-        .filter_map(|(a, b)| match (a == name, b == name) {
-            (true, _) => Some(PeerConfig { name: b.clone(), addr: Some(node_addr(b)) }),
-            (_, true) => Some(PeerConfig { name: a.clone(), addr: None }),
-            _ => None,
+        .filter_map(|(a, b)| {
+            let peer = |n: &str| NodeName::parse(n).expect("node names are checked by the builder");
+            match (a == name, b == name) {
+                (true, _) => Some(PeerConfig { name: peer(b), addr: Some(node_addr(b)) }),
+                (_, true) => Some(PeerConfig { name: peer(a), addr: None }),
+                _ => None,
+            }
         })
         .collect();
     NodeConfig {

@@ -14,6 +14,7 @@ pub mod dedup;
 pub mod error;
 pub mod format;
 pub mod fs;
+pub mod keys;
 pub mod log;
 pub mod message;
 pub mod meta;
@@ -27,4 +28,4 @@ pub mod topic;
 
 pub use error::StorageError;
 pub use message::{Message, MessageId, ProducerId, StoredMessage};
-pub use name::{NameError, NodeName, TopicName};
+pub use name::{NameError, NamespaceName, NodeName, TopicName};

@@ -1,4 +1,5 @@
-//! Validated names: topics (`tenant/namespace/topic`) and nodes.
+//! Validated names: topics (`tenant/namespace/topic`), namespaces (`tenant/namespace`)
+//! and nodes.
 //!
 //! Each part is 1..=64 characters of `[A-Za-z0-9._-]` and is neither `.` nor `..`, so that
 //! a part is always a safe single directory name.
@@ -89,6 +90,11 @@ impl TopicName {
         &self.topic
     }
 
+    /// The namespace the topic belongs to (`tenant/namespace`).
+    pub fn namespace_name(&self) -> NamespaceName {
+        NamespaceName(format!("{}/{}", self.tenant, self.namespace).into())
+    }
+
     /// The relative directory that holds this topic's segments.
     pub fn dir(&self) -> std::path::PathBuf {
         [&self.tenant, &self.namespace, &self.topic].iter().collect()
@@ -101,15 +107,56 @@ impl fmt::Display for TopicName {
     }
 }
 
-/// A node's name, as it appears in its certificate and in namespace cluster lists.
+/// A namespace's full name, `tenant/namespace`: the unit of replication policy. Cheap to
+/// clone (one shared string).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NodeName(String);
+pub struct NamespaceName(std::sync::Arc<str>);
+
+impl NamespaceName {
+    /// Parses and validates `tenant/namespace`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let parts: Vec<&str> = name.split('/').collect();
+        let [tenant, namespace] = parts[..] else {
+            return Err(NameError::Shape { kind: "namespace", name: name.to_string(), form: "tenant/namespace" });
+        };
+        check_part("namespace", tenant)?;
+        check_part("namespace", namespace)?;
+        Ok(NamespaceName(name.into()))
+    }
+
+    /// The name as a string, `tenant/namespace`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `topic` belongs to this namespace.
+    pub fn contains(&self, topic: &TopicName) -> bool {
+        self.0.split_once('/') == Some((topic.tenant(), topic.namespace()))
+    }
+}
+
+impl fmt::Display for NamespaceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for NamespaceName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A node's name, as it appears in its certificate and in namespace cluster lists. Cheap to
+/// clone (one shared string), so maps and messages keyed by peer carry it rather than a copy.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeName(std::sync::Arc<str>);
 
 impl NodeName {
     /// Validates a node name (one part).
     pub fn parse(name: &str) -> Result<Self, NameError> {
         check_part("node", name)?;
-        Ok(NodeName(name.to_string()))
+        Ok(NodeName(name.into()))
     }
 
     /// The name as a string.
@@ -121,6 +168,18 @@ impl NodeName {
 impl fmt::Display for NodeName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for NodeName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for NodeName {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
     }
 }
 
@@ -161,5 +220,15 @@ mod tests {
         assert!(NodeName::parse("edge-gw-17").is_ok());
         assert!(NodeName::parse("a/b").is_err());
         assert!(NodeName::parse("").is_err());
+    }
+
+    #[test]
+    fn namespace_names() {
+        let ns = NamespaceName::parse("acme/sensors").unwrap();
+        assert_eq!(ns, TopicName::parse("acme/sensors/temp").unwrap().namespace_name());
+        assert!(ns.contains(&TopicName::parse("acme/sensors/x").unwrap()));
+        assert!(!ns.contains(&TopicName::parse("acme/sensorsx/x").unwrap()));
+        assert!(NamespaceName::parse("acme").unwrap_err().to_string().contains("tenant/namespace"));
+        assert!(NamespaceName::parse("acme/a b").unwrap_err().to_string().contains("'a b'"));
     }
 }

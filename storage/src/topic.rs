@@ -102,11 +102,6 @@ impl DigestCache {
     }
 }
 
-/// The metadata key of a topic's dedup snapshot.
-fn dedup_key(topic: &TopicName) -> String {
-    format!("dedup/{topic}")
-}
-
 /// One topic: log and dedup index.
 #[derive(Debug)]
 pub struct TopicStore {
@@ -149,7 +144,7 @@ impl TopicStore {
         name: TopicName,
         config: LogConfig,
     ) -> Result<Self> {
-        let snapshot = match meta.get(&dedup_key(&name))? {
+        let snapshot = match meta.get(&crate::keys::dedup(&name))? {
             Some(bytes) => match DedupSnapshot::decode(&bytes) {
                 Ok(s) => Some(s),
                 Err(e) => {
@@ -445,7 +440,7 @@ impl TopicStore {
         if through == self.checkpointed_offset {
             return Ok(false);
         }
-        meta::put_record(meta, &dedup_key(&self.name), &self.dedup.snapshot(through))?;
+        meta::put_record(meta, &crate::keys::dedup(&self.name), &self.dedup.snapshot(through))?;
         self.checkpointed_offset = through;
         Ok(true)
     }

@@ -122,3 +122,34 @@ pub async fn endpoint(net: &dyn Net, addr: SocketAddr, server: Option<quinn::Ser
 pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 }
+
+/// The QUIC application codes rill closes connections (and stops streams) with: one list,
+/// so a code read in a peer's log means one thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// A normal end: the client is done, the node shuts down, or a link was replaced by
+    /// (or lost to) another link to the same peer.
+    Done = 0,
+    /// A second link to a peer got no Hello in time.
+    NoHello = 1,
+    /// The peer's certificate names no configured peer.
+    NotConfigured = 2,
+    /// The peer broke the replication protocol.
+    Violation = 3,
+    /// Storing a batch the peer sent failed here; it resends on the next link.
+    AppendFailed = 4,
+    /// A frame did not decode.
+    BadFrame = 5,
+    /// An outgoing queue filled up (the other side does not read), or a peer sent more
+    /// than it may have in flight.
+    Stalled = 6,
+    /// The connection negotiated no protocol (ALPN) this node serves.
+    UnsupportedProtocol = 7,
+}
+
+impl From<CloseCode> for VarInt {
+    fn from(code: CloseCode) -> VarInt {
+        VarInt::from_u32(code as u32)
+    }
+}

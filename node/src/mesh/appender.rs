@@ -12,14 +12,14 @@ use std::{
 
 use rill_replication::core::LinkId;
 use rill_storage::{
-    Message, TopicName,
+    Message, NodeName, TopicName,
     topic::{AppendOutcome, OnConflict},
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::Context;
 use super::Event;
-use crate::server::Shared;
 
 /// Batches queued per (peer, topic) appender; the peer has at most
 /// `inflight_batches_max` in flight per lane.
@@ -45,15 +45,15 @@ pub(super) enum Queued {
 
 impl AppenderHandle {
     pub(super) fn start(
-        shared: Arc<Shared>,
-        peer: String,
+        ctx: Arc<Context>,
+        peer: NodeName,
         link: LinkId,
         topic: TopicName,
         events: mpsc::Sender<Event>,
     ) -> AppenderHandle {
         let (queue, rx) = mpsc::channel(APPEND_QUEUE_MAX);
         let stop = Arc::new(AtomicBool::new(false));
-        let appender = Appender { shared, peer, link, topic, events, stop: Arc::clone(&stop) };
+        let appender = Appender { ctx, peer, link, topic, events, stop: Arc::clone(&stop) };
         tokio::spawn(appender.run(rx).in_current_span());
         AppenderHandle { link, queue, stop }
     }
@@ -76,8 +76,8 @@ impl Drop for AppenderHandle {
 }
 
 struct Appender {
-    shared: Arc<Shared>,
-    peer: String,
+    ctx: Arc<Context>,
+    peer: NodeName,
     link: LinkId,
     topic: TopicName,
     events: mpsc::Sender<Event>,
@@ -110,14 +110,14 @@ impl Appender {
 
     /// Stores a batch durably; `Ok` with the number of messages already held.
     async fn append(&self, messages: Vec<Message>) -> Result<u64, String> {
-        let topic = self.shared.topic(&self.topic).await.map_err(|e| e.to_string())?;
+        let topic = self.ctx.registry.topic(&self.topic).await.map_err(|e| e.to_string())?;
         let reply =
             topic.append(messages, OnConflict::SetAside).await.ok_or_else(|| "the topic is closing".to_string())?;
         let appended = reply.await.map_err(|_| "the write was abandoned".to_string())?;
         let outcomes = appended.result.map_err(|e| e.to_string())?;
         if !appended.set_aside.is_empty() {
             // Kept before the batch is acked: the peer may drop it once it is.
-            self.shared.conflicts.keep(&self.topic, &self.peer, appended.set_aside).await.map_err(|e| e.to_string())?;
+            self.ctx.conflicts.keep(&self.topic, &self.peer, appended.set_aside).await.map_err(|e| e.to_string())?;
         }
         Ok(outcomes.iter().filter(|o| matches!(o, AppendOutcome::Duplicate { .. })).count() as u64)
     }

@@ -18,8 +18,9 @@ use rill_replication::link::CANDIDATE_HELLO_MS;
 use rill_transport::backoff::Backoff;
 use tokio::sync::{mpsc, watch};
 
+use super::Context;
 use super::Event;
-use crate::{config::PeerConfig, server::Shared};
+use crate::config::PeerConfig;
 
 /// Gaps between dial attempts for the first two minutes of an outage: at most 250 ms.
 /// With attempts of 1.2 s whose Initial is resent after 0.3 s and 0.9 s (peer links start
@@ -45,7 +46,7 @@ const DIAL_DEFER_MS: u64 = 500;
 const GREET_WAIT_MS: u64 = CANDIDATE_HELLO_MS + 500;
 
 pub(super) struct Dialer {
-    pub(super) shared: Arc<Shared>,
+    pub(super) ctx: Arc<Context>,
     pub(super) endpoint: Endpoint,
     pub(super) client: quinn::ClientConfig,
 }
@@ -75,14 +76,14 @@ impl Dialer {
                 }
                 down_since = tokio::time::Instant::now();
             }
-            if self.shared.name > peer.name && peer_dials.load(Ordering::Relaxed) {
+            if self.ctx.name.as_str() > peer.name.as_str() && peer_dials.load(Ordering::Relaxed) {
                 let _ = tokio::time::timeout(Duration::from_millis(DIAL_DEFER_MS), greeted.changed()).await;
                 if *greeted.borrow_and_update() {
                     continue;
                 }
             }
             let fast_phase = down_since.elapsed() < DIAL_FAST_FOR;
-            match self.dial(&peer.name, addr, attempt).await {
+            match self.dial(peer.name.as_str(), addr, attempt).await {
                 Ok(conn) => {
                     let rtt = conn.rtt();
                     let event = Event::Link { peer: peer.name.clone(), conn, dialed_by_us: true };
@@ -106,7 +107,7 @@ impl Dialer {
                 }
             }
             let backoff = if fast_phase { &mut fast } else { &mut slow };
-            let delay = backoff.next_delay_ms(self.shared.env.random.next_u64());
+            let delay = backoff.next_delay_ms(self.ctx.registry.env.random.next_u64());
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
     }

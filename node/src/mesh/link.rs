@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use quinn::Connection;
 use rill_replication::core::{LinkId, PeerMessage};
-use rill_transport::frame;
+use rill_storage::{NamespaceName, NodeName};
+use rill_transport::{frame, net::CloseCode};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -17,22 +18,36 @@ use super::Event;
 const STREAM_QUEUE_MAX: usize = 4096;
 /// Largest frame accepted from a peer (a batch is at most ~1 MiB of payload).
 const PEER_FRAME_BYTES_MAX: u32 = 16 << 20;
-/// QUIC close code for a frame that does not decode.
-pub(super) const CLOSE_BAD_FRAME: u32 = 5;
-/// QUIC close code for a stream queue that filled up (the peer does not read).
-pub(super) const CLOSE_STALLED: u32 = 6;
 
 /// An open connection to a peer.
 pub(super) struct LinkConn {
-    pub(super) peer: String,
+    pub(super) peer: NodeName,
     pub(super) conn: Connection,
-    streams: BTreeMap<String, mpsc::Sender<PeerMessage>>,
+    streams: BTreeMap<StreamKey, mpsc::Sender<PeerMessage>>,
+}
+
+/// Which outgoing stream a message goes on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum StreamKey {
+    /// Hello, catalogue deltas, link announcements and acks.
+    Control,
+    /// The batches of one namespace's topics.
+    Batches(NamespaceName),
+}
+
+impl StreamKey {
+    fn of(message: &PeerMessage) -> StreamKey {
+        match message {
+            PeerMessage::Batch { topic, .. } => StreamKey::Batches(topic.namespace_name()),
+            _ => StreamKey::Control,
+        }
+    }
 }
 
 impl LinkConn {
     /// Starts reading the connection's streams; their messages and its end are reported
     /// as events tagged with `id`.
-    pub(super) fn start(peer: String, conn: Connection, id: LinkId, events: mpsc::Sender<Event>) -> LinkConn {
+    pub(super) fn start(peer: NodeName, conn: Connection, id: LinkId, events: mpsc::Sender<Event>) -> LinkConn {
         let span = tracing::info_span!("peer", name = %peer);
         tokio::spawn(read_link(conn.clone(), peer.clone(), id, events).instrument(span));
         LinkConn { peer, conn, streams: BTreeMap::new() }
@@ -40,12 +55,8 @@ impl LinkConn {
 
     /// Queues a message on its stream. False when the stream's queue is full or closed.
     pub(super) fn send(&mut self, message: PeerMessage) -> bool {
-        let stream = match &message {
-            PeerMessage::Batch { topic, .. } => format!("ns:{}/{}", topic.tenant(), topic.namespace()),
-            _ => "control".to_string(),
-        };
         let conn = &self.conn;
-        let queue = self.streams.entry(stream).or_insert_with(|| {
+        let queue = self.streams.entry(StreamKey::of(&message)).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(STREAM_QUEUE_MAX);
             tokio::spawn(write_stream(conn.clone(), rx).in_current_span());
             tx
@@ -67,7 +78,7 @@ async fn write_stream(conn: Connection, mut rx: mpsc::Receiver<PeerMessage>) {
 }
 
 /// Accepts the peer's streams and forwards their messages; reports when the link ends.
-async fn read_link(conn: Connection, peer: String, id: LinkId, tx: mpsc::Sender<Event>) {
+async fn read_link(conn: Connection, peer: NodeName, id: LinkId, tx: mpsc::Sender<Event>) {
     while let Ok(mut recv) = conn.accept_uni().await {
         let (conn, peer, tx) = (conn.clone(), peer.clone(), tx.clone());
         tokio::spawn(
@@ -83,7 +94,7 @@ async fn read_link(conn: Connection, peer: String, id: LinkId, tx: mpsc::Sender<
                         Ok(None) | Err(frame::FrameError::Io(_)) => return,
                         Err(e) => {
                             tracing::warn!(error = %e, "bad frame from peer; closing the link");
-                            conn.close(CLOSE_BAD_FRAME.into(), b"bad frame");
+                            conn.close(CloseCode::BadFrame.into(), b"bad frame");
                             return;
                         }
                     }

@@ -23,10 +23,11 @@ use std::{
 
 use quinn::{Connection, Endpoint};
 use rill_replication::{
-    core::{Action, LinkId, PeerMessage, Replicator, Settings, Summary},
+    core::{Action, CloseReason, LinkId, PeerMessage, Replicator, Settings},
     namespace::{ConfigDoc, Edit},
 };
-use rill_storage::{StorageError, StoredMessage, TopicName, meta};
+use rill_storage::{NamespaceName, NodeName, StorageError, StoredMessage, TopicName, keys, meta};
+use rill_transport::net::CloseCode;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
@@ -36,43 +37,57 @@ use self::{
     link::LinkConn,
 };
 use crate::{
+    config::PeerConfig,
+    conflicts::Conflicts,
+    error::NodeError,
     protocol::{LaneStats, PeerStats},
-    server::Shared,
+    registry::Registry,
 };
+
+/// What the driver, its dialers and its appenders share.
+pub(crate) struct Context {
+    /// This node's name.
+    pub(crate) name: NodeName,
+    pub(crate) registry: Arc<Registry>,
+    /// Where replicated contents that lose a conflict are kept.
+    pub(crate) conflicts: Arc<Conflicts>,
+}
 
 /// Events queued for the driver; senders wait when it is full.
 const EVENTS_MAX: usize = 4096;
 /// How often the core is told the time (candidate links expire on it).
 const TICK: Duration = Duration::from_secs(1);
-/// Metadata key of the catalogue (versioned: [`ConfigDoc::encode`]).
-const CATALOGUE_KEY: &str = "repl/catalogue";
-/// Metadata key of wave 1's catalogue (version 1), read when the versioned one is absent.
-const CATALOGUE_V1_KEY: &str = "repl/config";
-
 /// The stored catalogue: the versioned record, else wave 1's, else an empty one.
 fn load_catalogue(meta: &dyn rill_storage::meta::MetaStore) -> Result<ConfigDoc, StorageError> {
     let corrupt = |key: &'static str| move |reason| StorageError::MetaCorrupt { key: key.to_string(), reason };
-    if let Some(bytes) = meta.get(CATALOGUE_KEY)? {
-        return ConfigDoc::decode(&bytes).map_err(corrupt(CATALOGUE_KEY));
+    if let Some(bytes) = meta.get(keys::CATALOGUE)? {
+        return ConfigDoc::decode(&bytes).map_err(corrupt(keys::CATALOGUE));
     }
-    match meta.get(CATALOGUE_V1_KEY)? {
-        Some(bytes) => ConfigDoc::decode_v1(&bytes).map_err(corrupt(CATALOGUE_V1_KEY)),
+    match meta.get(keys::CATALOGUE_V1)? {
+        Some(bytes) => ConfigDoc::decode_v1(&bytes).map_err(corrupt(keys::CATALOGUE_V1)),
         None => Ok(ConfigDoc::default()),
     }
 }
 
-fn cursor_key(peer: &str, topic: &TopicName) -> String {
-    format!("repl/cursor/{peer}/{topic}")
+/// The QUIC code a link closed by the core is closed with.
+fn close_code(reason: &CloseReason) -> CloseCode {
+    match reason {
+        CloseReason::Replaced | CloseReason::Duplicate => CloseCode::Done,
+        CloseReason::NoHello => CloseCode::NoHello,
+        CloseReason::NotConfigured => CloseCode::NotConfigured,
+        CloseReason::Violation(_) => CloseCode::Violation,
+        CloseReason::AppendFailed(_) => CloseCode::AppendFailed,
+    }
 }
 
 /// What the driver reacts to.
 pub(crate) enum Event {
-    Link { peer: String, conn: Connection, dialed_by_us: bool },
-    LinkClosed { peer: String, link: LinkId },
-    Message { peer: String, link: LinkId, message: PeerMessage },
-    Read { peer: String, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
-    Appended { peer: String, link: LinkId, topic: TopicName, batch: u64, result: Result<u64, String> },
-    Edit { namespace: String, edit: Edit, reply: oneshot::Sender<Result<(), String>> },
+    Link { peer: NodeName, conn: Connection, dialed_by_us: bool },
+    LinkClosed { peer: NodeName, link: LinkId },
+    Message { peer: NodeName, link: LinkId, message: PeerMessage },
+    Read { peer: NodeName, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
+    Appended { peer: NodeName, link: LinkId, topic: TopicName, batch: u64, result: Result<u64, String> },
+    Edit { namespace: NamespaceName, edit: Edit, reply: oneshot::Sender<Result<(), NodeError>> },
     Config { reply: oneshot::Sender<ConfigDoc> },
     Stats { reply: oneshot::Sender<Vec<PeerStats>> },
     Retained { topics: Vec<TopicName>, reply: oneshot::Sender<Vec<u64>> },
@@ -91,14 +106,16 @@ impl MeshHandle {
     }
 
     /// Hands an accepted peer connection to the driver.
-    pub(crate) async fn attach(&self, peer: String, conn: Connection) {
+    pub(crate) async fn attach(&self, peer: NodeName, conn: Connection) {
         let _ = self.tx.send(Event::Link { peer, conn, dialed_by_us: false }).await;
     }
 
-    pub(crate) async fn edit(&self, namespace: String, edit: Edit) -> Result<(), String> {
+    /// Applies an admin edit to the catalogue; answers once it is durable.
+    pub(crate) async fn edit(&self, namespace: NamespaceName, edit: Edit) -> Result<(), NodeError> {
+        let stopped = || NodeError::ShuttingDown("replication stopped");
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Event::Edit { namespace, edit, reply }).await.map_err(|_| "replication stopped".to_string())?;
-        rx.await.map_err(|_| "replication stopped".to_string())?
+        self.tx.send(Event::Edit { namespace, edit, reply }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     pub(crate) async fn config(&self) -> ConfigDoc {
@@ -124,53 +141,54 @@ impl MeshHandle {
 }
 
 struct Driver {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     rep: Replicator,
     /// Every open connection to a peer, current or not.
     links: BTreeMap<LinkId, LinkConn>,
     /// Per peer: true while the core has a greeted link to it (the dialer watches this).
-    greeted: BTreeMap<String, watch::Sender<bool>>,
+    greeted: BTreeMap<NodeName, watch::Sender<bool>>,
     /// Per peer: it has dialed this node (so both sides dial).
-    peer_dials: BTreeMap<String, Arc<AtomicBool>>,
-    appenders: BTreeMap<(String, TopicName), AppenderHandle>,
+    peer_dials: BTreeMap<NodeName, Arc<AtomicBool>>,
+    appenders: BTreeMap<(NodeName, TopicName), AppenderHandle>,
     /// UDP bytes sent on links to each peer that have closed.
-    closed_link_bytes: BTreeMap<String, u64>,
+    closed_link_bytes: BTreeMap<NodeName, u64>,
     tx: mpsc::Sender<Event>,
     next_link: u64,
 }
 
 /// Starts the driver and a dialer per peer with an address.
 pub(crate) fn start(
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
+    peers: &[PeerConfig],
     endpoint: Endpoint,
     peer_client: quinn::ClientConfig,
     handle: &MeshHandle,
     rx: mpsc::Receiver<Event>,
 ) -> Result<(), StorageError> {
-    let config = load_catalogue(shared.meta.as_ref())?;
-    let settings = Settings { bug_skip_batch: shared.env.bugs.skip_batch, ..Settings::default() };
-    let boot = shared.env.random.next_u64();
-    let mut rep = Replicator::new(&shared.name, boot, settings, config);
+    let (env, meta) = (&ctx.registry.env, &ctx.registry.meta);
+    let config = load_catalogue(meta.as_ref())?;
+    let settings = Settings { bug_skip_batch: env.bugs.skip_batch, ..Settings::default() };
+    let boot = env.random.next_u64();
+    let mut rep = Replicator::new(ctx.name.clone(), boot, settings, config);
     let (mut greeted, mut peer_dials) = (BTreeMap::new(), BTreeMap::new());
-    for p in &shared.config.peers {
-        rep.add_peer(&p.name);
+    for p in peers {
+        rep.add_peer(p.name.clone());
         greeted.insert(p.name.clone(), watch::channel(false).0);
         peer_dials.insert(p.name.clone(), Arc::new(AtomicBool::new(false)));
     }
-    for (key, value) in shared.meta.scan_prefix("repl/cursor/")? {
-        let rest = key.trim_start_matches("repl/cursor/");
-        let Some((peer, topic)) = rest.split_once('/') else { continue };
-        let (Ok(topic), Ok(offset)) = (TopicName::parse(topic), postcard::from_bytes::<u64>(&value)) else { continue };
-        rep.restore_cursor(peer, &topic, offset);
+    for (key, value) in meta.scan_prefix(keys::REPL_CURSORS)? {
+        let Some((peer, topic)) = keys::parse_repl_cursor(&key) else { continue };
+        let Ok(offset) = postcard::from_bytes::<u64>(&value) else { continue };
+        rep.restore_cursor(&peer, &topic, offset);
     }
-    for p in shared.config.peers.iter().filter(|p| p.addr.is_some()) {
-        let dialer = Dialer { shared: Arc::clone(&shared), endpoint: endpoint.clone(), client: peer_client.clone() };
+    for p in peers.iter().filter(|p| p.addr.is_some()) {
+        let dialer = Dialer { ctx: Arc::clone(&ctx), endpoint: endpoint.clone(), client: peer_client.clone() };
         let span = tracing::info_span!("peer", name = %p.name);
         let (state, dials) = (greeted[&p.name].subscribe(), Arc::clone(&peer_dials[&p.name]));
         tokio::spawn(dialer.run(p.clone(), handle.tx.clone(), state, dials).instrument(span));
     }
     let driver = Driver {
-        shared,
+        ctx,
         rep,
         links: BTreeMap::new(),
         greeted,
@@ -186,7 +204,7 @@ pub(crate) fn start(
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
-        let growth = Arc::clone(&self.shared.growth);
+        let growth = Arc::clone(&self.ctx.registry.growth);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -208,7 +226,7 @@ impl Driver {
     }
 
     fn now_ms(&self) -> u64 {
-        self.shared.env.clock.now_ms()
+        self.ctx.registry.env.clock.now_ms()
     }
 
     fn handle(&mut self, event: Event) {
@@ -217,7 +235,7 @@ impl Driver {
             Event::Link { peer, conn, dialed_by_us } => self.link_opened(peer, conn, dialed_by_us),
             Event::LinkClosed { peer, link } => {
                 if let Some(l) = self.links.remove(&link) {
-                    tracing::info!(peer, %link, reason = %close_reason(&l.conn), "peer link closed");
+                    tracing::info!(%peer, %link, reason = %close_reason(&l.conn), "peer link closed");
                     self.count_closed(&l);
                 }
                 self.rep.handle_link_closed(now, &peer, link);
@@ -225,7 +243,7 @@ impl Driver {
             Event::Message { peer, link, message } => self.rep.handle_message(now, &peer, link, message),
             Event::Read { peer, topic, ticket, result } => {
                 let messages = result.unwrap_or_else(|e| {
-                    tracing::warn!(peer, %topic, error = %e, "replication read failed; retrying when the log grows");
+                    tracing::warn!(%peer, %topic, error = %e, "replication read failed; retrying when the log grows");
                     Vec::new()
                 });
                 self.rep.handle_read(&peer, &topic, ticket, messages);
@@ -234,35 +252,38 @@ impl Driver {
                 self.rep.handle_appended(now, &peer, link, &topic, batch, result);
             }
             Event::Edit { namespace, edit, reply } => {
-                let result = self.rep.edit_config(&namespace, edit, now).map_err(|e| e.to_string());
+                if let Err(e) = self.rep.edit_config(&namespace, edit, now) {
+                    let _ = reply.send(Err(NodeError::Namespace(e.to_string())));
+                    return;
+                }
                 // An acknowledged edit is durable, like an acknowledged message: save the
                 // catalogue and flush before answering (found by the simulation: a crash
                 // right after 'ns set-clusters' lost the edit, and nothing replicated).
                 self.execute();
-                let result = result.and_then(|()| {
-                    self.shared.meta.flush().map_err(|e| format!("the edit could not be made durable: {e}"))
+                let (env, meta) = (self.ctx.registry.env.clone(), Arc::clone(&self.ctx.registry.meta));
+                tokio::spawn(async move {
+                    let flushed = env.run_blocking(move || meta.flush()).await;
+                    let why = |e| NodeError::Namespace(format!("the edit could not be made durable: {e}"));
+                    let _ = reply.send(flushed.map_err(why));
                 });
-                let _ = reply.send(result);
             }
             Event::Config { reply } => {
                 let _ = reply.send(self.rep.config().clone());
             }
-            Event::Stats { reply } => {
-                let _ = reply.send(self.stats());
-            }
+            Event::Stats { reply } => self.stats(reply),
             Event::Retained { topics, reply } => {
                 let _ = reply.send(topics.iter().map(|t| self.rep.retained_from(t)).collect());
             }
         }
     }
 
-    fn link_opened(&mut self, peer: String, conn: Connection, dialed_by_us: bool) {
+    fn link_opened(&mut self, peer: NodeName, conn: Connection, dialed_by_us: bool) {
         if !dialed_by_us && let Some(dials) = self.peer_dials.get(&peer) {
             dials.store(true, Ordering::Relaxed);
         }
         self.next_link += 1;
         let link = LinkId(self.next_link);
-        tracing::info!(peer, %link, remote = %conn.remote_address(), dialed_by_us, "peer link opened");
+        tracing::info!(%peer, %link, remote = %conn.remote_address(), dialed_by_us, "peer link opened");
         self.links.insert(link, LinkConn::start(peer.clone(), conn, link, self.tx.clone()));
         self.rep.handle_link_opened(self.now_ms(), &peer, link, dialed_by_us);
     }
@@ -272,12 +293,8 @@ impl Driver {
     }
 
     /// What this node durably holds, per topic, for a Hello.
-    fn holds(&self) -> Vec<(TopicName, Summary)> {
-        self.shared
-            .topic_list()
-            .iter()
-            .map(|t| (t.name.clone(), Summary::of(t.store.lock().expect("topic lock poisoned").dedup())))
-            .collect()
+    fn holds(&self) -> Vec<(TopicName, rill_replication::core::Summary)> {
+        self.ctx.registry.list().iter().map(|t| (t.name.clone(), t.summary())).collect()
     }
 
     fn execute(&mut self) {
@@ -289,9 +306,9 @@ impl Driver {
                     self.send(&peer, link, hello);
                 }
                 Action::Read { peer, topic, from, max_messages, max_bytes, ticket } => {
-                    let (shared, tx) = (Arc::clone(&self.shared), self.tx.clone());
+                    let (registry, tx) = (Arc::clone(&self.ctx.registry), self.tx.clone());
                     tokio::spawn(async move {
-                        let result = match shared.topic(&topic).await {
+                        let result = match registry.topic(&topic).await {
                             Ok(t) => t.read(from, max_messages, max_bytes).await,
                             Err(e) => Err(e),
                         };
@@ -302,20 +319,20 @@ impl Driver {
                     self.append(peer, link, topic, batch, messages);
                 }
                 Action::SaveCursor { peer, topic, offset } => {
-                    let key = cursor_key(&peer, &topic);
-                    if let Err(e) = meta::put_record(self.shared.meta.as_ref(), &key, &offset) {
+                    let key = keys::repl_cursor(&peer, &topic);
+                    if let Err(e) = meta::put_record(self.ctx.registry.meta.as_ref(), &key, &offset) {
                         tracing::warn!(key, error = %e, "could not save replication cursor; will resend from the old one");
                     }
                 }
                 Action::SaveConfig => {
-                    if let Err(e) = self.shared.meta.put(CATALOGUE_KEY, &self.rep.config().encode()) {
+                    if let Err(e) = self.ctx.registry.meta.put(keys::CATALOGUE, &self.rep.config().encode()) {
                         tracing::warn!(error = %e, "could not save the namespace catalogue; peers will resend it");
                     }
                 }
                 Action::CloseLink { peer, link, reason } => {
                     if let Some(l) = self.links.remove(&link) {
-                        tracing::info!(peer, %link, %reason, "closing peer link");
-                        l.conn.close(reason.code().into(), reason.to_string().as_bytes());
+                        tracing::info!(%peer, %link, %reason, "closing peer link");
+                        l.conn.close(close_code(&reason).into(), reason.to_string().as_bytes());
                         self.count_closed(&l);
                     }
                 }
@@ -335,24 +352,24 @@ impl Driver {
         self.appenders.retain(|(peer, _), a| rep.current_link(peer) == Some(a.link));
     }
 
-    fn send(&mut self, peer: &str, link: LinkId, message: PeerMessage) {
+    fn send(&mut self, peer: &NodeName, link: LinkId, message: PeerMessage) {
         let Some(conn) = self.links.get_mut(&link) else { return };
         if let PeerMessage::Batch { topic, messages, batch } = &message
             && tracing::enabled!(tracing::Level::DEBUG)
         {
             let first = messages.first().map(|m| (m.origin.to_string(), m.id.to_string()));
             let last = messages.last().map(|m| (m.origin.to_string(), m.id.to_string()));
-            tracing::debug!(peer, %link, %topic, batch, count = messages.len(), ?first, ?last, "shipping batch");
+            tracing::debug!(%peer, %link, %topic, batch, count = messages.len(), ?first, ?last, "shipping batch");
         }
         if !conn.send(message) {
-            tracing::info!(peer, %link, "outgoing stream queue full or closed; closing the link");
-            conn.conn.close(link::CLOSE_STALLED.into(), b"outgoing stream queue full");
+            tracing::info!(%peer, %link, "outgoing stream queue full or closed; closing the link");
+            conn.conn.close(CloseCode::Stalled.into(), b"outgoing stream queue full");
         }
     }
 
     fn append(
         &mut self,
-        peer: String,
+        peer: NodeName,
         link: LinkId,
         topic: TopicName,
         batch: u64,
@@ -360,68 +377,79 @@ impl Driver {
     ) {
         let key = (peer.clone(), topic.clone());
         if self.appenders.get(&key).is_none_or(|a| a.link != link) {
-            let handle = AppenderHandle::start(Arc::clone(&self.shared), peer.clone(), link, topic, self.tx.clone());
+            let handle = AppenderHandle::start(Arc::clone(&self.ctx), peer.clone(), link, topic, self.tx.clone());
             self.appenders.insert(key.clone(), handle);
         }
         match self.appenders[&key].queue(batch, messages) {
             Queued::Yes | Queued::Stopped => {}
             Queued::Full => {
                 if let Some(l) = self.links.get(&link) {
-                    tracing::info!(peer, %link, "peer sent more batches than allowed in flight; closing the link");
-                    l.conn.close(link::CLOSE_STALLED.into(), b"more batches than allowed in flight");
+                    tracing::info!(%peer, %link, "peer sent more batches than allowed in flight; closing the link");
+                    l.conn.close(CloseCode::Stalled.into(), b"more batches than allowed in flight");
                 }
             }
         }
     }
 
-    fn stats(&self) -> Vec<PeerStats> {
+    /// Answers a stats request. The lanes' figures that need the log (bytes behind, age
+    /// of the oldest unreplicated message) are read off the driver's task.
+    fn stats(&self, reply: oneshot::Sender<Vec<PeerStats>>) {
         let lanes = self.rep.lanes();
-        let now_ms = self.now_ms();
-        self.greeted
-            .keys()
-            .map(|peer| {
-                let links = self.rep.link_stats(peer);
-                let open_bytes: u64 =
-                    self.links.values().filter(|l| l.peer == *peer).map(|l| l.conn.stats().udp_tx.bytes).sum();
-                PeerStats {
-                    name: peer.clone(),
-                    connected: self.rep.link(peer).is_some(),
-                    link_bytes_sent: self.closed_link_bytes.get(peer).copied().unwrap_or(0) + open_bytes,
-                    link_ups: links.ups,
-                    link_replacements: links.replacements,
-                    link_refusals: links.refusals,
-                    last_link_change_ms: links.last_change_ms,
-                    lanes: lanes
-                        .iter()
-                        .filter(|(p, _, _)| p == peer)
-                        .map(|(_, topic, s)| self.lane_stats(topic, s, now_ms))
-                        .collect(),
+        let mut peers = Vec::new();
+        let mut lags = Vec::new();
+        for (i, peer) in self.greeted.keys().enumerate() {
+            let links = self.rep.link_stats(peer);
+            let open_bytes: u64 =
+                self.links.values().filter(|l| l.peer == *peer).map(|l| l.conn.stats().udp_tx.bytes).sum();
+            let mut stats = PeerStats {
+                name: peer.to_string(),
+                connected: self.rep.link(peer).is_some(),
+                link_bytes_sent: self.closed_link_bytes.get(peer).copied().unwrap_or(0) + open_bytes,
+                link_ups: links.ups,
+                link_replacements: links.replacements,
+                link_refusals: links.refusals,
+                last_link_change_ms: links.last_change_ms,
+                lanes: Vec::new(),
+            };
+            for (_, topic, s) in lanes.iter().filter(|(p, _, _)| p == peer) {
+                if let (1.., Some(t)) = (s.lag_messages, self.ctx.registry.topic_if_open(topic)) {
+                    lags.push((i, stats.lanes.len(), t, s.cursor));
                 }
-            })
-            .collect()
-    }
-
-    /// One lane's figures; the age of its oldest unreplicated message is read from the log.
-    fn lane_stats(&self, topic: &TopicName, s: &rill_replication::core::LaneStats, now_ms: u64) -> LaneStats {
-        let (lag_bytes, lag_ms) = match (s.lag_messages, self.shared.topic_if_open(topic)) {
-            (1.., Some(t)) => {
-                let store = t.store.lock().expect("topic lock poisoned");
-                let oldest = store.read(s.cursor, 1, 1).ok().and_then(|m| m.first().map(|m| m.message.publish_time_ms));
-                (store.log().bytes_from(s.cursor), oldest.map_or(0, |t| now_ms.saturating_sub(t)))
+                stats.lanes.push(lane_stats(topic, s));
             }
-            _ => (0, 0),
-        };
-        LaneStats {
-            topic: topic.to_string(),
-            lag_messages: s.lag_messages,
-            lag_bytes,
-            lag_ms,
-            cursor: s.cursor,
-            in_flight: s.in_flight as u64,
-            sent: s.counters.sent,
-            received: s.counters.received,
-            deduplicated: s.counters.deduplicated,
+            peers.push(stats);
         }
+        let env = self.ctx.registry.env.clone();
+        let now_ms = self.now_ms();
+        tokio::spawn(async move {
+            let peers = env
+                .run_blocking(move || {
+                    for (peer, lane, topic, cursor) in lags {
+                        let lag = topic.lag_from(cursor);
+                        let stats = &mut peers[peer].lanes[lane];
+                        stats.lag_bytes = lag.bytes;
+                        stats.lag_ms = lag.oldest_ms.map_or(0, |t| now_ms.saturating_sub(t));
+                    }
+                    peers
+                })
+                .await;
+            let _ = reply.send(peers);
+        });
+    }
+}
+
+/// One lane's figures, without those read from the log.
+fn lane_stats(topic: &TopicName, s: &rill_replication::core::LaneStats) -> LaneStats {
+    LaneStats {
+        topic: topic.to_string(),
+        lag_messages: s.lag_messages,
+        lag_bytes: 0,
+        lag_ms: 0,
+        cursor: s.cursor,
+        in_flight: s.in_flight as u64,
+        sent: s.counters.sent,
+        received: s.counters.received,
+        deduplicated: s.counters.deduplicated,
     }
 }
 
@@ -448,11 +476,11 @@ mod tests {
         let stamp = Stamp { hlc: Hlc { wall_ms: 1, logical: 0 }, node: "a".into() };
         doc.apply("t/n", Edit::Create, stamp).unwrap();
         // Wave 1 stored the document's postcard form, without a version byte, here.
-        meta.put(CATALOGUE_V1_KEY, &doc.encode()[1..]).unwrap();
+        meta.put(keys::CATALOGUE_V1, &doc.encode()[1..]).unwrap();
         assert!(load_catalogue(&meta).unwrap().get("t/n").is_some());
-        meta.put(CATALOGUE_KEY, &ConfigDoc::default().encode()).unwrap();
+        meta.put(keys::CATALOGUE, &ConfigDoc::default().encode()).unwrap();
         assert!(load_catalogue(&meta).unwrap().is_empty(), "the versioned record wins");
-        meta.put(CATALOGUE_KEY, &[7]).unwrap();
+        meta.put(keys::CATALOGUE, &[7]).unwrap();
         assert!(load_catalogue(&meta).unwrap_err().to_string().contains("version 7"));
     }
 }
