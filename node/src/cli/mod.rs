@@ -5,12 +5,15 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
-mod bench_mesh;
-mod bench_subs;
-mod client_cmds;
-mod node_cmd;
+mod certs;
+mod conflicts;
+mod consume;
+mod node;
 mod ns;
+mod produce;
+mod stats;
 mod subs;
+mod topics;
 
 /// Default address of client commands.
 const DEFAULT_ADDR: &str = "127.0.0.1:7400";
@@ -35,9 +38,9 @@ enum Command {
     #[command(subcommand)]
     Certs(CertsCommand),
     /// Produce messages: stdin lines, a file's lines, or synthetic load.
-    Produce(client_cmds::ProduceArgs),
+    Produce(produce::ProduceArgs),
     /// Consume messages from a durable subscription, printing one per line.
-    Consume(client_cmds::ConsumeArgs),
+    Consume(consume::ConsumeArgs),
     /// Namespaces: create, set the nodes that hold them, set policies, show.
     #[command(subcommand)]
     Ns(ns::NsCommand),
@@ -51,7 +54,7 @@ enum Command {
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
     /// Node statistics: per topic messages, bytes, offsets, subscriptions.
-    Stats(client_cmds::StatsArgs),
+    Stats(stats::StatsArgs),
     /// Benchmarks (print figures; not tests).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -60,7 +63,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Run a node in the foreground until Ctrl-C or SIGTERM.
-    Run(node_cmd::RunArgs),
+    Run(node::RunArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,13 +82,13 @@ enum CertsCommand {
 #[derive(Debug, Subcommand)]
 enum TopicsCommand {
     /// List topics with their offsets and sizes.
-    List(client_cmds::TopicsListArgs),
+    List(topics::TopicsListArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum ConflictsCommand {
     /// List them: topic, id, the offset of the content the log holds, the peer it came from.
-    List(client_cmds::ConflictsListArgs),
+    List(conflicts::ConflictsListArgs),
 }
 
 /// Where a client command connects.
@@ -145,24 +148,15 @@ pub fn main_with(env: crate::env::Env) -> std::process::ExitCode {
 
 async fn run(cli: Cli, env: crate::env::Env) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node(NodeCommand::Run(args)) => node_cmd::run(args, env).await,
-        Command::Certs(CertsCommand::Init { dir, nodes }) => certs_init(&dir, &nodes),
-        Command::Produce(args) => client_cmds::produce(args).await,
-        Command::Consume(args) => client_cmds::consume(args).await,
+        Command::Node(NodeCommand::Run(args)) => node::run(args, env).await,
+        Command::Certs(CertsCommand::Init { dir, nodes }) => certs::init(&dir, &nodes),
+        Command::Produce(args) => produce::run(args).await,
+        Command::Consume(args) => consume::run(args).await,
         Command::Ns(cmd) => ns::run(cmd).await,
-        Command::Topics(TopicsCommand::List(args)) => client_cmds::topics_list(args).await,
+        Command::Topics(TopicsCommand::List(args)) => topics::list(args).await,
         Command::Subs(cmd) => subs::run(cmd).await,
-        Command::Stats(args) => client_cmds::stats(args).await,
-        Command::Conflicts(ConflictsCommand::List(args)) => client_cmds::conflicts_list(args).await,
+        Command::Stats(args) => stats::run(args).await,
+        Command::Conflicts(ConflictsCommand::List(args)) => conflicts::list(args).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }
-}
-
-fn certs_init(dir: &std::path::Path, nodes: &[String]) -> anyhow::Result<()> {
-    for n in nodes {
-        rill_storage::NodeName::parse(n)?;
-    }
-    rill_transport::certs::create_mesh(dir, nodes)?;
-    println!("wrote CA, {} node certificate(s) and a client certificate to {}", nodes.len(), dir.display());
-    Ok(())
 }

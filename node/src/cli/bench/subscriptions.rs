@@ -7,7 +7,7 @@ use clap::Args;
 use rill_storage::{meta::MetaStore, metalog::LogMeta};
 use tokio::time::Instant;
 
-use super::bench::{ChildNode, payloads, tempfile_in};
+use super::{ChildNode, payloads, tempfile_in};
 use crate::{
     client::Client,
     protocol::{ConsumerOptions, StartPosition, SubscriptionType},

@@ -1,8 +1,9 @@
-//! Client commands: produce, consume, topics list, stats.
+//! `rill produce`: stdin lines, a file's lines, or synthetic load, through a producer that
+//! reconnects and resends until acknowledged.
 use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use rill_transport::backoff::Backoff;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -13,48 +14,13 @@ use super::Conn;
 use crate::{
     client::{BatchAck, Client, ClientError, ClientOptions, Outgoing, Producer},
     env::Env,
-    protocol::{ConsumerOptions, Produced, StartPosition, SubscriptionType},
+    protocol::Produced,
 };
 
 /// Longest a produce waits for a node to come back before giving up.
 const RECONNECT_GIVE_UP: Duration = Duration::from_secs(60);
 /// A batch of stdin lines is sent when full or this long after its first line.
 const LINGER: Duration = Duration::from_millis(5);
-/// Acks held back before stdout is flushed and they are sent.
-const ACKS_PENDING_MAX: usize = 512;
-
-/// Flags of `rill topics list`.
-#[derive(Debug, Args)]
-pub(crate) struct TopicsListArgs {
-    #[command(flatten)]
-    conn: Conn,
-    /// Print a JSON array instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Flags of `rill conflicts list`.
-#[derive(Debug, Args)]
-pub(crate) struct ConflictsListArgs {
-    #[command(flatten)]
-    conn: Conn,
-    /// Only this topic's (`tenant/namespace/topic`).
-    #[arg(long)]
-    topic: Option<String>,
-    /// Print a JSON array instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Flags of `rill stats`.
-#[derive(Debug, Args)]
-pub(crate) struct StatsArgs {
-    #[command(flatten)]
-    conn: Conn,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-}
 
 /// Flags of `rill produce`.
 #[derive(Debug, Args)]
@@ -285,7 +251,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-pub(crate) async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let mut p = ResilientProducer::open(&args).await?;
     let started = Instant::now();
     let key = args.key.as_ref().map(|k| k.as_bytes().to_vec());
@@ -392,302 +358,6 @@ async fn produce_synthetic(
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
             eprintln!("produce: {sent}/{count} sent, {} acknowledged", p.totals.stored + p.totals.duplicates);
-        }
-    }
-    Ok(())
-}
-
-/// Output format of `rill consume`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub(crate) enum Format {
-    /// The payload, one message per line.
-    Text,
-    /// One JSON object per line with offset, id, origin, time, key, headers and payload.
-    Json,
-}
-
-/// Flags of `rill consume`.
-#[derive(Debug, Args)]
-pub(crate) struct ConsumeArgs {
-    /// Topic, `tenant/namespace/topic`.
-    topic: String,
-    #[command(flatten)]
-    conn: Conn,
-    /// Subscription name; its acked position is stored on the node.
-    #[arg(long, short)]
-    subscription: String,
-    /// Where a new subscription starts: earliest, latest or an offset. An existing
-    /// subscription continues after its last ack.
-    #[arg(long, default_value = "earliest", value_parser = parse_start)]
-    from: StartPosition,
-    /// Exit after this many messages.
-    #[arg(short = 'n', long)]
-    count: Option<u64>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    format: Format,
-    /// How consumers share the subscription: exclusive, failover, shared or key_shared.
-    #[arg(long = "type", default_value = "exclusive")]
-    kind: SubscriptionType,
-    /// This consumer's name (Failover and Key_Shared use it; default: random).
-    #[arg(long)]
-    name: Option<String>,
-    /// Deliver unacked messages again after this many milliseconds.
-    #[arg(long)]
-    ack_timeout: Option<u64>,
-    /// How long a nacked message waits before it is delivered again, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    nack_delay: u64,
-    /// A message delivered again more often than this goes to the dead-letter topic.
-    #[arg(long)]
-    max_redeliveries: Option<u32>,
-    /// The dead-letter topic (default `<topic>-DLQ`).
-    #[arg(long)]
-    dlq: Option<String>,
-    /// Nack (instead of ack) every message whose payload contains this text: a stand-in
-    /// for an application that fails on some messages.
-    #[arg(long)]
-    nack_matching: Option<String>,
-    /// Read up to the topic's end offset as it is when the command starts, then exit
-    /// (at once when the subscription is already there).
-    #[arg(long)]
-    until_end: bool,
-    /// Exit when no message arrives for this long (90s, 15m, 2h).
-    #[arg(long, value_parser = parse_timeout)]
-    timeout: Option<Duration>,
-}
-
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    match super::ns::parse_amount(s, super::ns::DURATION_UNITS, "--timeout") {
-        Ok(Some(secs)) if secs > 0 => Ok(Duration::from_secs(secs)),
-        Ok(_) => Err("the timeout must be at least 1s".to_string()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn parse_start(s: &str) -> Result<StartPosition, String> {
-    match s {
-        "earliest" => Ok(StartPosition::Earliest),
-        "latest" => Ok(StartPosition::Latest),
-        n => n.parse().map(StartPosition::Offset).map_err(|_| format!("'{n}' is not earliest, latest or an offset")),
-    }
-}
-
-fn bytes_json(b: &[u8]) -> serde_json::Value {
-    match std::str::from_utf8(b) {
-        Ok(s) => serde_json::Value::String(s.to_string()),
-        Err(_) => serde_json::json!({ "hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
-    }
-}
-
-fn message_json(m: &rill_storage::StoredMessage) -> serde_json::Value {
-    let msg = &m.message;
-    serde_json::json!({
-        "offset": m.offset,
-        "id": { "producer": msg.id.producer.0, "epoch": msg.id.epoch, "seq": msg.id.seq },
-        "origin": msg.origin,
-        "publish_time_ms": msg.publish_time_ms,
-        "key": msg.key.as_deref().map(bytes_json),
-        "headers": msg.headers.iter().map(|(k, v)| (k.clone(), bytes_json(v))).collect::<serde_json::Map<_, _>>(),
-        "payload": bytes_json(&msg.payload),
-    })
-}
-
-pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
-    let client = args.conn.connect().await?;
-    let options = ConsumerOptions {
-        kind: args.kind,
-        name: args.name.clone().unwrap_or_default(),
-        ack_timeout_ms: args.ack_timeout,
-        nack_delay_ms: args.nack_delay,
-        max_redeliveries: args.max_redeliveries,
-        dead_letter_topic: args.dlq.clone(),
-    };
-    // The end is read before subscribing: messages produced after the start are not awaited.
-    let end = match args.until_end {
-        true => Some(client.list_topics().await?.iter().find(|t| t.topic == args.topic).map_or(0, |t| t.end_offset)),
-        false => None,
-    };
-    let mut consumer = client.subscribe_with(&args.topic, &args.subscription, args.from, options).await?;
-    let reached = |offset: u64| end.is_some_and(|e| offset >= e);
-    let fails = |payload: &[u8]| {
-        args.nack_matching.as_ref().is_some_and(|text| payload.windows(text.len().max(1)).any(|w| w == text.as_bytes()))
-    };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut seen = 0u64;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let mut done = reached(consumer.start_offset());
-    while !done && args.count.is_none_or(|n| seen < n) {
-        let next = tokio::select! {
-            m = next_within(&mut consumer, args.timeout) => match m? {
-                Some(m) => m,
-                None => {
-                    eprintln!("consume: no message for {}s; exiting", args.timeout.unwrap_or_default().as_secs());
-                    break;
-                }
-            },
-            _ = &mut ctrl_c => break,
-        };
-        let Some(m) = next else {
-            eprintln!("consume: the node closed the subscription");
-            break;
-        };
-        if fails(&m.message.payload) {
-            consumer.nack(m.offset);
-            consumer.flush_acks().await?;
-            continue;
-        }
-        match args.format {
-            Format::Text => {
-                out.write_all(&m.message.payload)?;
-                out.write_all(b"\n")?;
-            }
-            Format::Json => writeln!(out, "{}", message_json(&m))?,
-        }
-        consumer.ack(m.offset);
-        seen += 1;
-        done = reached(m.offset + 1);
-        // Acks leave only after what they acknowledge has reached stdout: a crash between
-        // printing and acking redelivers rather than loses.
-        if done || consumer.buffered() == 0 || consumer.pending_acks() >= ACKS_PENDING_MAX {
-            out.flush()?;
-            consumer.flush_acks().await?;
-        }
-    }
-    out.flush()?;
-    consumer.close().await?;
-    client.close().await;
-    Ok(())
-}
-
-/// The next delivery, or `Ok(None)` when `timeout` passes without one.
-async fn next_within(
-    consumer: &mut crate::client::Consumer,
-    timeout: Option<Duration>,
-) -> Result<Option<Option<rill_storage::StoredMessage>>, ClientError> {
-    match timeout {
-        None => consumer.next().await.map(Some),
-        Some(t) => match tokio::time::timeout(t, consumer.next()).await {
-            Ok(m) => m.map(Some),
-            Err(_) => Ok(None),
-        },
-    }
-}
-
-pub(crate) async fn topics_list(args: TopicsListArgs) -> anyhow::Result<()> {
-    let client = args.conn.connect().await?;
-    let topics = client.list_topics().await?;
-    client.close().await;
-    if args.json {
-        println!("{}", serde_json::to_string(&topics)?);
-        return Ok(());
-    }
-    println!("{:<48} {:>12} {:>12} {:>14}", "TOPIC", "START", "END", "BYTES");
-    for t in topics {
-        match &t.error {
-            Some(e) => println!("{:<48} UNAVAILABLE: {e}", t.topic),
-            None => println!("{:<48} {:>12} {:>12} {:>14}", t.topic, t.start_offset, t.end_offset, t.bytes),
-        }
-    }
-    Ok(())
-}
-
-pub(crate) async fn conflicts_list(args: ConflictsListArgs) -> anyhow::Result<()> {
-    let client = args.conn.connect().await?;
-    let kept = client.list_conflicts(args.topic.as_deref()).await?;
-    client.close().await;
-    if args.json {
-        println!("{}", serde_json::to_string(&kept)?);
-        return Ok(());
-    }
-    println!("{:<36} {:<28} {:>12} {:<16} {:>9}  PAYLOAD", "TOPIC", "ID", "STORED AT", "FROM PEER", "BYTES");
-    for k in &kept {
-        let payload = String::from_utf8_lossy(&k.message.payload);
-        let shown: String = payload.chars().take(40).collect();
-        println!(
-            "{:<36} {:<28} {:>12} {:<16} {:>9}  {shown}",
-            k.topic,
-            k.message.id.to_string(),
-            k.stored_offset,
-            k.from_peer,
-            k.message.payload.len()
-        );
-    }
-    eprintln!("{} conflicts kept (STORED AT: the offset of the content the log holds under that id)", kept.len());
-    Ok(())
-}
-
-pub(crate) async fn stats(args: StatsArgs) -> anyhow::Result<()> {
-    let client = args.conn.connect().await?;
-    let stats = client.stats().await?;
-    client.close().await;
-    if args.json {
-        println!("{}", serde_json::to_string(&stats)?);
-        return Ok(());
-    }
-    println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
-    for p in &stats.peers {
-        let state = if p.connected { "connected" } else { "disconnected" };
-        let last = p.last_link_change_ms.map_or_else(
-            || "never".to_string(),
-            |at| format!("{:.1}s ago", stats.now_ms.saturating_sub(at) as f64 / 1000.0),
-        );
-        println!(
-            "peer {:<20} {state:<12} link bytes sent {} | links up {} replaced {} refused {}, last change {last}",
-            p.name, p.link_bytes_sent, p.link_ups, p.link_replacements, p.link_refusals
-        );
-        for l in &p.lanes {
-            println!(
-                "  {:<36} lag {:>9} msgs {:>11} B {:>8.1} s | sent {:>9} recv {:>9} dedup {:>9} | cursor {:>10} in flight {:>2}",
-                l.topic,
-                l.lag_messages,
-                l.lag_bytes,
-                l.lag_ms as f64 / 1000.0,
-                l.sent,
-                l.received,
-                l.deduplicated,
-                l.cursor,
-                l.in_flight
-            );
-        }
-    }
-    println!(
-        "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10} {:>8}",
-        "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS", "CONFL-REF", "CONFL-KEPT", "EXPIRED"
-    );
-    for t in &stats.topics {
-        if let Some(e) = &t.error {
-            println!("{:<40} UNAVAILABLE: {e}", t.topic);
-            continue;
-        }
-        println!(
-            "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10} {:>8}",
-            t.topic,
-            t.end_offset - t.start_offset,
-            t.bytes,
-            t.start_offset,
-            t.end_offset,
-            t.segments,
-            t.messages_in,
-            t.duplicates,
-            t.conflicts_refused,
-            t.conflicts_kept,
-            t.expired
-        );
-        for s in &t.subscriptions {
-            let age = s.backlog_age_ms.map_or("-".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
-            println!(
-                "  subscription {:<26} ack floor {:>10}  backlog {:>10} msgs {:>12} B age {:>9}  consumers {:>3}  redelivered {:>8}  dead-lettered {:>6}",
-                s.name,
-                s.ack_floor,
-                s.backlog_messages,
-                s.backlog_bytes,
-                age,
-                s.consumers,
-                s.redelivered,
-                s.dead_lettered,
-            );
         }
     }
     Ok(())

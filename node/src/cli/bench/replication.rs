@@ -12,7 +12,7 @@ use clap::Args;
 use rill_replication::namespace::Edit;
 use tokio::time::Instant;
 
-use super::bench::{ChildNode, TempDir, payloads, tempfile_in};
+use super::{ChildNode, TempDir, payloads, tempfile_in};
 use crate::{
     client::{Client, ClientOptions},
     protocol::StartPosition,

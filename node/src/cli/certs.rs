@@ -1,0 +1,12 @@
+//! `rill certs init`.
+use std::path::Path;
+
+/// Writes a CA, a certificate per node and a client certificate into `dir`.
+pub(crate) fn init(dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
+    for n in nodes {
+        rill_storage::NodeName::parse(n)?;
+    }
+    rill_transport::certs::create_mesh(dir, nodes)?;
+    println!("wrote CA, {} node certificate(s) and a client certificate to {}", nodes.len(), dir.display());
+    Ok(())
+}
