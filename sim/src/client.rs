@@ -16,6 +16,7 @@ use rill_node::{
 use rill_storage::message::{MessageId, ProducerId, StoredMessage};
 
 use crate::{
+    clock::sim_now,
     history::{Event, History},
     net::SimNet,
 };
@@ -29,13 +30,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A node's address, from inside the simulation.
 pub(crate) fn node_addr(node: &str) -> SocketAddr {
     (turmoil::lookup(node), PORT).into()
-}
-
-/// Simulated time since the start of the run, the same on every host (turmoil's
-/// `sim_elapsed` counts from the host's own start).
-pub(crate) fn sim_now() -> Duration {
-    let epoch = Duration::from_secs(crate::mesh::EPOCH_S);
-    turmoil::since_epoch().map_or(Duration::ZERO, |t| t.saturating_sub(epoch))
 }
 
 /// What a simulated client gets: its name, its network, the mesh's client certificate,

@@ -14,7 +14,12 @@ use rill_storage::{
 use crate::{
     fs::{DiskFaults, SimFs},
     net::SimNet,
+    rng::splitmix64,
 };
+
+/// How long simulated blocking work (a write, a sync) takes: one tick, so a crash can fall
+/// between a group's write and its sync.
+const DISK_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// turmoil's simulated wall clock, off by the host's skew.
 #[derive(Debug)]
@@ -27,15 +32,6 @@ impl Clock for SimClock {
         let now = turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64);
         now.saturating_add_signed(self.skew_ms)
     }
-}
-
-/// One step of splitmix64: the simulation's deterministic randomness.
-pub(crate) fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Randomness from a seed: deterministic per host boot.
@@ -88,7 +84,7 @@ pub fn sim_env(seed: u64, host: &Host, net: SimNet, bugs: Bugs) -> Env {
         meta: Arc::new(SharedMeta(Arc::clone(&host.meta))),
         net: Arc::new(net),
         // One tick of turmoil's clock: a crash can fall between a write and its sync.
-        blocking: Blocking::Simulated(std::time::Duration::from_millis(1)),
+        blocking: Blocking::Simulated(DISK_PAUSE),
         bugs: bugs.node,
     }
 }

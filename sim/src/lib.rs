@@ -59,16 +59,18 @@
 //! Architecture invariant: nothing depends on this crate.
 
 pub mod client;
+mod clock;
 pub mod env;
 pub mod fs;
 pub mod history;
 pub mod mesh;
 pub mod net;
+mod rng;
 pub mod sweep;
 
 pub use client::{Ctx, SimConsumer, SimProducer};
 pub use history::{Delivery, Event, History};
-pub use mesh::{At, Fault, Lag, Mesh, MeshBuilder};
+pub use mesh::{At, Fault, Lag, Latency, Mesh, MeshBuilder};
 pub use rill_node::{
     client::{BatchAck, Client, ClientError, Consumer, Outgoing, Producer},
     protocol::{ConsumerOptions, NodeStats, Produced, SeekTarget, StartPosition, SubscriptionType},

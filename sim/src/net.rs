@@ -22,7 +22,7 @@ use quinn::{
 };
 use rill_transport::net::{BindResult, Net};
 
-use crate::env::splitmix64;
+use crate::rng::splitmix64;
 
 /// A running hash of every datagram seen, as (simulated microseconds, sender, receiver,
 /// length): the trace that shows a seed replays identically, in constant memory.

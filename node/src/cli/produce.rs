@@ -17,6 +17,8 @@ use crate::{
     protocol::Produced,
 };
 
+/// How often synthetic load reports its progress.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Longest a produce waits for a node to come back before giving up.
 const RECONNECT_GIVE_UP: Duration = Duration::from_secs(60);
 /// A batch of stdin lines is sent when full or this long after its first line.
@@ -355,7 +357,7 @@ async fn produce_synthetic(
             .collect();
         p.send(batch).await?;
         sent += n;
-        if last_report.elapsed() >= Duration::from_secs(1) {
+        if last_report.elapsed() >= REPORT_EVERY {
             last_report = Instant::now();
             eprintln!("produce: {sent}/{count} sent, {} acknowledged", p.totals.stored + p.totals.duplicates);
         }

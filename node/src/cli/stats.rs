@@ -20,32 +20,7 @@ pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&stats)?);
         return Ok(());
     }
-    println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
-    for p in &stats.peers {
-        let state = if p.connected { "connected" } else { "disconnected" };
-        let last = p.last_link_change_ms.map_or_else(
-            || "never".to_string(),
-            |at| format!("{:.1}s ago", stats.now_ms.saturating_sub(at) as f64 / 1000.0),
-        );
-        println!(
-            "peer {:<20} {state:<12} link bytes sent {} | links up {} replaced {} refused {}, last change {last}",
-            p.name, p.link_bytes_sent, p.link_ups, p.link_replacements, p.link_refusals
-        );
-        for l in &p.lanes {
-            println!(
-                "  {:<36} lag {:>9} msgs {:>11} B {:>8.1} s | sent {:>9} recv {:>9} dedup {:>9} | cursor {:>10} in flight {:>2}",
-                l.topic,
-                l.lag_messages,
-                l.lag_bytes,
-                l.lag_ms as f64 / 1000.0,
-                l.sent,
-                l.received,
-                l.deduplicated,
-                l.cursor,
-                l.in_flight
-            );
-        }
-    }
+    print_peers(&stats);
     println!(
         "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10} {:>8}",
         "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS", "CONFL-REF", "CONFL-KEPT", "EXPIRED"
@@ -85,4 +60,34 @@ pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The node's line and one block per peer, with its lanes.
+fn print_peers(stats: &crate::protocol::NodeStats) {
+    println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
+    for p in &stats.peers {
+        let state = if p.connected { "connected" } else { "disconnected" };
+        let last = p.last_link_change_ms.map_or_else(
+            || "never".to_string(),
+            |at| format!("{:.1}s ago", stats.now_ms.saturating_sub(at) as f64 / 1000.0),
+        );
+        println!(
+            "peer {:<20} {state:<12} link bytes sent {} | links up {} replaced {} refused {}, last change {last}",
+            p.name, p.link_bytes_sent, p.link_ups, p.link_replacements, p.link_refusals
+        );
+        for l in &p.lanes {
+            println!(
+                "  {:<36} lag {:>9} msgs {:>11} B {:>8.1} s | sent {:>9} recv {:>9} dedup {:>9} | cursor {:>10} in flight {:>2}",
+                l.topic,
+                l.lag_messages,
+                l.lag_bytes,
+                l.lag_ms as f64 / 1000.0,
+                l.sent,
+                l.received,
+                l.deduplicated,
+                l.cursor,
+                l.in_flight
+            );
+        }
+    }
 }

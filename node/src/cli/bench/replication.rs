@@ -21,6 +21,20 @@ use crate::{
 const NAMESPACE: &str = "bench/repl";
 const TOPIC: &str = "bench/repl/t";
 
+/// How often a wait polls a node's stats.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+/// How often a wait for a link polls (links come up in tens of milliseconds on loopback).
+const LINK_POLL_EVERY: Duration = Duration::from_millis(20);
+/// The longest a link may take to come up before the run fails.
+const LINK_WAIT: Duration = Duration::from_secs(60);
+/// The longest a catch-up (or the mesh run) may take before the run fails.
+const CATCH_UP_MAX: Duration = Duration::from_secs(600);
+const MESH_MAX: Duration = Duration::from_secs(300);
+/// A lag run whose consumer gets nothing for this long has stalled.
+const LAG_STALL: Duration = Duration::from_secs(30);
+/// Time for a namespace edit to reach every node over the links before producing.
+const CATALOGUE_SPREAD: Duration = Duration::from_millis(200);
+
 /// Flags of `rill bench replication`.
 #[derive(Debug, Args)]
 pub(crate) struct ReplicationArgs {
@@ -108,7 +122,7 @@ async fn wait_for(options: &ClientOptions, want: u64, limit: Duration) -> anyhow
         if started.elapsed() > limit {
             bail!("{} did not reach {want} messages within {}s", options.addr, limit.as_secs());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL_EVERY).await;
     }
     Ok(started.elapsed())
 }
@@ -127,7 +141,7 @@ async fn wait_linked(options: &ClientOptions, peer: &str, limit: Duration) -> an
         if started.elapsed() > limit {
             bail!("{} did not link to {peer} within {}s", options.addr, limit.as_secs());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(LINK_POLL_EVERY).await;
     }
 }
 
@@ -178,9 +192,9 @@ async fn catch_up(a: &ReplicationArgs) -> anyhow::Result<()> {
     let local_rate = produce(&bench.options("edge"), "backlog", a.messages, a.size).await?;
     let started = Instant::now();
     let _region = bench.start("region", &[], &["edge"])?;
-    let linked = wait_linked(&bench.options("edge"), "region", Duration::from_secs(60)).await?;
+    let linked = wait_linked(&bench.options("edge"), "region", LINK_WAIT).await?;
     let link_up = Instant::now();
-    wait_for(&bench.options("region"), a.messages, Duration::from_secs(600)).await?;
+    wait_for(&bench.options("region"), a.messages, CATCH_UP_MAX).await?;
     let took = link_up.elapsed();
     let mb = (a.messages * a.size as u64) as f64 / 1e6;
     println!(
@@ -202,7 +216,7 @@ async fn steady_state(a: &ReplicationArgs) -> anyhow::Result<()> {
     let _edge = bench.start("edge", &["region"], &[])?;
     let _region = bench.start("region", &[], &["edge"])?;
     create_namespace(&bench.options("edge"), &["edge", "region"]).await?;
-    wait_linked(&bench.options("edge"), "region", Duration::from_secs(60)).await?;
+    wait_linked(&bench.options("edge"), "region", LINK_WAIT).await?;
     let region = Client::connect(&bench.options("region")).await?;
     let mut consumer = region.subscribe(TOPIC, "lag", StartPosition::Earliest).await?;
     let edge = Client::connect(&bench.options("edge")).await?;
@@ -229,8 +243,7 @@ async fn steady_state(a: &ReplicationArgs) -> anyhow::Result<()> {
         let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
         let clock = crate::env::SystemClock;
         for _ in 0..total {
-            let m =
-                tokio::time::timeout(Duration::from_secs(30), consumer.next()).await.context("lag run stalled")??;
+            let m = tokio::time::timeout(LAG_STALL, consumer.next()).await.context("lag run stalled")??;
             let m = m.context("subscription closed")?;
             let now = crate::env::Clock::now_ms(&clock);
             hist.record(now.saturating_sub(m.message.publish_time_ms))?;
@@ -261,9 +274,9 @@ async fn amplification(a: &ReplicationArgs) -> anyhow::Result<()> {
     ];
     create_namespace(&bench.options("r1"), &names).await?;
     for (n, peer) in [("r1", "r2"), ("r1", "r3"), ("r2", "r3")] {
-        wait_linked(&bench.options(n), peer, Duration::from_secs(60)).await?;
+        wait_linked(&bench.options(n), peer, LINK_WAIT).await?;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await; // the catalogue spreads over the links
+    tokio::time::sleep(CATALOGUE_SPREAD).await;
     eprintln!("bench replication: full mesh of 3, {} x {} B produced at each", a.mesh_messages, a.size);
     let (o1, o2, o3) = (bench.options("r1"), bench.options("r2"), bench.options("r3"));
     let (x, y, z) = tokio::join!(
@@ -275,7 +288,7 @@ async fn amplification(a: &ReplicationArgs) -> anyhow::Result<()> {
     y?;
     z?;
     for n in names {
-        wait_for(&bench.options(n), 3 * a.mesh_messages, Duration::from_secs(300)).await?;
+        wait_for(&bench.options(n), 3 * a.mesh_messages, MESH_MAX).await?;
     }
     let mut link_bytes = 0;
     let mut dedup = 0;

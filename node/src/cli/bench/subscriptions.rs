@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::{ChildNode, payloads, tempfile_in};
 use crate::{
-    client::Client,
+    client::{Client, ClientOptions},
     protocol::{ConsumerOptions, StartPosition, SubscriptionType},
 };
 
@@ -32,9 +32,12 @@ pub(crate) struct SubscriptionArgs {
     dir: std::path::PathBuf,
 }
 
-pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
-    let mut node = ChildNode::start_with(tempfile_in(&a.dir)?, &["--name", "bench-node", "--listen", "127.0.0.1:0"])?;
-    let client = Client::connect(&node.options()).await?;
+/// A consumer that sees nothing this long is done (the others took the rest).
+const QUIET_END: Duration = Duration::from_secs(2);
+/// How often the ack state is sampled during the drain.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+async fn produce_backlog(client: &Client, a: &SubscriptionArgs) -> anyhow::Result<()> {
     eprintln!("bench subscriptions: producing a backlog of {} x {} B", a.messages, a.size);
     let mut p = client.producer(TOPIC, "bench-backlog".into()).await?;
     let mut sent = 0;
@@ -47,50 +50,52 @@ pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
         sent += n;
     }
     p.close().await?;
+    Ok(())
+}
+
+/// One Shared consumer acking every message: how many it got, and when it saw the last.
+async fn drain(options: ClientOptions, i: usize) -> anyhow::Result<(u64, Instant)> {
+    let client = Client::connect(&options).await?;
+    let opts =
+        ConsumerOptions { kind: SubscriptionType::Shared, name: format!("worker-{i}"), ..ConsumerOptions::default() };
+    let mut c = client.subscribe_with(TOPIC, "work", StartPosition::Earliest, opts).await?;
+    let mut got = 0u64;
+    while let Ok(m) = tokio::time::timeout(QUIET_END, c.next()).await {
+        let Some(m) = m? else { break };
+        c.ack(m.offset);
+        got += 1;
+    }
+    c.close().await?;
+    client.close().await;
+    Ok((got, Instant::now() - QUIET_END))
+}
+
+/// The largest ack state of the subscription while consumers ack out of order, sampled
+/// from the node's stats until the backlog is gone.
+async fn sample_ack_state(options: ClientOptions) -> anyhow::Result<u64> {
+    let client = Client::connect(&options).await?;
+    let mut peak = 0;
+    loop {
+        let stats = client.stats().await?;
+        let sub = stats.topics.iter().flat_map(|t| &t.subscriptions).find(|s| s.name == "work");
+        let Some(sub) = sub else { continue };
+        peak = peak.max(sub.ack_state_bytes);
+        if sub.backlog_messages == 0 {
+            client.close().await;
+            return Ok(peak);
+        }
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+}
+
+pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
+    let mut node = ChildNode::start_with(tempfile_in(&a.dir)?, &["--name", "bench-node", "--listen", "127.0.0.1:0"])?;
+    let client = Client::connect(&node.options()).await?;
+    produce_backlog(&client, &a).await?;
     eprintln!("bench subscriptions: draining with {} Shared consumers, one ack per message", a.consumers);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..a.consumers {
-        let options = node.options();
-        tasks.push(tokio::spawn(async move {
-            let client = Client::connect(&options).await?;
-            let opts = ConsumerOptions {
-                kind: SubscriptionType::Shared,
-                name: format!("worker-{i}"),
-                ..ConsumerOptions::default()
-            };
-            let mut c = client.subscribe_with(TOPIC, "work", StartPosition::Earliest, opts).await?;
-            let mut got = 0u64;
-            // A consumer that sees nothing for 2 s is done (the others took the rest).
-            while let Ok(m) = tokio::time::timeout(Duration::from_secs(2), c.next()).await {
-                let Some(m) = m? else { break };
-                c.ack(m.offset);
-                got += 1;
-            }
-            c.close().await?;
-            client.close().await;
-            anyhow::Ok((got, Instant::now()))
-        }));
-    }
-    // The ack state while consumers ack out of order, sampled from the node's stats.
-    let sampler = {
-        let options = node.options();
-        tokio::spawn(async move {
-            let client = Client::connect(&options).await?;
-            let mut peak = 0;
-            loop {
-                let stats = client.stats().await?;
-                let sub = stats.topics.iter().flat_map(|t| &t.subscriptions).find(|s| s.name == "work");
-                let Some(sub) = sub else { continue };
-                peak = peak.max(sub.ack_state_bytes);
-                if sub.backlog_messages == 0 {
-                    client.close().await;
-                    return anyhow::Ok(peak);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let tasks: Vec<_> = (0..a.consumers).map(|i| tokio::spawn(drain(node.options(), i))).collect();
+    let sampler = tokio::spawn(sample_ack_state(node.options()));
     let mut total = 0;
     let mut shares = Vec::new();
     let mut last = started;
@@ -98,8 +103,7 @@ pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
         let (got, done) = t.await??;
         total += got;
         shares.push(got);
-        // Each consumer waited 2 s of silence before it stopped.
-        last = last.max(done - Duration::from_secs(2));
+        last = last.max(done);
     }
     let secs = (last - started).as_secs_f64();
     println!(
@@ -116,7 +120,7 @@ pub(crate) async fn run(a: SubscriptionArgs) -> anyhow::Result<()> {
     println!("ack state during the drain: up to {peak} bytes (sampled every 50 ms)");
     let data = node.stop()?;
     let meta = LogMeta::open(&data.join("meta.log"))?;
-    let key = format!("sub/{TOPIC}/work");
+    let key = rill_storage::keys::cursor(&rill_storage::TopicName::parse(TOPIC)?, "work");
     let record = meta.get(&key)?.map_or(0, |v| v.len());
     println!("ack state in the metadata log: {record} bytes for the subscription's record");
     Ok(())
