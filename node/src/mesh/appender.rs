@@ -12,7 +12,7 @@ use std::{
 
 use rill_replication::core::LinkId;
 use rill_storage::{
-    Message, NodeName, TopicName,
+    Message, NodeName, StorageError, TopicName,
     topic::{AppendOutcome, OnConflict},
 };
 use tokio::sync::mpsc;
@@ -26,6 +26,27 @@ use super::Event;
 const APPEND_QUEUE_MAX: usize = 64;
 /// How long a lane whose append failed (a disk error) waits before its link is dropped.
 const FAILED_APPEND_PAUSE: Duration = Duration::from_secs(1);
+
+/// Why a received batch was not stored. The core closes the link with it as the reason,
+/// and the peer resends the batch on the next link.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AppendError {
+    /// The topic could not be opened or created.
+    #[error("cannot open the topic: {0}")]
+    Open(#[source] StorageError),
+    /// The topic is closing (the node is stopping).
+    #[error("the topic is closing")]
+    Closing,
+    /// The group commit ended without an answer.
+    #[error("the write was abandoned")]
+    Abandoned,
+    /// The write or its sync failed.
+    #[error("{0}")]
+    Write(#[source] StorageError),
+    /// A conflicting content could not be kept aside.
+    #[error("cannot keep a conflicting content: {0}")]
+    Conflicts(#[source] StorageError),
+}
 
 /// The driver's handle on a running appender.
 pub(super) struct AppenderHandle {
@@ -109,15 +130,18 @@ impl Appender {
     }
 
     /// Stores a batch durably; `Ok` with the number of messages already held.
-    async fn append(&self, messages: Vec<Message>) -> Result<u64, String> {
-        let topic = self.ctx.registry.topic(&self.topic).await.map_err(|e| e.to_string())?;
-        let reply =
-            topic.append(messages, OnConflict::SetAside).await.ok_or_else(|| "the topic is closing".to_string())?;
-        let appended = reply.await.map_err(|_| "the write was abandoned".to_string())?;
-        let outcomes = appended.result.map_err(|e| e.to_string())?;
+    async fn append(&self, messages: Vec<Message>) -> Result<u64, AppendError> {
+        let topic = self.ctx.registry.topic(&self.topic).await.map_err(AppendError::Open)?;
+        let reply = topic.append(messages, OnConflict::SetAside).await.ok_or(AppendError::Closing)?;
+        let appended = reply.await.map_err(|_| AppendError::Abandoned)?;
+        let outcomes = appended.result.map_err(AppendError::Write)?;
         if !appended.set_aside.is_empty() {
             // Kept before the batch is acked: the peer may drop it once it is.
-            self.ctx.conflicts.keep(&self.topic, &self.peer, appended.set_aside).await.map_err(|e| e.to_string())?;
+            self.ctx
+                .conflicts
+                .keep(&self.topic, &self.peer, appended.set_aside)
+                .await
+                .map_err(AppendError::Conflicts)?;
         }
         Ok(outcomes.iter().filter(|o| matches!(o, AppendOutcome::Duplicate { .. })).count() as u64)
     }

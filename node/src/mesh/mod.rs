@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use self::{
-    appender::{AppenderHandle, Queued},
+    appender::{AppendError, AppenderHandle, Queued},
     dialer::Dialer,
     link::LinkConn,
 };
@@ -86,7 +86,7 @@ pub(crate) enum Event {
     LinkClosed { peer: NodeName, link: LinkId },
     Message { peer: NodeName, link: LinkId, message: PeerMessage },
     Read { peer: NodeName, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
-    Appended { peer: NodeName, link: LinkId, topic: TopicName, batch: u64, result: Result<u64, String> },
+    Appended { peer: NodeName, link: LinkId, topic: TopicName, batch: u64, result: Result<u64, AppendError> },
     Edit { namespace: NamespaceName, edit: Edit, reply: oneshot::Sender<Result<(), NodeError>> },
     Config { reply: oneshot::Sender<ConfigDoc> },
     Stats { reply: oneshot::Sender<Vec<PeerStats>> },
@@ -249,7 +249,7 @@ impl Driver {
                 self.rep.handle_read(&peer, &topic, ticket, messages);
             }
             Event::Appended { peer, link, topic, batch, result } => {
-                self.rep.handle_appended(now, &peer, link, &topic, batch, result);
+                self.rep.handle_appended(now, &peer, link, &topic, batch, result.map_err(|e| e.to_string()));
             }
             Event::Edit { namespace, edit, reply } => {
                 if let Err(e) = self.rep.edit_config(&namespace, edit, now) {
