@@ -32,6 +32,8 @@ pub(crate) async fn serve(
     recv: RecvStream,
 ) {
     let mut buf = Vec::new();
+    // Unbounded: the dispatcher has at most `consumer_unacked_messages_max` messages
+    // pending at this consumer, so that bounds what waits here (see `Deliveries`).
     let (deliver, mut deliveries) = mpsc::unbounded_channel();
     let (commands, consumer, start_offset) = match attach(&subs, request, deliver).await {
         Ok(a) => a,
