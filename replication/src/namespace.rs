@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crdts::LWWReg;
-use rill_storage::{NodeName, name::check_part};
+use rill_storage::{NamespaceName, NodeName, name::check_part};
 use serde::{Deserialize, Serialize};
 
 use crate::hlc::Hlc;
@@ -24,7 +24,8 @@ use crate::hlc::Hlc;
 pub struct Stamp {
     /// Hybrid logical time of the edit.
     pub hlc: Hlc,
-    /// The node that made the edit (breaks ties between equal times).
+    /// The node that made the edit (breaks ties between equal times). A string, not a
+    /// `NodeName`: a field never written carries the default stamp, whose node is empty.
     pub node: String,
 }
 
@@ -45,7 +46,7 @@ pub enum OnFull {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespacePolicy {
     /// Nodes that must hold the namespace.
-    pub clusters: Field<BTreeSet<String>>,
+    pub clusters: Field<BTreeSet<NodeName>>,
     /// Keep messages at most this long (seconds); `None`: no age limit.
     pub retention_age_s: Field<Option<u64>>,
     /// Keep at most this many bytes per topic; `None`: no size limit.
@@ -70,7 +71,7 @@ pub const CATALOGUE_VERSION: u8 = 2;
 /// The policy of wave 1 (catalogue version 1, stored without a version byte).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct NamespacePolicyV1 {
-    clusters: Field<BTreeSet<String>>,
+    clusters: Field<BTreeSet<NodeName>>,
     retention_age_s: Field<Option<u64>>,
     retention_bytes: Field<Option<u64>>,
     retention_messages: Field<Option<u64>>,
@@ -81,7 +82,7 @@ struct NamespacePolicyV1 {
 /// The catalogue of wave 1.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ConfigDocV1 {
-    namespaces: BTreeMap<String, NamespacePolicyV1>,
+    namespaces: BTreeMap<NamespaceName, NamespacePolicyV1>,
 }
 
 /// A change made on one node.
@@ -90,7 +91,7 @@ pub enum Edit {
     /// Creates the namespace (a no-op if it exists).
     Create,
     /// Sets the nodes that hold it.
-    SetClusters(BTreeSet<String>),
+    SetClusters(BTreeSet<NodeName>),
     /// Sets the retention age.
     RetentionAge(Option<u64>),
     /// Sets the retention size.
@@ -196,7 +197,7 @@ impl NamespacePolicy {
 /// is a valid delta: merging it changes only those.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigDoc {
-    namespaces: BTreeMap<String, NamespacePolicy>,
+    namespaces: BTreeMap<NamespaceName, NamespacePolicy>,
 }
 
 impl ConfigDoc {
@@ -216,21 +217,21 @@ impl ConfigDoc {
     }
 
     /// Applies a local edit stamped `stamp`; returns the delta to gossip.
-    pub fn apply(&mut self, namespace: &str, edit: Edit, stamp: Stamp) -> Result<ConfigDoc, EditError> {
-        check_namespace(namespace)?;
+    pub fn apply(&mut self, namespace: &NamespaceName, edit: Edit, stamp: Stamp) -> Result<ConfigDoc, EditError> {
         if let Edit::SetClusters(nodes) = &edit {
+            // Names that came over the wire were not validated on the way in.
             for n in nodes {
-                NodeName::parse(n).map_err(|e| EditError::Node(e.to_string()))?;
+                NodeName::parse(n.as_str()).map_err(|e| EditError::Node(e.to_string()))?;
             }
         }
         let policy = match (&edit, self.namespaces.get_mut(namespace)) {
             (_, Some(p)) => p,
-            (Edit::Create, None) => self.namespaces.entry(namespace.to_string()).or_default(),
+            (Edit::Create, None) => self.namespaces.entry(namespace.clone()).or_default(),
             (_, None) => return Err(EditError::Unknown(namespace.to_string())),
         };
         policy.apply(edit, stamp);
         let mut delta = ConfigDoc::default();
-        delta.namespaces.insert(namespace.to_string(), policy.clone());
+        delta.namespaces.insert(namespace.clone(), policy.clone());
         Ok(delta)
     }
 
@@ -240,12 +241,12 @@ impl ConfigDoc {
     }
 
     /// Every namespace, in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &NamespacePolicy)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&NamespaceName, &NamespacePolicy)> {
         self.namespaces.iter()
     }
 
     /// True when `namespace` lists both nodes in its clusters.
-    pub fn replicates_between(&self, namespace: &str, a: &str, b: &str) -> bool {
+    pub fn replicates_between(&self, namespace: &NamespaceName, a: &NodeName, b: &NodeName) -> bool {
         self.namespaces.get(namespace).is_some_and(|p| p.clusters.val.contains(a) && p.clusters.val.contains(b))
     }
 
@@ -307,37 +308,45 @@ mod tests {
         Stamp { hlc: Hlc { wall_ms: ms, logical: 0 }, node: node.into() }
     }
 
+    fn ns(name: &str) -> NamespaceName {
+        NamespaceName::parse(name).unwrap()
+    }
+
+    fn nodes(names: &[&str]) -> BTreeSet<NodeName> {
+        names.iter().map(|n| NodeName::parse(n).unwrap()).collect()
+    }
+
     fn clusters(names: &[&str]) -> Edit {
-        Edit::SetClusters(names.iter().map(|s| s.to_string()).collect())
+        Edit::SetClusters(nodes(names))
     }
 
     #[test]
     fn partitioned_edits_converge_whatever_the_merge_order() {
         let mut a = ConfigDoc::default();
         let mut b = ConfigDoc::default();
-        a.apply("acme/sensors", Edit::Create, stamp(1, "a")).unwrap();
+        a.apply(&ns("acme/sensors"), Edit::Create, stamp(1, "a")).unwrap();
         b.merge(&a);
         // Partition: both edit clusters; a also edits retention.
-        a.apply("acme/sensors", clusters(&["a", "x"]), stamp(10, "a")).unwrap();
-        a.apply("acme/sensors", Edit::RetentionAge(Some(3600)), stamp(11, "a")).unwrap();
-        b.apply("acme/sensors", clusters(&["b", "y"]), stamp(12, "b")).unwrap();
+        a.apply(&ns("acme/sensors"), clusters(&["a", "x"]), stamp(10, "a")).unwrap();
+        a.apply(&ns("acme/sensors"), Edit::RetentionAge(Some(3600)), stamp(11, "a")).unwrap();
+        b.apply(&ns("acme/sensors"), clusters(&["b", "y"]), stamp(12, "b")).unwrap();
         let (mut ab, mut ba) = (a.clone(), b.clone());
         ab.merge(&b);
         ba.merge(&a);
         ba.merge(&a); // repetition is harmless
         assert_eq!(ab, ba);
         let p = ab.get("acme/sensors").unwrap();
-        assert_eq!(p.clusters.val, ["b", "y"].iter().map(|s| s.to_string()).collect(), "later edit wins");
+        assert_eq!(p.clusters.val, nodes(&["b", "y"]), "later edit wins");
         assert_eq!(p.retention_age_s.val, Some(3600), "an edit of another field survives");
     }
 
     #[test]
     fn equal_times_are_broken_by_node_name() {
         let mut a = ConfigDoc::default();
-        a.apply("t/n", Edit::Create, stamp(1, "a")).unwrap();
+        a.apply(&ns("t/n"), Edit::Create, stamp(1, "a")).unwrap();
         let mut b = a.clone();
-        a.apply("t/n", clusters(&["a"]), stamp(5, "a")).unwrap();
-        b.apply("t/n", clusters(&["b"]), stamp(5, "b")).unwrap();
+        a.apply(&ns("t/n"), clusters(&["a"]), stamp(5, "a")).unwrap();
+        b.apply(&ns("t/n"), clusters(&["b"]), stamp(5, "b")).unwrap();
         a.merge(&b);
         b.merge(&a);
         assert_eq!(a, b);
@@ -347,24 +356,27 @@ mod tests {
     #[test]
     fn merge_reports_only_what_changed() {
         let mut a = ConfigDoc::default();
-        a.apply("t/one", Edit::Create, stamp(1, "a")).unwrap();
-        a.apply("t/two", Edit::Create, stamp(1, "a")).unwrap();
+        a.apply(&ns("t/one"), Edit::Create, stamp(1, "a")).unwrap();
+        a.apply(&ns("t/two"), Edit::Create, stamp(1, "a")).unwrap();
         let mut b = a.clone();
-        let delta = b.apply("t/two", clusters(&["a", "b"]), stamp(2, "b")).unwrap();
+        let delta = b.apply(&ns("t/two"), clusters(&["a", "b"]), stamp(2, "b")).unwrap();
         let changed = a.merge(&delta);
         assert_eq!(changed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["t/two"]);
         assert!(a.merge(&b).is_empty(), "nothing new the second time");
-        assert!(a.replicates_between("t/two", "a", "b") && !a.replicates_between("t/one", "a", "b"));
+        let (x, y) = (NodeName::parse("a").unwrap(), NodeName::parse("b").unwrap());
+        assert!(a.replicates_between(&ns("t/two"), &x, &y) && !a.replicates_between(&ns("t/one"), &x, &y));
     }
 
     #[test]
     fn bad_edits_are_refused_by_name() {
         let mut d = ConfigDoc::default();
-        assert!(matches!(d.apply("acme", Edit::Create, stamp(1, "a")), Err(EditError::Name { .. })));
-        assert!(matches!(d.apply("acme/x y", Edit::Create, stamp(1, "a")), Err(EditError::Name { .. })));
-        assert_eq!(d.apply("acme/s", clusters(&["a"]), stamp(1, "a")), Err(EditError::Unknown("acme/s".into())));
-        d.apply("acme/s", Edit::Create, stamp(1, "a")).unwrap();
-        let err = d.apply("acme/s", clusters(&["bad node"]), stamp(2, "a")).unwrap_err().to_string();
+        assert!(matches!(check_namespace("acme"), Err(EditError::Name { .. })));
+        assert!(matches!(check_namespace("acme/x y"), Err(EditError::Name { .. })));
+        assert_eq!(d.apply(&ns("acme/s"), clusters(&["a"]), stamp(1, "a")), Err(EditError::Unknown("acme/s".into())));
+        d.apply(&ns("acme/s"), Edit::Create, stamp(1, "a")).unwrap();
+        // A name that came over the wire is not validated on the way in; the edit checks it.
+        let wire: NodeName = postcard::from_bytes(&postcard::to_stdvec("bad node").unwrap()).unwrap();
+        let err = d.apply(&ns("acme/s"), Edit::SetClusters([wire].into()), stamp(2, "a")).unwrap_err().to_string();
         assert!(err.contains("'bad node'"), "{err}");
     }
 
@@ -373,7 +385,7 @@ mod tests {
         let mut v1 = ConfigDocV1::default();
         let mut p = NamespacePolicyV1::default();
         p.retention_age_s.update(Some(3600), stamp(4, "a"));
-        v1.namespaces.insert("t/n".into(), p);
+        v1.namespaces.insert(ns("t/n"), p);
         let doc = ConfigDoc::decode_v1(&postcard::to_stdvec(&v1).unwrap()).unwrap();
         let policy = doc.get("t/n").unwrap();
         assert_eq!((policy.retention_age_s.val, policy.dedup_horizon_s.val), (Some(3600), None));
@@ -385,10 +397,10 @@ mod tests {
     #[test]
     fn the_dedup_horizon_is_never_below_the_retention_age() {
         let mut d = ConfigDoc::default();
-        d.apply("t/n", Edit::Create, stamp(1, "a")).unwrap();
-        d.apply("t/n", Edit::DedupHorizon(Some(60)), stamp(2, "a")).unwrap();
+        d.apply(&ns("t/n"), Edit::Create, stamp(1, "a")).unwrap();
+        d.apply(&ns("t/n"), Edit::DedupHorizon(Some(60)), stamp(2, "a")).unwrap();
         assert_eq!(d.get("t/n").unwrap().dedup_horizon_ms(), 60_000);
-        d.apply("t/n", Edit::RetentionAge(Some(7200)), stamp(3, "a")).unwrap();
+        d.apply(&ns("t/n"), Edit::RetentionAge(Some(7200)), stamp(3, "a")).unwrap();
         assert_eq!(d.get("t/n").unwrap().dedup_horizon_ms(), 7_200_000);
     }
 }

@@ -99,7 +99,11 @@ pub(crate) async fn run(cmd: NsCommand) -> anyhow::Result<()> {
     match cmd {
         NsCommand::Create(a) => edit(&a, vec![Edit::Create]).await,
         NsCommand::SetClusters { ns, clusters } => {
-            let set: BTreeSet<String> = clusters.into_iter().filter(|c| !c.is_empty()).collect();
+            let set = clusters
+                .iter()
+                .filter(|c| !c.is_empty())
+                .map(|c| rill_storage::NodeName::parse(c))
+                .collect::<Result<BTreeSet<_>, _>>()?;
             if set.is_empty() {
                 bail!("--clusters needs at least one node name");
             }
@@ -164,7 +168,7 @@ async fn get(namespace: Option<String>, conn: &Conn, json: bool) -> anyhow::Resu
     let client = conn.connect().await?;
     let doc = client.ns_get().await?;
     client.close().await;
-    let chosen: Vec<_> = doc.iter().filter(|(n, _)| namespace.as_ref().is_none_or(|want| want == *n)).collect();
+    let chosen: Vec<_> = doc.iter().filter(|(n, _)| namespace.as_ref().is_none_or(|want| want == n.as_str())).collect();
     if let (Some(want), true) = (&namespace, chosen.is_empty()) {
         bail!("namespace '{want}' does not exist on this node");
     }
@@ -192,7 +196,7 @@ async fn get(namespace: Option<String>, conn: &Conn, json: bool) -> anyhow::Resu
         return Ok(());
     }
     for (name, p) in chosen {
-        let clusters: Vec<&str> = p.clusters.val.iter().map(String::as_str).collect();
+        let clusters: Vec<&str> = p.clusters.val.iter().map(rill_storage::NodeName::as_str).collect();
         println!("{name}");
         println!("  clusters        {}", clusters.join(","));
         println!("  retention age   {} s", show(&p.retention_age_s.val));

@@ -474,7 +474,7 @@ mod tests {
         assert!(load_catalogue(&meta).unwrap().is_empty());
         let mut doc = ConfigDoc::default();
         let stamp = Stamp { hlc: Hlc { wall_ms: 1, logical: 0 }, node: "a".into() };
-        doc.apply("t/n", Edit::Create, stamp).unwrap();
+        doc.apply(&rill_storage::NamespaceName::parse("t/n").unwrap(), Edit::Create, stamp).unwrap();
         // Wave 1 stored the document's postcard form, without a version byte, here.
         meta.put(keys::CATALOGUE_V1, &doc.encode()[1..]).unwrap();
         assert!(load_catalogue(&meta).unwrap().get("t/n").is_some());

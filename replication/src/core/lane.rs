@@ -165,7 +165,7 @@ impl Replicator {
     /// Starts a read on the lane if it may ship and has room.
     pub(super) fn pump(&mut self, peer: &NodeName, topic: &TopicName) {
         let end = self.topics.get(topic).copied().unwrap_or(0);
-        let ships = self.config.replicates_between(namespace_of(topic).as_str(), self.node.as_str(), peer.as_str());
+        let ships = self.config.replicates_between(&namespace_of(topic), &self.node, peer);
         let Some(p) = self.peers.get_mut(peer) else { return };
         if p.links.greeted().is_none() || !ships {
             return;

@@ -224,7 +224,7 @@ impl Replicator {
         let namespace = namespace_of(topic);
         self.peers
             .iter()
-            .filter(|(peer, _)| self.config.replicates_between(namespace.as_str(), self.node.as_str(), peer.as_str()))
+            .filter(|(peer, _)| self.config.replicates_between(&namespace, &self.node, peer))
             .map(|(_, p)| p.lanes.get(topic).map_or(0, Lane::durable_cursor))
             .min()
             .unwrap_or(u64::MAX)
@@ -346,7 +346,7 @@ impl Replicator {
     /// A local config edit (from an admin command), stamped at `wall_ms`.
     pub fn edit_config(&mut self, namespace: &NamespaceName, edit: Edit, wall_ms: u64) -> Result<(), EditError> {
         let stamp = Stamp { hlc: self.clock.tick(wall_ms), node: self.node.to_string() };
-        let delta = self.config.apply(namespace.as_str(), edit, stamp)?;
+        let delta = self.config.apply(namespace, edit, stamp)?;
         self.config_changed(delta, None);
         Ok(())
     }
@@ -385,7 +385,7 @@ impl Replicator {
         let mut out = Vec::new();
         for (peer, p) in &self.peers {
             for (topic, lane) in &p.lanes {
-                if !self.config.replicates_between(namespace_of(topic).as_str(), self.node.as_str(), peer.as_str()) {
+                if !self.config.replicates_between(&namespace_of(topic), &self.node, peer) {
                     continue;
                 }
                 let end = self.topics.get(topic).copied().unwrap_or(0);

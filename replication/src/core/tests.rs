@@ -129,7 +129,7 @@ impl Mesh {
             mesh.node(b).rep.add_peer(nn(a));
         }
         let first = names[0];
-        let all: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+        let all: BTreeSet<NodeName> = names.iter().map(|s| nn(s)).collect();
         mesh.node(first).rep.edit_config(&ns("t/ns"), Edit::Create, 1).unwrap();
         mesh.node(first).rep.edit_config(&ns("t/ns"), Edit::SetClusters(all), 2).unwrap();
         mesh
@@ -527,12 +527,12 @@ fn a_restarted_replicator_resumes_from_its_cursor_and_the_peer_summary() {
 fn namespaces_outside_the_clusters_stay_home_until_added() {
     let mut mesh = Mesh::new(&["a", "b"], &[("a", "b")], 5);
     mesh.node("a").rep.edit_config(&ns("t/private"), Edit::Create, 10).unwrap();
-    let only_a: BTreeSet<String> = ["a".to_string()].into();
+    let only_a: BTreeSet<NodeName> = [nn("a")].into();
     mesh.node("a").rep.edit_config(&ns("t/private"), Edit::SetClusters(only_a), 11).unwrap();
     mesh.produce("a", "t/private/x", "p", 0..5);
     mesh.heal();
     assert!(!mesh.node("b").logs.contains_key(&topic("t/private/x")));
-    let both: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+    let both: BTreeSet<NodeName> = [nn("a"), nn("b")].into();
     mesh.node("b").rep.edit_config(&ns("t/private"), Edit::SetClusters(both), 12).unwrap();
     mesh.run(0);
     assert_eq!(mesh.node("b").logs[&topic("t/private/x")].len(), 5);
@@ -544,8 +544,8 @@ fn config_edits_during_a_partition_converge_after_heal() {
     let mut mesh = Mesh::new(&["a", "b", "c"], &[("a", "b"), ("b", "c")], 6);
     mesh.heal();
     mesh.set_link("a", "b", false);
-    let ab: BTreeSet<String> = ["a".into(), "b".into()].into();
-    let bc: BTreeSet<String> = ["b".into(), "c".into()].into();
+    let ab: BTreeSet<NodeName> = [nn("a"), nn("b")].into();
+    let bc: BTreeSet<NodeName> = [nn("b"), nn("c")].into();
     mesh.node("a").rep.edit_config(&ns("t/ns"), Edit::SetClusters(ab), 100).unwrap();
     mesh.node("c").rep.edit_config(&ns("t/ns"), Edit::SetClusters(bc.clone()), 200).unwrap();
     mesh.node("a").rep.edit_config(&ns("t/ns"), Edit::RetentionAge(Some(60)), 300).unwrap();

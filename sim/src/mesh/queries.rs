@@ -13,7 +13,7 @@ use rill_node::{
     protocol::{NodeStats, SeekTarget, StartPosition},
 };
 use rill_replication::namespace::{ConfigDoc, Edit};
-use rill_storage::message::StoredMessage;
+use rill_storage::{NodeName, message::StoredMessage};
 
 use super::Mesh;
 use crate::{client::Ctx, clock::sim_now};
@@ -171,7 +171,8 @@ impl Mesh {
                     let (ns, clusters) = (ns.clone(), clusters.clone());
                     async move {
                         c.ns_edit(&ns, Edit::Create).await?;
-                        c.ns_edit(&ns, Edit::SetClusters(clusters)).await
+                        let names = clusters.iter().map(|n| NodeName::parse(n).expect("checked by the builder"));
+                        c.ns_edit(&ns, Edit::SetClusters(names.collect())).await
                     }
                 })
                 .await?;
@@ -250,7 +251,8 @@ async fn converged(ctx: &Ctx, namespace: &str, up: &[String]) -> Result<(), Stri
         return Err(format!("{node} holds another catalogue than {}", docs.keys().next().expect("one")));
     }
     let policy = first.get(namespace).ok_or_else(|| format!("no node knows {namespace}"))?;
-    let clusters = &policy.clusters.val;
+    let clusters: BTreeSet<String> = policy.clusters.val.iter().map(ToString::to_string).collect();
+    let clusters = &clusters;
     let prefix = format!("{namespace}/");
     let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for node in clusters {

@@ -44,7 +44,8 @@ pub(super) struct Collected {
 
 /// The namespace's clusters as the (first) node's catalogue has them.
 pub(super) fn final_clusters(catalogues: &BTreeMap<String, ConfigDoc>) -> BTreeSet<String> {
-    catalogues.values().next().and_then(|c| c.get(NAMESPACE)).map(|p| p.clusters.val.clone()).unwrap_or_default()
+    let policy = catalogues.values().next().and_then(|c| c.get(NAMESPACE));
+    policy.map(|p| p.clusters.val.iter().map(ToString::to_string).collect()).unwrap_or_default()
 }
 
 /// Invariants 1-4 over what the checker and the subscriber read.

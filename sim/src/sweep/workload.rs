@@ -11,6 +11,7 @@ use rill_node::{
     protocol::StartPosition,
 };
 use rill_replication::namespace::Edit;
+use rill_storage::NodeName;
 
 use super::{
     NAMESPACE, TOPIC,
@@ -110,6 +111,11 @@ impl Route<'_> {
     }
 }
 
+/// A plan's node names (valid: the plan draws them).
+fn node_names(names: &BTreeSet<String>) -> BTreeSet<NodeName> {
+    names.iter().map(|n| NodeName::parse(n).expect("plans draw valid node names")).collect()
+}
+
 /// A new producer session as the plan's producer opens one: a new epoch, or epoch 0 with
 /// its own seqs.
 async fn open_producer(client: &Client, plan: &ProducerPlan) -> Result<Producer, ClientError> {
@@ -138,7 +144,7 @@ pub(super) async fn produce(ctx: &Ctx, run: &ProducerRun, record: &Record) {
     let mut client = route.connect(ctx, record).await;
     if let Some(clusters) = &run.creates_namespace {
         while client.ns_edit(NAMESPACE, Edit::Create).await.is_err()
-            || client.ns_edit(NAMESPACE, Edit::SetClusters(clusters.clone())).await.is_err()
+            || client.ns_edit(NAMESPACE, Edit::SetClusters(node_names(clusters))).await.is_err()
         {
             client = connect_retrying(ctx, &plan.home).await;
         }
@@ -201,7 +207,7 @@ pub(super) async fn operate(ctx: &Ctx, edits: &[ClustersEdit], give_up: Duration
         tokio::time::sleep(edit.at.saturating_sub(now())).await;
         while now() < give_up {
             if let Some(client) = connect(ctx, &edit.via).await
-                && client.ns_edit(NAMESPACE, Edit::SetClusters(edit.clusters.clone())).await.is_ok()
+                && client.ns_edit(NAMESPACE, Edit::SetClusters(node_names(&edit.clusters))).await.is_ok()
             {
                 break;
             }

@@ -86,7 +86,8 @@ impl Rill {
         if with_cloud {
             let client = Client::connect(&rill.edge_options()).await?;
             client.ns_edit(NAMESPACE, Edit::Create).await?;
-            let clusters: BTreeSet<String> = ["edge", "cloud"].iter().map(|s| s.to_string()).collect();
+            let clusters: BTreeSet<rill_storage::NodeName> =
+                ["edge", "cloud"].iter().map(|s| rill_storage::NodeName::parse(s)).collect::<Result<_, _>>()?;
             client.ns_edit(NAMESPACE, Edit::SetClusters(clusters)).await?;
         }
         Ok(rill)

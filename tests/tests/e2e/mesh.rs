@@ -1,6 +1,6 @@
 //! The mesh end to end: real nodes on loopback replicating namespaces to each other.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -10,7 +10,7 @@ use rill_node::client::{Client, Outgoing};
 use rill_replication::namespace::Edit;
 use tokio::time::Instant;
 
-use crate::support::{TestNode, read_seqs};
+use crate::support::{TestNode, nodes, read_seqs, replicates};
 
 pub(crate) const TOPIC: &str = "acme/sensors/temp";
 
@@ -137,8 +137,7 @@ async fn check_exactly_once_in_order(node: &TestNode, producers: &BTreeMap<Strin
 pub(crate) async fn create_namespace(node: &TestNode, clusters: &[&str]) {
     let client = node.client().await;
     client.ns_edit("acme/sensors", Edit::Create).await.expect("create");
-    let set: BTreeSet<String> = clusters.iter().map(|s| s.to_string()).collect();
-    client.ns_edit("acme/sensors", Edit::SetClusters(set)).await.expect("set clusters");
+    client.ns_edit("acme/sensors", Edit::SetClusters(nodes(clusters))).await.expect("set clusters");
     client.close().await;
 }
 
@@ -167,7 +166,7 @@ async fn an_edge_backlog_reaches_both_regions_through_its_one_uplink() {
     }
     let client = r2.client().await;
     let doc = client.ns_get().await.expect("ns get");
-    assert!(doc.replicates_between("acme/sensors", "edge", "r2"), "the catalogue reached r2 through r1");
+    assert!(replicates(&doc, "acme/sensors", "edge", "r2"), "the catalogue reached r2 through r1");
     let stats = r1.client().await.stats().await.expect("stats");
     let lanes: Vec<u64> = stats.peers.iter().flat_map(|p| p.lanes.iter().map(|l| l.lag_messages)).collect();
     assert!(!lanes.is_empty() && lanes.iter().all(|&l| l == 0), "r1 reports no lag: {:?}", stats.peers);
@@ -222,10 +221,10 @@ async fn cluster_edits_on_partitioned_nodes_converge_after_heal() {
     let ca = a.client().await;
     let cb = b.client().await;
     ca.ns_edit("acme/sensors", Edit::Create).await.expect("create on a");
-    ca.ns_edit("acme/sensors", Edit::SetClusters(["a".into(), "r".into()].into())).await.expect("edit on a");
+    ca.ns_edit("acme/sensors", Edit::SetClusters(nodes(&["a", "r"]))).await.expect("edit on a");
     cb.ns_edit("acme/sensors", Edit::Create).await.expect("create on b");
     tokio::time::sleep(Duration::from_millis(20)).await; // b's edit is the later one
-    cb.ns_edit("acme/sensors", Edit::SetClusters(["b".into(), "r".into()].into())).await.expect("edit on b");
+    cb.ns_edit("acme/sensors", Edit::SetClusters(nodes(&["b", "r"]))).await.expect("edit on b");
     ca.ns_edit("acme/sensors", Edit::RetentionAge(Some(3600))).await.expect("policy on a");
     let r = mesh.start("r");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -234,7 +233,7 @@ async fn cluster_edits_on_partitioned_nodes_converge_after_heal() {
             [ca.ns_get().await.expect("a"), cb.ns_get().await.expect("b"), r.client().await.ns_get().await.expect("r")];
         if docs[0] == docs[1] && docs[1] == docs[2] {
             let p = docs[0].get("acme/sensors").expect("namespace");
-            assert_eq!(p.clusters.val, ["b".to_string(), "r".to_string()].into(), "the later edit wins");
+            assert_eq!(p.clusters.val, nodes(&["b", "r"]), "the later edit wins");
             assert_eq!(p.retention_age_s.val, Some(3600), "a's edit of another field survives");
             break;
         }

@@ -19,7 +19,7 @@ use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
     mesh::{MeshDir, TOPIC, create_namespace, end_offset},
-    support::{TestNode, options, read_seqs},
+    support::{TestNode, options, read_seqs, replicates},
 };
 
 const NODES: [(&str, &str); 3] = [("ra", "127.0.0.2"), ("rb", "127.0.0.3"), ("rc", "127.0.0.4")];
@@ -267,7 +267,7 @@ async fn run_schedule(seed: u64) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let doc = node.client().await.ns_get().await.expect("ns get");
-            if doc.replicates_between("acme/sensors", "ra", n) {
+            if replicates(&doc, "acme/sensors", "ra", n) {
                 break;
             }
             assert!(Instant::now() < deadline, "the catalogue did not reach {n}");

@@ -347,3 +347,15 @@ pub(crate) async fn eventually(timeout: Duration, mut done: impl FnMut() -> bool
     }
     done()
 }
+
+/// Node names for a clusters edit.
+pub(crate) fn nodes(names: &[&str]) -> std::collections::BTreeSet<rill_storage::NodeName> {
+    names.iter().map(|n| rill_storage::NodeName::parse(n).expect("a valid node name")).collect()
+}
+
+/// Whether `doc` replicates `namespace` between nodes `a` and `b`.
+pub(crate) fn replicates(doc: &rill_replication::namespace::ConfigDoc, namespace: &str, a: &str, b: &str) -> bool {
+    let ns = rill_storage::NamespaceName::parse(namespace).expect("a valid namespace name");
+    let name = |n: &str| rill_storage::NodeName::parse(n).expect("a valid node name");
+    doc.replicates_between(&ns, &name(a), &name(b))
+}

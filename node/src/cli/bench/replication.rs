@@ -148,7 +148,7 @@ async fn wait_linked(options: &ClientOptions, peer: &str, limit: Duration) -> an
 async fn create_namespace(options: &ClientOptions, clusters: &[&str]) -> anyhow::Result<()> {
     let client = Client::connect(options).await?;
     client.ns_edit(NAMESPACE, Edit::Create).await?;
-    let set: BTreeSet<String> = clusters.iter().map(|s| s.to_string()).collect();
+    let set = clusters.iter().map(|s| rill_storage::NodeName::parse(s)).collect::<Result<BTreeSet<_>, _>>()?;
     client.ns_edit(NAMESPACE, Edit::SetClusters(set)).await?;
     client.close().await;
     Ok(())
