@@ -222,6 +222,17 @@ mod tests {
         assert!(NodeName::parse("").is_err());
     }
 
+    /// Catalogues, Hellos and clients' edits carried these names as strings before they
+    /// had types: the encoding must stay a string's.
+    #[test]
+    fn typed_names_encode_as_their_strings() {
+        let as_str = |s: &str| postcard::to_stdvec(s).unwrap();
+        assert_eq!(postcard::to_stdvec(&NodeName::parse("eu-1").unwrap()).unwrap(), as_str("eu-1"));
+        assert_eq!(postcard::to_stdvec(&NamespaceName::parse("t/n").unwrap()).unwrap(), as_str("t/n"));
+        let back: NodeName = postcard::from_bytes(&as_str("eu-1")).unwrap();
+        assert_eq!(back.as_str(), "eu-1");
+    }
+
     #[test]
     fn namespace_names() {
         let ns = NamespaceName::parse("acme/sensors").unwrap();
