@@ -302,7 +302,14 @@ impl Mounted {
 
     fn detach(&mut self) -> io::Result<()> {
         match self.session.take() {
-            Some(s) => s.umount_and_join(),
+            Some(s) => match s.umount_and_join() {
+                // The unmount went through; the session's reader then saw the kernel end
+                // the connection as aborted rather than gone (ENODEV, which fuser takes
+                // as a clean end). Either way the mount is gone. (Seen in CI: about one
+                // cut in a few hundred.)
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => Ok(()),
+                other => other,
+            },
             None => Ok(()),
         }
     }
