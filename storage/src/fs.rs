@@ -92,8 +92,58 @@ impl FileSystem for StdFs {
     }
 }
 
-/// Real files for tests, with faults: while `failing` is set, syncs and truncations (and,
-/// with `fail_writes`, writes) fail with `errno` (EIO by default). Directory syncs are recorded.
+/// The real file system with every opened file wrapped, and directory syncs passed to
+/// `sync_dir`: how a test puts a fault, a cap or a recorder in front of the disk without
+/// writing the rest of [`FileSystem`] again.
+pub struct WrappedStdFs {
+    wrap: Box<WrapFile>,
+    sync_dir: Box<SyncDir>,
+}
+
+/// What [`WrappedStdFs`] puts around each opened file.
+type WrapFile = dyn Fn(Arc<dyn LogFile>) -> Arc<dyn LogFile> + Send + Sync;
+/// What [`WrappedStdFs`] does for a directory sync.
+type SyncDir = dyn Fn(&Path) -> io::Result<()> + Send + Sync;
+
+impl WrappedStdFs {
+    /// Real files, each wrapped by `wrap` when opened; directory syncs are real.
+    pub fn new(wrap: impl Fn(Arc<dyn LogFile>) -> Arc<dyn LogFile> + Send + Sync + 'static) -> WrappedStdFs {
+        WrappedStdFs { wrap: Box::new(wrap), sync_dir: Box::new(|path| StdFs.sync_dir(path)) }
+    }
+
+    /// Directory syncs run `sync_dir` instead.
+    pub fn with_sync_dir(self, sync_dir: impl Fn(&Path) -> io::Result<()> + Send + Sync + 'static) -> WrappedStdFs {
+        WrappedStdFs { sync_dir: Box::new(sync_dir), ..self }
+    }
+}
+
+impl fmt::Debug for WrappedStdFs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WrappedStdFs")
+    }
+}
+
+impl FileSystem for WrappedStdFs {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
+        Ok((self.wrap)(StdFs.open(path, create)?))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        StdFs.create_dir_all(path)
+    }
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        StdFs.read_dir(path)
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        StdFs.is_dir(path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        StdFs.remove_file(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        (self.sync_dir)(path)
+    }
+}
+
 /// Creates `dir` and any missing parents, then syncs the parent of every directory it
 /// created: a new directory entry survives a crash only once its parent is synced, and
 /// without that a crash could drop a whole new topic, acknowledged messages included.
@@ -107,6 +157,8 @@ pub fn create_dir_durably(fs: &dyn FileSystem, dir: &Path) -> crate::error::Resu
     Ok(())
 }
 
+/// Real files for tests, with faults: while `failing` is set, syncs and truncations (and,
+/// with `fail_writes`, writes) fail with `errno` (EIO by default). Directory syncs are recorded.
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct TestFs {
@@ -119,6 +171,15 @@ pub(crate) struct TestFs {
 
 #[cfg(test)]
 impl TestFs {
+    /// The file system whose files share this one's switch.
+    pub(crate) fn root(fs: &Arc<TestFs>) -> WrappedStdFs {
+        let (files, dirs) = (Arc::clone(fs), Arc::clone(fs));
+        WrappedStdFs::new(move |file| Arc::new(TestFile(file, Arc::clone(&files)))).with_sync_dir(move |path| {
+            dirs.dir_syncs.lock().expect("dir syncs").push(path.to_path_buf());
+            StdFs.sync_dir(path)
+        })
+    }
+
     pub(crate) fn set_failing(&self, failing: bool) {
         self.failing.store(failing, std::sync::atomic::Ordering::Relaxed);
     }
@@ -157,33 +218,5 @@ impl LogFile for TestFile {
     }
     fn len(&self) -> io::Result<u64> {
         self.0.len()
-    }
-}
-
-/// The [`FileSystem`] of a shared [`TestFs`], whose files share its switch.
-#[cfg(test)]
-#[derive(Debug)]
-pub(crate) struct TestRoot(pub(crate) Arc<TestFs>);
-
-#[cfg(test)]
-impl FileSystem for TestRoot {
-    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
-        Ok(Arc::new(TestFile(StdFs.open(path, create)?, Arc::clone(&self.0))))
-    }
-    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        StdFs.create_dir_all(path)
-    }
-    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-        StdFs.read_dir(path)
-    }
-    fn is_dir(&self, path: &Path) -> bool {
-        StdFs.is_dir(path)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdFs.remove_file(path)
-    }
-    fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        self.0.dir_syncs.lock().expect("dir syncs").push(path.to_path_buf());
-        StdFs.sync_dir(path)
     }
 }

@@ -314,7 +314,7 @@ mod tests {
     use super::*;
     use crate::{
         format::tests::msg,
-        fs::{StdFs, TestFs, TestRoot},
+        fs::{StdFs, TestFs},
     };
 
     fn open(dir: &Path, seg_bytes: u64) -> TopicLog {
@@ -368,7 +368,7 @@ mod tests {
         std::fs::create_dir(root.path().join("t")).unwrap();
         let fs = Arc::new(TestFs::default());
         let dir = root.path().join("t/n/x");
-        TopicLog::open(Arc::new(TestRoot(Arc::clone(&fs))), &dir, LogConfig::default(), None).unwrap();
+        TopicLog::open(Arc::new(TestFs::root(&fs)), &dir, LogConfig::default(), None).unwrap();
         let synced = fs.dir_syncs.lock().unwrap().clone();
         for want in [root.path().join("t"), root.path().join("t/n"), dir.clone()] {
             assert!(synced.contains(&want), "{} not synced: {synced:?}", want.display());

@@ -560,7 +560,7 @@ mod tests {
     use super::*;
     use crate::{
         format::tests::msg,
-        fs::{StdFs, TestFs, TestRoot},
+        fs::{StdFs, TestFs},
         meta::MemMeta,
     };
 
@@ -594,7 +594,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemMeta::default();
         let full = Arc::new(TestFs { fail_writes: true, errno: 28, ..TestFs::default() });
-        let fs: Arc<dyn FileSystem> = Arc::new(TestRoot(Arc::clone(&full)));
+        let fs: Arc<dyn FileSystem> = Arc::new(TestFs::root(&full));
         let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), LogConfig::default()).unwrap());
         let batch = |p: &str| (0..3).map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
         full.set_failing(true);
@@ -615,7 +615,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = MemMeta::default();
         let flaky = Arc::new(TestFs::default());
-        let fs: Arc<dyn FileSystem> = Arc::new(TestRoot(Arc::clone(&flaky)));
+        let fs: Arc<dyn FileSystem> = Arc::new(TestFs::root(&flaky));
         let config = LogConfig { segment_bytes_max: 200, ..LogConfig::default() };
         let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), config).unwrap());
         let batch = |p: &str, seqs: std::ops::Range<u64>| seqs.map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
@@ -648,7 +648,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let meta = MemMeta::default();
             let flaky = Arc::new(TestFs { fail_writes: writes, ..TestFs::default() });
-            let fs: Arc<dyn FileSystem> = Arc::new(TestRoot(Arc::clone(&flaky)));
+            let fs: Arc<dyn FileSystem> = Arc::new(TestFs::root(&flaky));
             let store = Mutex::new(TopicStore::open(fs, &meta, dir.path(), topic(), LogConfig::default()).unwrap());
             let batch = |p: &str, seqs: std::ops::Range<u64>| seqs.map(|s| msg(p, s, b"x")).collect::<Vec<_>>();
             assert!(commit(&store, &[&batch("a", 0..3)])[0].is_ok());

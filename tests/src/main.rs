@@ -4,19 +4,12 @@
 //! One switch the `rill` binary does not have: `RILL_E2E_SKIP_FDATASYNC=1` makes the log's
 //! file and directory syncs do nothing, so that the power-cut test can show that it
 //! catches a node that acknowledges what is not on disk.
-use std::{
-    io,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{io, sync::Arc};
 
 use rill_node::env::Env;
-use rill_storage::fs::{FileSystem, LogFile, StdFs};
+use rill_storage::fs::{LogFile, WrappedStdFs};
 
-/// The real file system with syncs that do nothing.
-#[derive(Debug)]
-struct SkipSyncs;
-
+/// A real file whose syncs do nothing.
 #[derive(Debug)]
 struct SkipSyncFile(Arc<dyn LogFile>);
 
@@ -38,32 +31,12 @@ impl LogFile for SkipSyncFile {
     }
 }
 
-impl FileSystem for SkipSyncs {
-    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
-        Ok(Arc::new(SkipSyncFile(StdFs.open(path, create)?)))
-    }
-    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        StdFs.create_dir_all(path)
-    }
-    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-        StdFs.read_dir(path)
-    }
-    fn is_dir(&self, path: &Path) -> bool {
-        StdFs.is_dir(path)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdFs.remove_file(path)
-    }
-    fn sync_dir(&self, _path: &Path) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let mut env = Env::production();
     if std::env::var_os("RILL_E2E_SKIP_FDATASYNC").is_some_and(|v| v == "1") {
         eprintln!("rill-e2e: RILL_E2E_SKIP_FDATASYNC=1: log syncs do nothing (a test of the tests)");
-        env.fs = Arc::new(SkipSyncs);
+        let skip_syncs = WrappedStdFs::new(|file| Arc::new(SkipSyncFile(file))).with_sync_dir(|_| Ok(()));
+        env.fs = Arc::new(skip_syncs);
     }
     rill_node::cli::main_with(env)
 }

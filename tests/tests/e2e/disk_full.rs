@@ -3,7 +3,6 @@
 //! on real files whose total size is capped.
 use std::{
     io,
-    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -18,7 +17,7 @@ use rill_node::{
     env::Env,
     protocol::{ErrorCode, StartPosition},
 };
-use rill_storage::fs::{FileSystem, LogFile, StdFs};
+use rill_storage::fs::{LogFile, WrappedStdFs};
 
 /// Real files, refusing with ENOSPC any write that would grow them past `capacity` bytes
 /// in total.
@@ -61,30 +60,6 @@ impl LogFile for CappedFile {
     }
 }
 
-#[derive(Debug)]
-struct SmallDiskFs(Arc<SmallDisk>);
-
-impl FileSystem for SmallDiskFs {
-    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn LogFile>> {
-        Ok(Arc::new(CappedFile(StdFs.open(path, create)?, Arc::clone(&self.0))))
-    }
-    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        StdFs.create_dir_all(path)
-    }
-    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-        StdFs.read_dir(path)
-    }
-    fn is_dir(&self, path: &Path) -> bool {
-        StdFs.is_dir(path)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdFs.remove_file(path)
-    }
-    fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        StdFs.sync_dir(path)
-    }
-}
-
 async fn produce(client: &Client, producer: &str, from: usize, n: usize) -> Result<(), ClientError> {
     let mut p = client.producer("t/n/x", producer.into()).await?;
     p.send((from..from + n).map(|i| Outgoing::payload(format!("{i:0200}"))).collect()).await?;
@@ -102,7 +77,9 @@ async fn a_full_disk_refuses_produces_keeps_serving_and_recovers_when_space_retu
         ..NodeConfig::default()
     };
     let certs = config.dev_certs_dir();
-    let env = Env { fs: Arc::new(SmallDiskFs(Arc::clone(&disk))), ..Env::production() };
+    let capped = Arc::clone(&disk);
+    let fs = WrappedStdFs::new(move |file| Arc::new(CappedFile(file, Arc::clone(&capped))));
+    let env = Env { fs: Arc::new(fs), ..Env::production() };
     let node = Node::start(config, env).await.expect("start");
     let client = Client::connect(&ClientOptions::new(node.local_addr(), &certs)).await.expect("connect");
     let mut stored = 0;
