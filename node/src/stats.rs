@@ -77,9 +77,9 @@ fn subscriptions(subs: &Subscriptions, topic: &Topic, start: u64, end: u64) -> V
             let floor = cursor.ack_floor.max(start);
             let acked_beyond: u64 =
                 cursor.acked.iter().map(|r| r.end.min(end).saturating_sub(r.start.max(floor))).sum();
-            let lag = topic.lag_from(cursor.next_unacked(floor));
+            let oldest_ms = topic.publish_time_from(cursor.next_unacked(floor));
             Some(SubscriptionStats {
-                backlog_age_ms: lag.oldest_ms.map(|t| now_ms.saturating_sub(t)),
+                backlog_age_ms: oldest_ms.map(|t| now_ms.saturating_sub(t)),
                 backlog_messages: end.saturating_sub(floor).saturating_sub(acked_beyond),
                 backlog_bytes: topic.bytes_from(floor),
                 ack_floor: cursor.ack_floor,

@@ -95,14 +95,6 @@ pub(crate) struct LogShape {
     pub(crate) producers: usize,
 }
 
-/// What is left to consume (or replicate) from an offset on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Lag {
-    pub(crate) bytes: u64,
-    /// The publish time of the first message left, if any is left.
-    pub(crate) oldest_ms: Option<u64>,
-}
-
 /// A topic being served.
 pub(crate) struct Topic {
     pub(crate) name: TopicName,
@@ -205,16 +197,15 @@ impl Topic {
         if offset >= log.committed_offset() { 0 } else { log.bytes_from(offset.max(log.start_offset())) }
     }
 
-    /// What is left from `offset`: its bytes and the age of its first message. Reads the
-    /// log, so call it from blocking work.
-    pub(crate) fn lag_from(&self, offset: u64) -> Lag {
+    /// The publish time of the first durable message at or after `offset`, if there is
+    /// one: how old what is left to consume (or replicate) from there is. Reads the log, so
+    /// call it from blocking work.
+    pub(crate) fn publish_time_from(&self, offset: u64) -> Option<u64> {
         let store = self.store();
-        let log = store.log();
-        if offset >= log.committed_offset() {
-            return Lag { bytes: 0, oldest_ms: None };
+        if offset >= store.log().committed_offset() {
+            return None;
         }
-        let oldest = store.read(offset, 1, 1).ok().and_then(|m| m.first().map(|m| m.message.publish_time_ms));
-        Lag { bytes: log.bytes_from(offset.max(log.start_offset())), oldest_ms: oldest }
+        store.read(offset, 1, 1).ok()?.first().map(|m| m.message.publish_time_ms)
     }
 
     /// The oldest sealed segment (the active one is never deleted) and the publish time

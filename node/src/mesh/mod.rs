@@ -425,10 +425,9 @@ impl Driver {
             let peers = env
                 .run_blocking(move || {
                     for (peer, lane, topic, cursor) in lags {
-                        let lag = topic.lag_from(cursor);
                         let stats = &mut peers[peer].lanes[lane];
-                        stats.lag_bytes = lag.bytes;
-                        stats.lag_ms = lag.oldest_ms.map_or(0, |t| now_ms.saturating_sub(t));
+                        stats.lag_bytes = topic.bytes_from(cursor);
+                        stats.lag_ms = topic.publish_time_from(cursor).map_or(0, |t| now_ms.saturating_sub(t));
                     }
                     peers
                 })
