@@ -83,11 +83,16 @@ impl Ctx {
     /// Connects to a node, over its crashes, partitions and latency; fails with
     /// [`ClientError::Connect`] if it does not answer within [`CONNECT_TIMEOUT`].
     pub async fn connect(&self, node: &str) -> Result<Client, ClientError> {
+        self.connect_within(node, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Ctx::connect`], giving up after `wait`.
+    pub async fn connect_within(&self, node: &str, wait: Duration) -> Result<Client, ClientError> {
         let addr = node_addr(node);
         let options = ClientOptions::new(addr, self.certs.as_path());
-        match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect_with(&*self.net, &options)).await {
+        match tokio::time::timeout(wait, Client::connect_with(&*self.net, &options)).await {
             Ok(result) => result,
-            Err(_) => Err(ClientError::Connect { addr, reason: format!("{node} did not answer within 5 s") }),
+            Err(_) => Err(ClientError::Connect { addr, reason: format!("{node} did not answer within {wait:?}") }),
         }
     }
 

@@ -7,7 +7,7 @@ use std::{
 };
 
 use rill_node::{
-    client::{Client, ClientError, ClientOptions, Outgoing, Producer},
+    client::{Client, ClientError, Outgoing, Producer},
     protocol::StartPosition,
 };
 use rill_replication::namespace::Edit;
@@ -17,10 +17,7 @@ use super::{
     NAMESPACE, TOPIC,
     plan::{ClustersEdit, ProducerPlan},
 };
-use crate::{
-    client::{Ctx, node_addr},
-    clock::sim_now as now,
-};
+use crate::{client::Ctx, clock::sim_now as now};
 
 /// Batches per producer, their size, and the pause between them: production spans the
 /// fault window.
@@ -69,8 +66,7 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A connection, if the node answers within [`CONNECT_WAIT`].
 async fn connect(ctx: &Ctx, host: &str) -> Option<Client> {
-    let options = ClientOptions::new(node_addr(host), ctx.certs_dir());
-    tokio::time::timeout(CONNECT_WAIT, Client::connect_with(ctx.net(), &options)).await.ok()?.ok()
+    ctx.connect_within(host, CONNECT_WAIT).await.ok()
 }
 
 async fn connect_retrying(ctx: &Ctx, host: &str) -> Client {
