@@ -276,7 +276,7 @@ impl ErrorCode {
 }
 
 /// Per-topic statistics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicStats {
     /// `tenant/namespace/topic`.
     pub topic: String,

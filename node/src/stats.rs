@@ -16,21 +16,8 @@ pub(crate) fn topics(subs: &Subscriptions) -> Vec<TopicStats> {
     let mut stats: Vec<TopicStats> = registry.list().iter().map(|t| topic(subs, t)).collect();
     stats.extend(registry.unavailable().iter().map(|(name, reason)| TopicStats {
         topic: name.to_string(),
-        start_offset: 0,
-        end_offset: 0,
-        bytes: 0,
-        segments: 0,
-        producers: 0,
-        messages_in: 0,
-        duplicates: 0,
-        conflicts_refused: 0,
-        conflicts_kept: 0,
-        expired: 0,
-        dedup_sessions_dropped: 0,
-        retention_deleted: 0,
-        quota_dropped: 0,
-        subscriptions: Vec::new(),
         error: Some(reason.clone()),
+        ..TopicStats::default()
     }));
     stats.sort_by(|a, b| a.topic.cmp(&b.topic));
     stats
