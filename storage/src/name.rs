@@ -129,6 +129,16 @@ impl NamespaceName {
         &self.0
     }
 
+    /// The tenant part.
+    pub fn tenant(&self) -> &str {
+        self.0.split_once('/').map_or(&*self.0, |(tenant, _)| tenant)
+    }
+
+    /// The namespace part (after the tenant).
+    pub fn namespace(&self) -> &str {
+        self.0.split_once('/').map_or("", |(_, ns)| ns)
+    }
+
     /// Whether `topic` belongs to this namespace.
     pub fn contains(&self, topic: &TopicName) -> bool {
         self.0.split_once('/') == Some((topic.tenant(), topic.namespace()))

@@ -1,23 +1,39 @@
 //! Certificates for a mesh: one CA, a certificate per node (usable as server and as
-//! client, for peer links) and client certificates, all Ed25519 (fixed-length signatures
-//! keep simulated traces deterministic).
+//! client, for peer links) and client certificates, each naming a principal, all Ed25519
+//! (fixed-length signatures keep simulated traces deterministic).
 //!
-//! Files in a certificate directory: `ca.pem`, `ca.key`, `<node>.pem`, `<node>.key`,
-//! `client.pem`, `client.key`.
+//! Files in a certificate directory: `ca.pem`, `ca.key`, `<node>.pem`, `<node>.key`, and
+//! `<identity>.pem`, `<identity>.key` per client identity; `client.pem` is the superuser
+//! `admin` that `rill certs init` and a node's first start make.
+//!
+//! What a certificate says about its holder ([`holder`]):
+//! - a node certificate carries the DNS names `<node>` and [`MESH_SERVER_NAME`];
+//! - a client certificate carries the URI `rill:principal:<name>`, and a superuser's also
+//!   `rill:superuser`. The CA signed both, so neither can be added by the holder.
 use std::{
     io,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SanType,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
 
 /// The DNS name every node certificate carries besides its own name: clients, which know
 /// a node's address but not its name, verify the server against this name and the CA.
 pub const MESH_SERVER_NAME: &str = "node.rill";
+
+/// The URI prefix naming a client certificate's principal.
+const PRINCIPAL_URI: &str = "rill:principal:";
+/// The URI marking a superuser's certificate.
+const SUPERUSER_URI: &str = "rill:superuser";
+/// The principal of the client certificate `rill certs init` and a node's first start make.
+pub const DEFAULT_PRINCIPAL: &str = "admin";
+/// The file stem of the default client identity.
+pub const DEFAULT_IDENTITY: &str = "client";
 
 /// The CA's distinguished name; fixed so that the issuer can be rebuilt from its key alone.
 const CA_COMMON_NAME: &str = "rill mesh CA";
@@ -49,6 +65,17 @@ pub enum CertError {
     /// Refusing to overwrite an existing CA.
     #[error("{0} already holds a CA; remove it or use another directory")]
     CaExists(PathBuf),
+    /// Refusing to overwrite an existing certificate.
+    #[error("{0} already exists; remove it or choose another name")]
+    Exists(PathBuf),
+    /// A principal name is invalid.
+    #[error("principal '{name}': {reason}")]
+    Principal {
+        /// The name given.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
 }
 
 /// Paths of one identity's certificate and key, plus the CA that vouches for peers.
@@ -68,9 +95,9 @@ impl Identity {
         Identity { ca: dir.join("ca.pem"), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) }
     }
 
-    /// The client identity in certificate directory `dir`.
+    /// The default client identity (`client.pem`: the superuser `admin`) in `dir`.
     pub fn client(dir: &Path) -> Self {
-        Self::node(dir, "client")
+        Self::node(dir, DEFAULT_IDENTITY)
     }
 }
 
@@ -142,9 +169,41 @@ pub fn issue_node(dir: &Path, name: &str) -> Result<Identity, CertError> {
     issue(dir, &Identity::node(dir, name), leaf_params(name, sans, true)?)
 }
 
-/// Issues the client certificate from the CA in `dir`.
+/// Checks a principal name: 1..=64 characters of `[A-Za-z0-9._-]`, like a part of a topic
+/// name (a principal scopes producer names as `principal/name`, so no `/`).
+pub fn check_principal(name: &str) -> Result<(), CertError> {
+    let bad = |reason| Err(CertError::Principal { name: name.to_string(), reason });
+    if name.is_empty() || name.len() > 64 {
+        return bad("must be 1..=64 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        return bad("may hold only letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+/// Issues a client certificate for `principal` from the CA in `dir`, written as
+/// `<file_stem>.pem` and `<file_stem>.key`; refuses to overwrite either.
+pub fn issue_principal(dir: &Path, file_stem: &str, principal: &str, superuser: bool) -> Result<Identity, CertError> {
+    check_principal(principal)?;
+    let id = Identity::node(dir, file_stem);
+    for path in [&id.cert, &id.key] {
+        if path.exists() {
+            return Err(CertError::Exists(path.clone()));
+        }
+    }
+    let mut params = leaf_params(principal, Vec::new(), false)?;
+    let uri = |s: String| rcgen::string::Ia5String::try_from(s).map(SanType::URI);
+    params.subject_alt_names.push(uri(format!("{PRINCIPAL_URI}{principal}"))?);
+    if superuser {
+        params.subject_alt_names.push(uri(SUPERUSER_URI.to_string())?);
+    }
+    issue(dir, &id, params)
+}
+
+/// Issues the default client identity (`client.pem`): the superuser `admin`.
 pub fn issue_client(dir: &Path) -> Result<Identity, CertError> {
-    issue(dir, &Identity::client(dir), leaf_params("rill client", vec!["client.rill".into()], false)?)
+    issue_principal(dir, DEFAULT_IDENTITY, DEFAULT_PRINCIPAL, true)
 }
 
 /// A serial number of a fixed 20 bytes from the key's SHA-256, its first byte in
@@ -193,10 +252,103 @@ pub fn ensure_dev_certs(dir: &Path, name: &str) -> Result<Identity, CertError> {
         tracing::info!(node = name, dir = %dir.display(), "issued dev node certificate");
     }
     let client = Identity::client(dir);
-    if !client.cert.exists() || !client.key.exists() {
+    let names_principal = client.load().is_ok_and(|c| holder(&c.chain[0]).is_ok());
+    if !names_principal {
+        // Missing, or made before principals existed: make the superuser anew.
+        for path in [&client.cert, &client.key] {
+            let _ = std::fs::remove_file(path);
+        }
         issue_client(dir)?;
+        tracing::info!(dir = %dir.display(), principal = DEFAULT_PRINCIPAL, "issued dev superuser client certificate");
     }
     Ok(node)
+}
+
+/// Who holds a certificate the mesh CA signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// A node: it may replicate and nothing else.
+    Node(String),
+    /// A client principal.
+    Principal {
+        /// Its name.
+        name: String,
+        /// True for a superuser's certificate: allowed everything.
+        superuser: bool,
+    },
+}
+
+/// What a certificate says about its holder (it does not check the signature: the TLS
+/// handshake or [`verify_signed`] does that).
+pub fn holder(cert: &CertificateDer<'_>) -> Result<Holder, String> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| format!("unreadable subject alternative names: {e}"))?
+        .map(|ext| &ext.value.general_names[..])
+        .unwrap_or_default();
+    let dns: Vec<&str> = san
+        .iter()
+        .filter_map(|n| if let x509_parser::extensions::GeneralName::DNSName(d) = n { Some(*d) } else { None })
+        .collect();
+    let uris: Vec<&str> = san
+        .iter()
+        .filter_map(|n| if let x509_parser::extensions::GeneralName::URI(u) = n { Some(*u) } else { None })
+        .collect();
+    if dns.contains(&MESH_SERVER_NAME) {
+        let name = dns.iter().find(|d| **d != MESH_SERVER_NAME).unwrap_or(&"");
+        return Ok(Holder::Node(name.to_string()));
+    }
+    let principal = uris.iter().find_map(|u| u.strip_prefix(PRINCIPAL_URI));
+    match principal {
+        Some(name) if check_principal(name).is_ok() => {
+            Ok(Holder::Principal { name: name.to_string(), superuser: uris.contains(&SUPERUSER_URI) })
+        }
+        Some(name) => Err(format!("the certificate names an invalid principal '{name}'")),
+        None => Err("the certificate names no principal (made before principals existed? make one with \
+                     `rill certs issue`)"
+            .into()),
+    }
+}
+
+/// Signs `message` with an identity's private key (Ed25519, as every key of a mesh).
+pub fn sign(key: &PrivateKeyDer<'_>, message: &[u8]) -> Result<Vec<u8>, String> {
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(key.secret_der())
+        .map_err(|e| format!("not an Ed25519 private key: {e}"))?;
+    Ok(pair.sign(message).as_ref().to_vec())
+}
+
+/// Checks that `cert` is a client certificate the CA `ca` signed, valid at `at_ms`
+/// (milliseconds since the Unix epoch), and that `signature` is its key's signature of
+/// `message`. Returns the principal it names; a node certificate is refused.
+pub fn verify_signed(
+    ca: &[CertificateDer<'_>],
+    cert: &CertificateDer<'_>,
+    at_ms: u64,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<Holder, String> {
+    let anchors: Vec<_> = ca
+        .iter()
+        .map(webpki::anchor_from_trusted_cert)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("CA certificate: {e}"))?;
+    let end_entity = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("signer certificate: {e}"))?;
+    let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    let time = UnixTime::since_unix_epoch(Duration::from_millis(at_ms));
+    end_entity
+        .verify_for_usage(algorithms, &anchors, &[], time, webpki::KeyUsage::client_auth(), None, None)
+        .map_err(|e| format!("signer certificate is not from the mesh CA: {e}"))?;
+    let ed25519 = algorithms
+        .iter()
+        .find(|a| a.public_key_alg_id() == rustls_pki_types::alg_id::ED25519)
+        .ok_or("no Ed25519 verifier")?;
+    end_entity.verify_signature(*ed25519, message, signature).map_err(|e| format!("bad signature: {e}"))?;
+    match holder(cert)? {
+        Holder::Node(name) => Err(format!("signed by node '{name}': a node certificate may only replicate")),
+        principal => Ok(principal),
+    }
 }
 
 /// Loaded certificate material.
@@ -265,6 +417,58 @@ mod tests {
         assert_eq!(matching_name(&eu.chain[0], ["edge-1", "cloud-eu"]), Some("cloud-eu"));
         assert_eq!(matching_name(&eu.chain[0], ["edge-1"]), None);
         assert_eq!(matching_name(&client.load().unwrap().chain[0], ["edge-1", "cloud-eu"]), None);
+    }
+
+    #[test]
+    fn certificates_name_their_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        create_mesh(dir.path(), &["edge-1"]).unwrap();
+        let alice = issue_principal(dir.path(), "alice", "alice", false).unwrap().load().unwrap();
+        let admin = Identity::client(dir.path()).load().unwrap();
+        let node = Identity::node(dir.path(), "edge-1").load().unwrap();
+        assert_eq!(holder(&alice.chain[0]), Ok(Holder::Principal { name: "alice".into(), superuser: false }));
+        assert_eq!(holder(&admin.chain[0]), Ok(Holder::Principal { name: "admin".into(), superuser: true }));
+        assert_eq!(holder(&node.chain[0]), Ok(Holder::Node("edge-1".into())));
+        assert!(matches!(issue_principal(dir.path(), "alice", "alice", false), Err(CertError::Exists(_))));
+        assert!(matches!(issue_principal(dir.path(), "b", "a/b", false), Err(CertError::Principal { .. })));
+        // A wave-1 client certificate names no principal; the dev setup replaces it.
+        std::fs::remove_file(dir.path().join("client.pem")).unwrap();
+        std::fs::remove_file(dir.path().join("client.key")).unwrap();
+        issue(
+            dir.path(),
+            &Identity::client(dir.path()),
+            leaf_params("rill client", vec!["client.rill".into()], false).unwrap(),
+        )
+        .unwrap();
+        let legacy = Identity::client(dir.path()).load().unwrap();
+        assert!(holder(&legacy.chain[0]).unwrap_err().contains("names no principal"));
+        ensure_dev_certs(dir.path(), "edge-1").unwrap();
+        let renewed = Identity::client(dir.path()).load().unwrap();
+        assert_eq!(holder(&renewed.chain[0]), Ok(Holder::Principal { name: "admin".into(), superuser: true }));
+    }
+
+    #[test]
+    fn signatures_verify_against_the_mesh_ca_only() {
+        let dir = tempfile::tempdir().unwrap();
+        create_mesh(dir.path(), &["edge-1"]).unwrap();
+        let alice = issue_principal(dir.path(), "alice", "alice", false).unwrap().load().unwrap();
+        let node = Identity::node(dir.path(), "edge-1").load().unwrap();
+        let now = 1_800_000_000_000;
+        let sig = sign(&alice.key, b"grant").unwrap();
+        let ok = verify_signed(&alice.ca, &alice.chain[0], now, b"grant", &sig);
+        assert_eq!(ok, Ok(Holder::Principal { name: "alice".into(), superuser: false }));
+        assert!(verify_signed(&alice.ca, &alice.chain[0], now, b"grans", &sig).unwrap_err().contains("bad signature"));
+        // A node's key signs validly, but a node may only replicate.
+        let by_node = sign(&node.key, b"grant").unwrap();
+        let err = verify_signed(&node.ca, &node.chain[0], now, b"grant", &by_node).unwrap_err();
+        assert!(err.contains("may only replicate"), "{err}");
+        // Another mesh's CA vouches for nothing here.
+        let other = tempfile::tempdir().unwrap();
+        create_mesh(other.path(), &["x"]).unwrap();
+        let mallory = Identity::client(other.path()).load().unwrap();
+        let forged = sign(&mallory.key, b"grant").unwrap();
+        let err = verify_signed(&alice.ca, &mallory.chain[0], now, b"grant", &forged).unwrap_err();
+        assert!(err.contains("not from the mesh CA"), "{err}");
     }
 
     #[test]

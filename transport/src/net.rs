@@ -146,6 +146,10 @@ pub enum CloseCode {
     Stalled = 6,
     /// The connection negotiated no protocol (ALPN) this node serves.
     UnsupportedProtocol = 7,
+    /// The client's certificate is not allowed in: a node's certificate on the client
+    /// door, a certificate naming no principal, or a superuser where the config refuses
+    /// them.
+    Forbidden = 8,
 }
 
 impl From<CloseCode> for VarInt {
