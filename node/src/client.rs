@@ -9,6 +9,7 @@ use std::{
 };
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use rill_replication::access::{Signed, Signer};
 use rill_storage::StoredMessage;
 use rill_transport::{
     FrameError, Net, TokioNet,
@@ -68,6 +69,9 @@ pub enum ClientError {
     /// The node closed the stream.
     #[error("the node closed the stream")]
     Closed,
+    /// The client identity cannot sign.
+    #[error("client identity: {0}")]
+    Identity(String),
 }
 
 impl ClientError {
@@ -94,8 +98,11 @@ fn refused_or_unexpected(r: Response) -> ClientError {
 pub struct ClientOptions {
     /// The node's address.
     pub addr: SocketAddr,
-    /// Directory holding `ca.pem`, `client.pem` and `client.key`.
+    /// Directory holding `ca.pem` and the identity's `.pem` and `.key`.
     pub certs_dir: PathBuf,
+    /// The client identity: files `<identity>.pem` and `<identity>.key` (default
+    /// `client`, the superuser `admin` of a dev setup).
+    pub identity: String,
     /// Name the node's certificate must carry.
     pub server_name: String,
     /// Flow-control windows and liveness timeouts of the connection.
@@ -108,9 +115,16 @@ impl ClientOptions {
         ClientOptions {
             addr,
             certs_dir: certs_dir.into(),
+            identity: rill_transport::certs::DEFAULT_IDENTITY.to_string(),
             server_name: MESH_SERVER_NAME.to_string(),
             limits: rill_transport::net::Limits::default(),
         }
+    }
+
+    /// The same, as the client identity `<certs_dir>/<identity>.pem`.
+    pub fn with_identity(mut self, identity: &str) -> Self {
+        self.identity = identity.to_string();
+        self
     }
 }
 
@@ -119,6 +133,8 @@ impl ClientOptions {
 pub struct Client {
     endpoint: Endpoint,
     conn: Connection,
+    /// The identity connected with: it signs catalogue edits.
+    identity: Arc<rill_transport::certs::LoadedIdentity>,
 }
 
 impl Client {
@@ -129,7 +145,7 @@ impl Client {
 
     /// Connects over the given network edge (the simulation passes its own).
     pub async fn connect_with(net: &dyn Net, options: &ClientOptions) -> Result<Client, ClientError> {
-        let identity = Identity::client(&options.certs_dir).load()?;
+        let identity = Identity::node(&options.certs_dir, &options.identity).load()?;
         let crypto = tls::client_config(&identity, net.tls_time(), ALPN_CLIENT)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(options.limits.transport_config());
@@ -143,7 +159,7 @@ impl Client {
         endpoint.set_default_client_config(config);
         let connecting = endpoint.connect(addr, &options.server_name).map_err(|e| fail(e.to_string()))?;
         let conn = connecting.await.map_err(|e| fail(e.to_string()))?;
-        Ok(Client { endpoint, conn })
+        Ok(Client { endpoint, conn, identity: Arc::new(identity) })
     }
 
     /// Closes the connection, waiting at most [`CLOSE_WAIT`] for the node to confirm (a
@@ -215,6 +231,38 @@ impl Client {
     pub async fn list_conflicts(&self, topic: Option<&str>) -> Result<Vec<crate::protocol::KeptConflict>, ClientError> {
         match self.call(&Request::ListConflicts { topic: topic.map(Into::into) }).await? {
             Response::Conflicts(kept) => Ok(kept),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
+    /// Signs a catalogue edit as this client's principal, at `at_ms` (now, for an edit).
+    pub fn sign(&self, body: rill_replication::access::Body, at_ms: u64) -> Result<Signed, ClientError> {
+        let cert = &self.identity.chain[0];
+        let by = match rill_transport::certs::holder(cert).map_err(ClientError::Identity)? {
+            rill_transport::certs::Holder::Principal { name, superuser } => Signer { principal: name, superuser },
+            rill_transport::certs::Holder::Node(name) => {
+                return Err(ClientError::Identity(format!("'{name}' is a node certificate, not a client's")));
+            }
+        };
+        let message = Signed::message(&body, &by, at_ms);
+        let signature = rill_transport::certs::sign(&self.identity.key, &message).map_err(ClientError::Identity)?;
+        Ok(Signed { body, by, at_ms, cert: cert.to_vec(), signature })
+    }
+
+    /// Creates or deletes a catalogue entry (a grant or a token); answers once it is
+    /// durable on the node (it spreads to the mesh from there).
+    pub async fn catalogue_edit(&self, signed: Signed) -> Result<(), ClientError> {
+        match self.call(&Request::CatalogueEdit(signed)).await? {
+            Response::CatalogueDone => Ok(()),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
+    /// Who this client is to the node, or whom `token` names: the name, whether a
+    /// superuser, and the grants that count.
+    pub async fn who_am_i(&self, token: Option<&str>) -> Result<(String, bool, Vec<String>), ClientError> {
+        match self.call(&Request::WhoAmI { token: token.map(Into::into) }).await? {
+            Response::Principal { name, superuser, grants } => Ok((name, superuser, grants)),
             other => Err(refused_or_unexpected(other)),
         }
     }

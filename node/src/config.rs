@@ -100,6 +100,30 @@ pub struct NodeConfig {
     /// Peers this node links to for replication.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// Who may connect.
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// Authentication and authorisation settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accept superuser certificates (allowed everything; the dev client certificate and the
+    /// one `rill certs init` makes are superusers). Set `false` in production once tenant
+    /// admins have their grants: superusers are then refused at the door.
+    #[serde(default = "default_true")]
+    pub superusers: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { superusers: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A peer node. Both sides of a link list each other; a side with the other's `addr`
@@ -209,6 +233,7 @@ impl Default for NodeConfig {
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
             peers: Vec::new(),
+            auth: AuthConfig::default(),
         }
     }
 }

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
-use rill_storage::{TopicName, keys, name::check_part};
+use rill_storage::{NamespaceName, TopicName, keys, name::check_part};
 use rill_transport::frame;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    authz::{Authz, Principal},
     dispatch::{Command, Commands, Deliveries, Subscriptions},
     error::NodeError,
     protocol::{ConsumerOptions, Request, Response, SeekTarget, StartPosition},
@@ -23,15 +24,30 @@ pub(crate) struct Subscribe {
     pub(crate) options: ConsumerOptions,
 }
 
-/// Serves a consumer until the client goes away or the stream fails.
+/// Who consumes, and the check each of its acks passes.
+pub(crate) struct Consumer {
+    pub(crate) who: Arc<Principal>,
+    pub(crate) authz: Arc<Authz>,
+}
+
+/// Serves a consumer until the client goes away, the stream fails, or its grant is gone.
 pub(crate) async fn serve(
     subs: Arc<Subscriptions>,
+    consumer_auth: Consumer,
     frame_max: u32,
     request: Subscribe,
     mut send: SendStream,
     recv: RecvStream,
 ) {
     let mut buf = Vec::new();
+    let namespace = match TopicName::parse(&request.topic) {
+        Ok(t) => t.namespace_name(),
+        Err(e) => {
+            let _ = frame::write_frame(&mut send, &Response::from(NodeError::from(e)), &mut buf).await;
+            let _ = send.finish();
+            return;
+        }
+    };
     // Unbounded: the dispatcher has at most `consumer_unacked_messages_max` messages
     // pending at this consumer, so that bounds what waits here (see `Deliveries`).
     let (deliver, mut deliveries) = mpsc::unbounded_channel();
@@ -47,7 +63,8 @@ pub(crate) async fn serve(
         let _ = commands.send(Command::Detach { consumer }).await;
         return;
     }
-    let reader = read_acks(frame_max, recv, consumer, commands.clone());
+    let (refused_tx, refused) = oneshot::channel();
+    let reader = read_acks(frame_max, recv, consumer, commands.clone(), (consumer_auth, namespace, refused_tx));
     let writer = async {
         while let Some(batch) = deliveries.recv().await {
             if frame::write_frame(&mut send, &Response::Deliver(batch), &mut buf).await.is_err() {
@@ -59,6 +76,10 @@ pub(crate) async fn serve(
     tokio::select! {
         () = reader => {}
         () = writer => {}
+    }
+    // A refused ack ends the consumer with the refusal (its grant was revoked).
+    if let Ok(e) = refused.await {
+        let _ = frame::write_frame(&mut send, &Response::from(e), &mut buf).await;
     }
     // Detach before ending the stream: a client that saw the end may subscribe again at once.
     let _ = commands.send(Command::Detach { consumer }).await;
@@ -156,12 +177,26 @@ async fn first_published_at(topic: &Topic, from: u64, end: u64, time_ms: u64) ->
     Ok(end)
 }
 
-/// Forwards the client's acks and nacks to the dispatcher; ends when the client finishes
-/// the stream or sends something else.
-async fn read_acks(max: u32, mut recv: RecvStream, consumer: u64, commands: Commands) {
+/// Forwards the client's acks and nacks to the dispatcher, each checked against the
+/// consumer's grants first; ends when the client finishes the stream, sends something
+/// else, or is refused (the refusal goes to `refused`).
+async fn read_acks(
+    max: u32,
+    mut recv: RecvStream,
+    consumer: u64,
+    commands: Commands,
+    (auth, namespace, refused): (Consumer, NamespaceName, oneshot::Sender<NodeError>),
+) {
     let mut buf = Vec::new();
     loop {
-        let command = match frame::read_frame::<_, Request>(&mut recv, max, &mut buf).await {
+        let request = frame::read_frame::<_, Request>(&mut recv, max, &mut buf).await;
+        if let Ok(Some(r)) = &request
+            && let Err(e) = auth.authz.check(&auth.who, r, Some(&namespace))
+        {
+            let _ = refused.send(e);
+            return;
+        }
+        let command = match request {
             Ok(Some(Request::Ack { offsets })) => Command::Ack { offsets },
             Ok(Some(Request::AckCumulative { offset })) => Command::AckCumulative { consumer, offset },
             Ok(Some(Request::Nack { offsets })) => Command::Nack { consumer, offsets },

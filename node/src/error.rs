@@ -36,6 +36,9 @@ pub(crate) enum NodeError {
     /// A namespace edit was refused.
     #[error("{0}")]
     Namespace(String),
+    /// The principal may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     /// The log or the metadata store failed, or refused a write (conflict, expired id).
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -53,6 +56,7 @@ impl NodeError {
             NodeError::TooLarge(_) => ErrorCode::TooLarge,
             NodeError::Malformed(_) => ErrorCode::Malformed,
             NodeError::Namespace(_) => ErrorCode::Namespace,
+            NodeError::Forbidden(_) => ErrorCode::Forbidden,
             NodeError::Storage(StorageError::Conflict { .. }) => ErrorCode::Conflict,
             NodeError::Storage(StorageError::Expired { .. }) => ErrorCode::Expired,
             NodeError::Storage(e) if e.is_disk_full() => ErrorCode::DiskFull,

@@ -5,6 +5,7 @@
 //! metadata store, sockets, TLS clock) from one [`env::Env`]; no code here reads the system
 //! clock or a thread RNG except the production `Env` itself.
 
+mod authz;
 pub mod cli;
 pub mod client;
 pub mod config;

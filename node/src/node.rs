@@ -9,6 +9,10 @@
 //!        ▼              ▼              ▼            ▼              ▼
 //!   mesh (replication)  Subscriptions  retention    checkpoints   Server (client door)
 //! ```
+//!
+//! `Authz` (who may do what) is shared by the mesh, which tells it of every catalogue
+//! change and checks entry signatures with it, and the server, which asks it about every
+//! request.
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -26,6 +30,7 @@ use rill_transport::{
 use tracing::Instrument;
 
 use crate::{
+    authz::Authz,
     config::NodeConfig,
     conflicts::Conflicts,
     dispatch::{self, Subscriptions},
@@ -90,7 +95,8 @@ impl Node {
         config.validate()?;
         let name = config.node_name()?;
         check_data_dir(env.fs.as_ref(), &config.data_dir)?;
-        let (server_tls, peer_client) = tls_configs(&config, &name, &env)?;
+        let (server_tls, peer_client, ca) = tls_configs(&config, &name, &env)?;
+        let authz = Arc::new(Authz::new(ca, config.auth.superusers));
         let meta = env.meta.open(&config.data_dir)?;
         let registry = Arc::new(Registry::open(env.clone(), meta, &config.data_dir, &config.storage)?);
         let endpoint = net::endpoint(env.net.as_ref(), config.listen, Some(server_tls))
@@ -102,8 +108,12 @@ impl Node {
         // Replication: the driver, a dialer per peer with an address, appenders.
         let conflicts = Arc::new(Conflicts::new(Arc::clone(&registry.meta), env.clone()));
         let (mesh, mesh_events) = MeshHandle::new();
-        let ctx =
-            mesh::Context { name: name.clone(), registry: Arc::clone(&registry), conflicts: Arc::clone(&conflicts) };
+        let ctx = mesh::Context {
+            name: name.clone(),
+            registry: Arc::clone(&registry),
+            conflicts: Arc::clone(&conflicts),
+            authz: Arc::clone(&authz),
+        };
         span.in_scope(|| mesh::start(Arc::new(ctx), &config.peers, endpoint.clone(), peer_client, &mesh, mesh_events))?;
 
         // Subscriptions: a dispatcher per subscription, started on first use.
@@ -122,7 +132,7 @@ impl Node {
         tokio::spawn(Arc::clone(&registry).checkpoint_loop(every).instrument(span.clone()));
 
         // The client door (and the door peers knock on).
-        let parts = server::Parts { registry: Arc::clone(&registry), subscriptions, conflicts, backlog, mesh };
+        let parts = server::Parts { registry: Arc::clone(&registry), subscriptions, conflicts, backlog, mesh, authz };
         let server = Arc::new(Server::new(name.clone(), &config, parts));
         tokio::spawn(server::accept_loop(server, endpoint.clone()).instrument(span.clone()));
         let topics = registry.list().len();
@@ -175,12 +185,9 @@ fn load_identity(config: &NodeConfig, name: &NodeName) -> Result<Identity, Start
     })
 }
 
-/// The listener's TLS (clients and peers) and the TLS this node dials peers with.
-fn tls_configs(
-    config: &NodeConfig,
-    name: &NodeName,
-    env: &Env,
-) -> Result<(quinn::ServerConfig, quinn::ClientConfig), StartError> {
+/// The listener's TLS (clients and peers), the TLS this node dials peers with, and the CA
+/// certificates (catalogue signatures are checked against them).
+fn tls_configs(config: &NodeConfig, name: &NodeName, env: &Env) -> Result<TlsConfigs, StartError> {
     let identity = load_identity(config, name)?.load()?;
     let tls = tls::server_config(&identity, env.net.tls_time(), &[ALPN_CLIENT, ALPN_PEER])?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(tls));
@@ -188,5 +195,7 @@ fn tls_configs(
     let mut peer_client =
         quinn::ClientConfig::new(Arc::new(tls::client_config(&identity, env.net.tls_time(), ALPN_PEER)?));
     peer_client.transport_config(net::Limits::peer().transport_config());
-    Ok((server, peer_client))
+    Ok((server, peer_client, identity.ca))
 }
+
+type TlsConfigs = (quinn::ServerConfig, quinn::ClientConfig, Vec<rustls::pki_types::CertificateDer<'static>>);

@@ -1,5 +1,4 @@
-//! The client protocol (ALPN `rill-client/3`: message ids with epochs, conflicts and the
-//! dedup horizon): the values carried in frames on bidirectional streams. Frame encoding
+//! The client protocol (ALPN `rill-client/4`: principals, grants and tokens): the values carried in frames on bidirectional streams. Frame encoding
 //! and its version byte live in `rill_transport::frame`; this module is the one place the
 //! client protocol's shapes live.
 //!
@@ -10,7 +9,13 @@
 //!   [`Response::Deliver`] pushed by the node and [`Request::Ack`] sent by the client;
 //! - admin: [`Request::OpenProducer`], [`Request::ListTopics`], [`Request::Stats`], each
 //!   answered by one response.
-use rill_replication::namespace::{ConfigDoc, Edit};
+//!
+//! Every request is authorised for the connection's principal first (`crate::authz`); a
+//! refusal is [`ErrorCode::Forbidden`].
+use rill_replication::{
+    access::Signed,
+    namespace::{ConfigDoc, Edit},
+};
 use rill_storage::{Message, StoredMessage, topic::AppendOutcome};
 use serde::{Deserialize, Serialize};
 
@@ -152,6 +157,15 @@ pub enum Request {
         /// Subscription name (it must exist).
         subscription: String,
     },
+    /// Creates or deletes a catalogue entry (a grant or a token), signed by the
+    /// connection's principal with its certificate's key.
+    CatalogueEdit(Signed),
+    /// Who the connection's principal is, or whom a bearer token names, and the grants
+    /// that count for it.
+    WhoAmI {
+        /// A token to look up instead of the connection's principal.
+        token: Option<String>,
+    },
 }
 
 /// How the consumers of one subscription share its messages (as in Apache Pulsar).
@@ -260,6 +274,8 @@ pub enum ErrorCode {
     BacklogFull,
     /// What the request names does not exist.
     NotFound,
+    /// The principal holds no grant for this request.
+    Forbidden,
     /// A message's id is held with a different content: the producer reused an id for
     /// another message. Nothing of the request was stored; retrying cannot help.
     Conflict,
@@ -397,6 +413,10 @@ pub struct NodeStats {
     pub topics: Vec<TopicStats>,
     /// Peers and replication lag.
     pub peers: Vec<PeerStats>,
+    /// Requests refused since start, per principal (for a superuser; others see their own).
+    pub refusals: Vec<(String, u64)>,
+    /// Catalogue entries peers sent that did not verify, since start.
+    pub entries_refused: u64,
 }
 
 /// A replicated message kept aside in the node-local conflict store: its id was held with
@@ -459,4 +479,15 @@ pub enum Response {
     SubscriptionDeleted,
     /// Answer to [`Request::ListConflicts`].
     Conflicts(Vec<KeptConflict>),
+    /// Answer to [`Request::CatalogueEdit`]: the edit is durable here and gossiped.
+    CatalogueDone,
+    /// Answer to [`Request::WhoAmI`].
+    Principal {
+        /// The principal's name.
+        name: String,
+        /// True for a superuser.
+        superuser: bool,
+        /// Its grants that count, as `action resource`.
+        grants: Vec<String>,
+    },
 }

@@ -16,16 +16,18 @@ use rill_transport::{
     net::{self, CloseCode},
     tls::{ALPN_CLIENT, ALPN_PEER},
 };
+use rustls::pki_types::CertificateDer;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
 use crate::{
+    authz::{Authz, Principal},
     config::{LimitsConfig, NodeConfig},
     conflicts::Conflicts,
     consume,
     dispatch::Subscriptions,
     error::NodeError,
-    mesh::MeshHandle,
+    mesh::{Change, MeshHandle},
     protocol::{ErrorCode, NewMessage, NodeStats, Request, Response, SeqMode},
     registry::Registry,
     retention::BacklogGate,
@@ -44,6 +46,7 @@ pub(crate) struct Parts {
     pub(crate) conflicts: Arc<Conflicts>,
     pub(crate) backlog: Arc<BacklogGate>,
     pub(crate) mesh: MeshHandle,
+    pub(crate) authz: Arc<Authz>,
 }
 
 /// What every connection and stream of the client door shares.
@@ -113,11 +116,20 @@ async fn serve_connection(server: Arc<Server>, conn: quinn::Connection) {
             return;
         }
     }
-    tracing::debug!(%remote, "client connected");
+    let cert = client_certificate(&conn);
+    let who = match server.parts.authz.admit(cert.as_ref()) {
+        Ok(who) => Arc::new(who),
+        Err(why) => {
+            tracing::warn!(%remote, %why, "refusing client connection");
+            conn.close(CloseCode::Forbidden.into(), why.as_bytes());
+            return;
+        }
+    };
+    tracing::debug!(%remote, principal = %who.name, "client connected");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(Arc::clone(&server), send, recv).in_current_span());
+                tokio::spawn(serve_stream(Arc::clone(&server), Arc::clone(&who), send, recv).in_current_span());
             }
             Err(e) => {
                 tracing::debug!(%remote, reason = %e, "client connection ended");
@@ -127,14 +139,19 @@ async fn serve_connection(server: Arc<Server>, conn: quinn::Connection) {
     }
 }
 
+/// The end-entity certificate the client presented (the CA vouched for it in the
+/// handshake).
+fn client_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let chain = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
+}
+
 /// Hands a peer connection to the replication driver if its certificate names a
 /// configured peer (the CA already vouched for it during the handshake).
 async fn attach_peer(server: &Server, conn: quinn::Connection) {
     let remote = conn.remote_address();
-    let certs =
-        conn.peer_identity().and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok());
     let names = server.peers.iter().map(NodeName::as_str);
-    let matched = certs.as_ref().and_then(|c| c.first()).and_then(|cert| certs::matching_name(cert, names));
+    let matched = client_certificate(&conn).and_then(|cert| certs::matching_name(&cert, names));
     match server.peers.iter().find(|p| Some(p.as_str()) == matched) {
         Some(peer) => server.parts.mesh.attach(peer.clone(), conn).await,
         None => {
@@ -165,7 +182,7 @@ impl From<Result<Response, NodeError>> for Pending {
     }
 }
 
-async fn serve_stream(server: Arc<Server>, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_stream(server: Arc<Server>, who: Arc<Principal>, mut send: SendStream, mut recv: RecvStream) {
     let max = server.limits.frame_bytes_max;
     let mut buf = Vec::new();
     let first = match frame::read_frame::<_, Request>(&mut recv, max, &mut buf).await {
@@ -178,14 +195,22 @@ async fn serve_stream(server: Arc<Server>, mut send: SendStream, mut recv: RecvS
             return;
         }
     };
+    if let Request::Subscribe { .. } = &first
+        && let Err(e) = server.parts.authz.check(&who, &first, None)
+    {
+        let _ = frame::write_frame(&mut send, &Response::from(e), &mut buf).await;
+        let _ = send.finish();
+        return;
+    }
     if let Request::Subscribe { topic, subscription, start, options } = first {
         let request = consume::Subscribe { topic, subscription, start, options };
         let subs = Arc::clone(&server.parts.subscriptions);
-        consume::serve(subs, max, request, send, recv).await;
+        let consumer = consume::Consumer { who, authz: Arc::clone(&server.parts.authz) };
+        consume::serve(subs, consumer, max, request, send, recv).await;
         return;
     }
     let (tx, rx) = mpsc::channel(PIPELINE_REQUESTS_MAX);
-    let reader = read_requests(&server, first, buf.len(), recv, tx);
+    let reader = read_requests(&server, &who, first, buf.len(), recv, tx);
     let writer = write_responses(send, rx);
     tokio::join!(reader, writer);
 }
@@ -193,6 +218,7 @@ async fn serve_stream(server: Arc<Server>, mut send: SendStream, mut recv: RecvS
 /// Reads requests in order and queues their (possibly pending) responses.
 async fn read_requests(
     server: &Server,
+    who: &Principal,
     first: Request,
     first_bytes: usize,
     mut recv: RecvStream,
@@ -203,7 +229,10 @@ async fn read_requests(
     let mut next = Some(first);
     let mut request_bytes = first_bytes;
     while let Some(request) = next.take() {
-        let pending = handle_request(server, request, request_bytes).await;
+        let pending = match server.parts.authz.check(who, &request, None) {
+            Ok(()) => handle_request(server, who, request, request_bytes).await,
+            Err(e) => Err(e).into(),
+        };
         if tx.send(pending).await.is_err() {
             return;
         }
@@ -249,24 +278,32 @@ async fn write_responses(mut send: SendStream, mut rx: mpsc::Receiver<Pending>) 
     let _ = send.finish();
 }
 
-async fn handle_request(server: &Server, request: Request, request_bytes: usize) -> Pending {
+/// Does what a request asks; [`Authz::check`] has allowed it.
+async fn handle_request(server: &Server, who: &Principal, request: Request, request_bytes: usize) -> Pending {
     let subs = &server.parts.subscriptions;
+    let authz = &server.parts.authz;
     match request {
         Request::Produce { topic, producer, epoch, messages } => {
-            produce(server, &topic, (producer, epoch), messages, request_bytes).await
+            produce(server, who, &topic, (producer, epoch), messages, request_bytes).await
         }
-        Request::OpenProducer { topic, producer, seqs } => open_producer(server, &topic, &producer, seqs).await.into(),
-        Request::ListTopics => Ok(Response::Topics(topic_stats(server).await)).into(),
-        Request::Stats => Ok(Response::Stats(node_stats(server).await)).into(),
+        Request::OpenProducer { topic, producer, seqs } => {
+            open_producer(server, who, &topic, &producer, seqs).await.into()
+        }
+        Request::ListTopics => Ok(Response::Topics(topic_stats(server, who).await)).into(),
+        Request::Stats => Ok(Response::Stats(node_stats(server, who).await)).into(),
         Request::NsEdit { namespace, edit } => ns_edit(server, &namespace, edit).await.into(),
-        Request::NsGet => Ok(Response::Namespaces(server.parts.mesh.config().await)).into(),
+        Request::NsGet => Ok(Response::Namespaces(authz.view(who, server.parts.mesh.config().await))).into(),
+        Request::CatalogueEdit(signed) => {
+            server.parts.mesh.edit(Change::Entry(signed)).await.map(|()| Response::CatalogueDone).into()
+        }
+        Request::WhoAmI { token } => who_am_i(server, who, token.as_deref()).into(),
         Request::Seek { topic, subscription, target } => {
             consume::seek(subs, &topic, &subscription, target).await.into()
         }
         Request::DeleteSubscription { topic, subscription } => {
             consume::delete(subs, &topic, &subscription).await.into()
         }
-        Request::ListConflicts { topic } => list_conflicts(server, topic.as_deref()).into(),
+        Request::ListConflicts { topic } => list_conflicts(server, who, topic.as_deref()).into(),
         Request::Subscribe { .. } => {
             Err(NodeError::Malformed("Subscribe must be the first frame of its own stream".into())).into()
         }
@@ -276,21 +313,43 @@ async fn handle_request(server: &Server, request: Request, request_bytes: usize)
     }
 }
 
-/// Statistics of every topic (reads the log: off the async threads).
-async fn topic_stats(server: &Server) -> Vec<crate::protocol::TopicStats> {
-    let subs = Arc::clone(&server.parts.subscriptions);
-    server.registry().env.run_blocking(move || stats::topics(&subs)).await
+/// True when `who` may see topic `name` (by its string form) in lists and statistics.
+fn sees_topic(server: &Server, who: &Principal, name: &str) -> bool {
+    TopicName::parse(name).is_ok_and(|t| server.parts.authz.sees(who, &t.namespace_name()))
 }
 
-async fn node_stats(server: &Server) -> NodeStats {
+/// Statistics of every topic `who` may see (reads the log: off the async threads).
+async fn topic_stats(server: &Server, who: &Principal) -> Vec<crate::protocol::TopicStats> {
+    let subs = Arc::clone(&server.parts.subscriptions);
+    let mut topics = server.registry().env.run_blocking(move || stats::topics(&subs)).await;
+    topics.retain(|t| sees_topic(server, who, &t.topic));
+    topics
+}
+
+async fn node_stats(server: &Server, who: &Principal) -> NodeStats {
     let now_ms = server.registry().env.clock.now_ms();
+    let mut peers = server.parts.mesh.stats().await;
+    for p in &mut peers {
+        p.lanes.retain(|l| sees_topic(server, who, &l.topic));
+    }
     NodeStats {
         node: server.name.to_string(),
         uptime_ms: now_ms.saturating_sub(server.started_ms),
         now_ms,
-        topics: topic_stats(server).await,
-        peers: server.parts.mesh.stats().await,
+        topics: topic_stats(server, who).await,
+        peers,
+        refusals: server.parts.authz.refusals(who),
+        entries_refused: server.parts.authz.entries_refused(),
     }
+}
+
+fn who_am_i(server: &Server, who: &Principal, token: Option<&str>) -> Result<Response, NodeError> {
+    let who = match token {
+        Some(token) => &server.parts.authz.token(token, server.registry().env.clock.now_ms())?,
+        None => who,
+    };
+    let grants = server.parts.authz.grants_of(who);
+    Ok(Response::Principal { name: who.name.to_string(), superuser: who.superuser, grants })
 }
 
 async fn ns_edit(
@@ -299,18 +358,25 @@ async fn ns_edit(
     edit: rill_replication::namespace::Edit,
 ) -> Result<Response, NodeError> {
     let namespace = NamespaceName::parse(namespace).map_err(|e| NodeError::Namespace(e.to_string()))?;
-    server.parts.mesh.edit(namespace, edit).await?;
+    server.parts.mesh.edit(Change::Namespace(namespace, edit)).await?;
     Ok(Response::NsDone)
 }
 
-fn list_conflicts(server: &Server, topic: Option<&str>) -> Result<Response, NodeError> {
+fn list_conflicts(server: &Server, who: &Principal, topic: Option<&str>) -> Result<Response, NodeError> {
     let topic = topic.map(TopicName::parse).transpose()?;
-    Ok(Response::Conflicts(server.parts.conflicts.list(topic.as_ref())?))
+    let mut kept = server.parts.conflicts.list(topic.as_ref())?;
+    kept.retain(|k| sees_topic(server, who, &k.topic));
+    Ok(Response::Conflicts(kept))
 }
 
-fn check_producer(producer: &str) -> Result<ProducerId, NodeError> {
-    if producer.is_empty() || producer.len() > PRODUCER_ID_BYTES_MAX {
-        return Err(NodeError::InvalidName(format!("producer id must be 1..={PRODUCER_ID_BYTES_MAX} bytes")));
+/// The producer id a client's producer name is stored under: `principal/name`, so one
+/// principal cannot take another's ids (DESIGN section 2). A superuser acts for the mesh
+/// and names producers as it likes.
+fn check_producer(who: &Principal, producer: &str) -> Result<ProducerId, NodeError> {
+    let scoped = if who.superuser { producer.len() } else { who.name.len() + 1 + producer.len() };
+    if producer.is_empty() || scoped > PRODUCER_ID_BYTES_MAX {
+        let why = format!("producer id must be 1..={PRODUCER_ID_BYTES_MAX} bytes (with the principal's name and '/')");
+        return Err(NodeError::InvalidName(why));
     }
     // Operators and bridges write under `$fn/...`, `$infer/...`, `$kafka/...` with ids
     // derived from their inputs; a client must never be able to take those ids.
@@ -318,12 +384,21 @@ fn check_producer(producer: &str) -> Result<ProducerId, NodeError> {
         let why = format!("producer '{producer}': names starting with '$' are reserved for operators and bridges");
         return Err(NodeError::InvalidName(why));
     }
-    Ok(ProducerId(producer.into()))
+    if who.superuser {
+        return Ok(ProducerId(producer.into()));
+    }
+    Ok(ProducerId(format!("{}/{producer}", who.name).into()))
 }
 
-async fn open_producer(server: &Server, topic: &str, producer: &str, seqs: SeqMode) -> Result<Response, NodeError> {
+async fn open_producer(
+    server: &Server,
+    who: &Principal,
+    topic: &str,
+    producer: &str,
+    seqs: SeqMode,
+) -> Result<Response, NodeError> {
     let name = TopicName::parse(topic)?;
-    let producer = check_producer(producer)?;
+    let producer = check_producer(who, producer)?;
     let topic = server.registry().topic(&name).await?;
     let env = &server.registry().env;
     Ok(match seqs {
@@ -341,6 +416,7 @@ async fn open_producer(server: &Server, topic: &str, producer: &str, seqs: SeqMo
 
 async fn produce(
     server: &Server,
+    who: &Principal,
     topic: &str,
     producer: (String, u64),
     messages: Vec<NewMessage>,
@@ -352,7 +428,7 @@ async fn produce(
     let Ok(budget) = Arc::clone(&server.produce_budget).acquire_many_owned(bytes).await else {
         return Err(NodeError::ShuttingDown("node is shutting down")).into();
     };
-    match prepare_produce(server, topic, producer, messages).await {
+    match prepare_produce(server, who, topic, producer, messages).await {
         Ok((topic, messages)) => match topic.append(messages, OnConflict::Refuse).await {
             Some(reply) => Pending::Append(reply, budget),
             None => Err(NodeError::ShuttingDown("the topic is closing")).into(),
@@ -364,6 +440,7 @@ async fn produce(
 /// Validates a produce request as a whole and stamps its messages.
 async fn prepare_produce(
     server: &Server,
+    who: &Principal,
     topic: &str,
     (producer, epoch): (String, u64),
     messages: Vec<NewMessage>,
@@ -375,7 +452,7 @@ async fn prepare_produce(
     if let Some(why) = server.parts.backlog.refusal(&name.namespace_name()) {
         return Err(NodeError::BacklogFull(why));
     }
-    let producer = check_producer(&producer)?;
+    let producer = check_producer(who, &producer)?;
     let limit = server.limits.message_bytes_max as usize;
     let now_ms = server.registry().env.clock.now_ms();
     let mut stamped = Vec::with_capacity(messages.len());

@@ -1,5 +1,6 @@
 //! rill-replication: namespace replication between nodes and namespace config convergence.
 //!
+//! - [`access`]: grants and tokens, signed entries of the catalogue, and what they allow.
 //! - [`hlc`]: hybrid logical clocks for stamping config edits.
 //! - [`namespace`]: the namespace catalogue and policies as one CRDT document.
 //! - [`wire`]: the peer protocol's messages and the Hello's [`wire::Summary`].
@@ -12,6 +13,7 @@
 //! Architecture invariant: nothing here touches tokio, quinn, sled, turmoil, a clock or a
 //! random source; time and randomness come in as arguments.
 
+pub mod access;
 pub mod core;
 pub mod hlc;
 pub mod link;

@@ -10,14 +10,20 @@
 //!   ties broken by the greater node name. Every node applies the same rule, so all pick
 //!   the same winner.
 //!
-//! Namespaces are never removed (deletion needs tombstones; not built).
+//! The document also holds the signed entries of [`crate::access`] (grants and tokens),
+//! which merge by their own rule: a union per incarnation, each part verified first.
+//!
+//! Namespaces are never removed (entries can be; namespaces do not use that yet).
 use std::collections::{BTreeMap, BTreeSet};
 
 use crdts::LWWReg;
 use rill_storage::{NamespaceName, NodeName, name::check_part};
 use serde::{Deserialize, Serialize};
 
-use crate::hlc::Hlc;
+use crate::{
+    access::{EntryError, Records, Signed, Verify},
+    hlc::Hlc,
+};
 
 /// Who changed a field and when; greater wins.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -66,7 +72,13 @@ pub struct NamespacePolicy {
 pub const DEDUP_HORIZON_DEFAULT_S: u64 = 30 * 86_400;
 
 /// The version byte in front of a stored catalogue ([`ConfigDoc::encode`]).
-pub const CATALOGUE_VERSION: u8 = 2;
+pub const CATALOGUE_VERSION: u8 = 3;
+
+/// The catalogue of version 2 (namespaces only).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ConfigDocV2 {
+    namespaces: BTreeMap<NamespaceName, NamespacePolicy>,
+}
 
 /// The policy of wave 1 (catalogue version 1, stored without a version byte).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -198,12 +210,16 @@ impl NamespacePolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigDoc {
     namespaces: BTreeMap<NamespaceName, NamespacePolicy>,
+    /// Grants and tokens.
+    records: Records,
 }
 
 impl ConfigDoc {
-    /// Merges `other` in; returns the namespaces that changed (as a delta document).
-    pub fn merge(&mut self, other: &ConfigDoc) -> ConfigDoc {
-        let mut delta = ConfigDoc::default();
+    /// Merges `other` in, verifying each signed entry part with `verify`; returns what
+    /// changed (as a delta document) and why entry parts were refused.
+    pub fn merge(&mut self, other: &ConfigDoc, verify: &dyn Verify) -> (ConfigDoc, Vec<String>) {
+        let (records, refused) = self.records.merge(&other.records, verify);
+        let mut delta = ConfigDoc { namespaces: BTreeMap::new(), records };
         for (name, theirs) in &other.namespaces {
             let (changed, ours) = match self.namespaces.get_mut(name) {
                 Some(ours) => (ours.merge(theirs), ours),
@@ -213,7 +229,33 @@ impl ConfigDoc {
                 delta.namespaces.insert(name.clone(), ours.clone());
             }
         }
-        delta
+        (delta, refused)
+    }
+
+    /// Takes a signed creation or deletion made through this node; returns the delta to
+    /// gossip (empty when the node already held it).
+    pub fn apply_signed(&mut self, signed: Signed, verify: &dyn Verify) -> Result<ConfigDoc, EntryError> {
+        let incarnation = signed.body.incarnation();
+        let mut delta = ConfigDoc::default();
+        if let Some(record) = self.records.apply(signed, verify)? {
+            delta.records.insert(incarnation, record);
+        }
+        Ok(delta)
+    }
+
+    /// The signed entries (grants, tokens).
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    /// Keeps the namespaces and entries a viewer may see.
+    pub fn retain(
+        &mut self,
+        mut namespace: impl FnMut(&NamespaceName) -> bool,
+        record: impl FnMut(&crate::access::Record) -> bool,
+    ) {
+        self.namespaces.retain(|n, _| namespace(n));
+        self.records.retain(record);
     }
 
     /// Applies a local edit stamped `stamp`; returns the delta to gossip.
@@ -266,7 +308,11 @@ impl ConfigDoc {
     pub fn decode(bytes: &[u8]) -> Result<ConfigDoc, String> {
         match bytes.split_first() {
             Some((&CATALOGUE_VERSION, rest)) => postcard::from_bytes(rest).map_err(|e| e.to_string()),
-            Some((v, _)) => Err(format!("catalogue version {v} is not supported (this build reads 1 and 2)")),
+            Some((2, rest)) => {
+                let v2: ConfigDocV2 = postcard::from_bytes(rest).map_err(|e| e.to_string())?;
+                Ok(ConfigDoc { namespaces: v2.namespaces, records: Records::default() })
+            }
+            Some((v, _)) => Err(format!("catalogue version {v} is not supported (this build reads 1 to 3)")),
             None => Err("empty catalogue record".into()),
         }
     }
@@ -291,18 +337,28 @@ impl ConfigDoc {
                 (name, policy)
             })
             .collect();
-        Ok(ConfigDoc { namespaces })
+        Ok(ConfigDoc { namespaces, records: Records::default() })
     }
 
-    /// True when the document holds no namespace.
+    /// True when the document holds no namespace and no entry.
     pub fn is_empty(&self) -> bool {
-        self.namespaces.is_empty()
+        self.namespaces.is_empty() && self.records.is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// These tests hold no signed entries.
+    #[derive(Debug)]
+    struct NoEntries;
+
+    impl Verify for NoEntries {
+        fn verify(&self, _: &Signed) -> Result<(), String> {
+            Err("no entries here".into())
+        }
+    }
 
     fn stamp(ms: u64, node: &str) -> Stamp {
         Stamp { hlc: Hlc { wall_ms: ms, logical: 0 }, node: node.into() }
@@ -325,15 +381,15 @@ mod tests {
         let mut a = ConfigDoc::default();
         let mut b = ConfigDoc::default();
         a.apply(&ns("acme/sensors"), Edit::Create, stamp(1, "a")).unwrap();
-        b.merge(&a);
+        b.merge(&a, &NoEntries);
         // Partition: both edit clusters; a also edits retention.
         a.apply(&ns("acme/sensors"), clusters(&["a", "x"]), stamp(10, "a")).unwrap();
         a.apply(&ns("acme/sensors"), Edit::RetentionAge(Some(3600)), stamp(11, "a")).unwrap();
         b.apply(&ns("acme/sensors"), clusters(&["b", "y"]), stamp(12, "b")).unwrap();
         let (mut ab, mut ba) = (a.clone(), b.clone());
-        ab.merge(&b);
-        ba.merge(&a);
-        ba.merge(&a); // repetition is harmless
+        ab.merge(&b, &NoEntries);
+        ba.merge(&a, &NoEntries);
+        ba.merge(&a, &NoEntries); // repetition is harmless
         assert_eq!(ab, ba);
         let p = ab.get("acme/sensors").unwrap();
         assert_eq!(p.clusters.val, nodes(&["b", "y"]), "later edit wins");
@@ -347,8 +403,8 @@ mod tests {
         let mut b = a.clone();
         a.apply(&ns("t/n"), clusters(&["a"]), stamp(5, "a")).unwrap();
         b.apply(&ns("t/n"), clusters(&["b"]), stamp(5, "b")).unwrap();
-        a.merge(&b);
-        b.merge(&a);
+        a.merge(&b, &NoEntries);
+        b.merge(&a, &NoEntries);
         assert_eq!(a, b);
         assert!(a.get("t/n").unwrap().clusters.val.contains("b"));
     }
@@ -360,9 +416,9 @@ mod tests {
         a.apply(&ns("t/two"), Edit::Create, stamp(1, "a")).unwrap();
         let mut b = a.clone();
         let delta = b.apply(&ns("t/two"), clusters(&["a", "b"]), stamp(2, "b")).unwrap();
-        let changed = a.merge(&delta);
+        let changed = a.merge(&delta, &NoEntries).0;
         assert_eq!(changed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["t/two"]);
-        assert!(a.merge(&b).is_empty(), "nothing new the second time");
+        assert!(a.merge(&b, &NoEntries).0.is_empty(), "nothing new the second time");
         let (x, y) = (NodeName::parse("a").unwrap(), NodeName::parse("b").unwrap());
         assert!(a.replicates_between(&ns("t/two"), &x, &y) && !a.replicates_between(&ns("t/one"), &x, &y));
     }
@@ -392,6 +448,11 @@ mod tests {
         assert_eq!(policy.dedup_horizon_ms(), DEDUP_HORIZON_DEFAULT_S * 1000);
         assert_eq!(ConfigDoc::decode(&doc.encode()).unwrap(), doc);
         assert!(ConfigDoc::decode(&[9, 0]).unwrap_err().contains("version 9"));
+        // Version 2 (namespaces only) reads with no entries.
+        let v2 = ConfigDocV2 { namespaces: doc.namespaces.clone() };
+        let mut bytes = vec![2];
+        bytes.extend(postcard::to_stdvec(&v2).unwrap());
+        assert_eq!(ConfigDoc::decode(&bytes).unwrap(), doc);
     }
 
     #[test]

@@ -7,6 +7,10 @@ pub(crate) fn init(dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
         rill_storage::NodeName::parse(n)?;
     }
     rill_transport::certs::create_mesh(dir, nodes)?;
-    println!("wrote CA, {} node certificate(s) and a client certificate to {}", nodes.len(), dir.display());
+    println!(
+        "wrote CA, {} node certificate(s) and the superuser client certificate 'admin' (client.pem) to {}",
+        nodes.len(),
+        dir.display()
+    );
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
+mod access;
 mod bench;
 mod certs;
 mod conflicts;
@@ -55,6 +56,18 @@ enum Command {
     Conflicts(ConflictsCommand),
     /// Node statistics: per topic messages, bytes, offsets, subscriptions.
     Stats(stats::StatsArgs),
+    /// Allow a principal an action on a tenant or one namespace (needs admin over it).
+    Grant(access::GrantArgs),
+    /// Take a grant back (every node stops honouring it as the catalogue converges).
+    Revoke(access::GrantArgs),
+    /// Grants: list them.
+    #[command(subcommand)]
+    Grants(access::GrantsCommand),
+    /// Bearer tokens (for the HTTP and MQTT doors): create, revoke, list.
+    #[command(subcommand)]
+    Tokens(access::TokensCommand),
+    /// Who this client is to the node, and its grants.
+    Whoami(access::WhoAmIArgs),
     /// Benchmarks (print figures; not tests).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -77,6 +90,8 @@ enum CertsCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<String>,
     },
+    /// Issue a client certificate for a principal from the mesh CA.
+    Issue(access::IssueArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,18 +112,27 @@ pub(crate) struct Conn {
     /// Node address.
     #[arg(long, default_value = DEFAULT_ADDR)]
     addr: SocketAddr,
-    /// Directory with ca.pem, client.pem and client.key.
+    /// Directory with ca.pem and the client identity's certificate and key.
     #[arg(long, default_value = DEFAULT_CERTS)]
     certs: PathBuf,
+    /// The client identity: `<certs>/<identity>.pem` and `.key` (made by `rill certs
+    /// issue`); the default `client` is the superuser `admin`.
+    #[arg(long, default_value = rill_transport::certs::DEFAULT_IDENTITY)]
+    identity: String,
 }
 
 impl Conn {
     /// Connects, with an error that says what to check.
     pub(crate) async fn connect(&self) -> anyhow::Result<crate::client::Client> {
         use anyhow::Context;
-        let options = crate::client::ClientOptions::new(self.addr, &self.certs);
+        let options = crate::client::ClientOptions::new(self.addr, &self.certs).with_identity(&self.identity);
         crate::client::Client::connect(&options).await.with_context(|| {
-            format!("is a node running at {}, and are its certificates in {}?", self.addr, self.certs.display())
+            format!(
+                "is a node running at {}, and is identity '{}' in {}?",
+                self.addr,
+                self.identity,
+                self.certs.display()
+            )
         })
     }
 }
@@ -150,6 +174,12 @@ async fn run(cli: Cli, env: crate::env::Env) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(NodeCommand::Run(args)) => node::run(args, env).await,
         Command::Certs(CertsCommand::Init { dir, nodes }) => certs::init(&dir, &nodes),
+        Command::Certs(CertsCommand::Issue(args)) => access::issue(&args),
+        Command::Grant(args) => access::grant(args).await,
+        Command::Revoke(args) => access::revoke(args).await,
+        Command::Grants(cmd) => access::grants(cmd).await,
+        Command::Tokens(cmd) => access::tokens(cmd).await,
+        Command::Whoami(args) => access::who_am_i(args).await,
         Command::Produce(args) => produce::run(args).await,
         Command::Consume(args) => consume::run(args).await,
         Command::Ns(cmd) => ns::run(cmd).await,

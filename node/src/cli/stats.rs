@@ -65,6 +65,11 @@ pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
 /// The node's line and one block per peer, with its lanes.
 fn print_peers(stats: &crate::protocol::NodeStats) {
     println!("node {} up {:.0}s", stats.node, stats.uptime_ms as f64 / 1000.0);
+    if !stats.refusals.is_empty() || stats.entries_refused > 0 {
+        let per: Vec<String> = stats.refusals.iter().map(|(p, n)| format!("{p} {n}")).collect();
+        let entries = stats.entries_refused;
+        println!("refused requests: {} | catalogue entries from peers that did not verify: {entries}", per.join(", "));
+    }
     for p in &stats.peers {
         let state = if p.connected { "connected" } else { "disconnected" };
         let last = p.last_link_change_ms.map_or_else(

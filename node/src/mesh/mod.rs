@@ -23,6 +23,7 @@ use std::{
 
 use quinn::{Connection, Endpoint};
 use rill_replication::{
+    access::{EntryError, Signed},
     core::{Action, CloseReason, LinkId, PeerMessage, Replicator, Settings},
     namespace::{ConfigDoc, Edit},
 };
@@ -37,6 +38,7 @@ use self::{
     link::LinkConn,
 };
 use crate::{
+    authz::Authz,
     config::PeerConfig,
     conflicts::Conflicts,
     error::NodeError,
@@ -51,6 +53,16 @@ pub(crate) struct Context {
     pub(crate) registry: Arc<Registry>,
     /// Where replicated contents that lose a conflict are kept.
     pub(crate) conflicts: Arc<Conflicts>,
+    /// Told of every catalogue change; checks the signatures of catalogue entries.
+    pub(crate) authz: Arc<Authz>,
+}
+
+/// A change to the catalogue made through this node.
+pub(crate) enum Change {
+    /// A namespace edit.
+    Namespace(NamespaceName, Edit),
+    /// A signed entry's creation or deletion.
+    Entry(Signed),
 }
 
 /// Events queued for the driver; senders wait when it is full.
@@ -87,7 +99,7 @@ pub(crate) enum Event {
     Message { peer: NodeName, link: LinkId, message: PeerMessage },
     Read { peer: NodeName, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
     Appended { peer: NodeName, link: LinkId, topic: TopicName, batch: u64, result: Result<u64, AppendError> },
-    Edit { namespace: NamespaceName, edit: Edit, reply: oneshot::Sender<Result<(), NodeError>> },
+    Edit { change: Change, reply: oneshot::Sender<Result<(), NodeError>> },
     Config { reply: oneshot::Sender<ConfigDoc> },
     Stats { reply: oneshot::Sender<Vec<PeerStats>> },
     Retained { topics: Vec<TopicName>, reply: oneshot::Sender<Vec<u64>> },
@@ -111,10 +123,10 @@ impl MeshHandle {
     }
 
     /// Applies an admin edit to the catalogue; answers once it is durable.
-    pub(crate) async fn edit(&self, namespace: NamespaceName, edit: Edit) -> Result<(), NodeError> {
+    pub(crate) async fn edit(&self, change: Change) -> Result<(), NodeError> {
         let stopped = || NodeError::ShuttingDown("replication stopped");
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Event::Edit { namespace, edit, reply }).await.map_err(|_| stopped())?;
+        self.tx.send(Event::Edit { change, reply }).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
@@ -169,7 +181,8 @@ pub(crate) fn start(
     let config = load_catalogue(meta.as_ref())?;
     let settings = Settings { bug_skip_batch: env.bugs.skip_batch, ..Settings::default() };
     let boot = env.random.next_u64();
-    let mut rep = Replicator::new(ctx.name.clone(), boot, settings, config);
+    ctx.authz.update(&config);
+    let mut rep = Replicator::new(ctx.name.clone(), boot, settings, config, ctx.authz.verifier());
     let (mut greeted, mut peer_dials) = (BTreeMap::new(), BTreeMap::new());
     for p in peers {
         rep.add_peer(p.name.clone());
@@ -251,9 +264,19 @@ impl Driver {
             Event::Appended { peer, link, topic, batch, result } => {
                 self.rep.handle_appended(now, &peer, link, &topic, batch, result.map_err(|e| e.to_string()));
             }
-            Event::Edit { namespace, edit, reply } => {
-                if let Err(e) = self.rep.edit_config(&namespace, edit, now) {
-                    let _ = reply.send(Err(NodeError::Namespace(e.to_string())));
+            Event::Edit { change, reply } => {
+                let applied = match change {
+                    Change::Namespace(namespace, edit) => {
+                        self.rep.edit_config(&namespace, edit, now).map_err(|e| NodeError::Namespace(e.to_string()))
+                    }
+                    Change::Entry(signed) => self.rep.apply_signed(signed).map_err(|e| match e {
+                        EntryError::Signature(_) => NodeError::Forbidden(e.to_string()),
+                        EntryError::Unknown(_) => NodeError::NotFound(e.to_string()),
+                        EntryError::Malformed(..) => NodeError::Malformed(e.to_string()),
+                    }),
+                };
+                if let Err(e) = applied {
+                    let _ = reply.send(Err(e));
                     return;
                 }
                 // An acknowledged edit is durable, like an acknowledged message: save the
@@ -324,7 +347,12 @@ impl Driver {
                         tracing::warn!(key, error = %e, "could not save replication cursor; will resend from the old one");
                     }
                 }
+                Action::EntryRefused { peer, why } => {
+                    self.ctx.authz.entry_refused();
+                    tracing::warn!(%peer, %why, "refused a catalogue entry from a peer");
+                }
                 Action::SaveConfig => {
+                    self.ctx.authz.update(self.rep.config());
                     if let Err(e) = self.ctx.registry.meta.put(keys::CATALOGUE, &self.rep.config().encode()) {
                         tracing::warn!(error = %e, "could not save the namespace catalogue; peers will resend it");
                     }

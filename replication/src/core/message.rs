@@ -106,7 +106,11 @@ impl Replicator {
         if let Some(s) = theirs.max_stamp() {
             self.clock.observe(s.hlc);
         }
-        let delta = self.config.merge(theirs);
+        let (delta, refused) = self.config.merge(theirs, &*self.verify);
+        for why in refused {
+            self.refused_entries += 1;
+            self.actions.push_back(Action::EntryRefused { peer: peer.clone(), why });
+        }
         self.config_changed(delta, Some(peer));
     }
 }

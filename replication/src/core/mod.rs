@@ -36,7 +36,10 @@
 //! A lane ships only while the topic's namespace lists both nodes in its clusters, and
 //! relays transitively: whatever a node appends (from a producer or a peer) grows its log
 //! and is shipped on its other lanes.
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    sync::Arc,
+};
 
 use rill_storage::{Message, NamespaceName, NodeName, TopicName};
 
@@ -48,6 +51,7 @@ mod tests;
 use self::lane::Lane;
 pub use self::lane::{LaneCounters, LaneStats};
 use crate::{
+    access::{EntryError, Signed, Verify},
     hlc::HlcClock,
     link::{Opened, PeerLinks},
     namespace::{ConfigDoc, Edit, EditError, Stamp},
@@ -134,6 +138,14 @@ pub enum Action {
     },
     /// Persist the catalogue: it changed.
     SaveConfig,
+    /// A peer sent a catalogue entry that does not verify (a signature that does not hold,
+    /// a certificate not from the mesh CA, a node's signature): it was not taken. Log it.
+    EntryRefused {
+        /// The peer.
+        peer: NodeName,
+        /// Why.
+        why: String,
+    },
     /// Send this node's Hello on a link that just became current: build it with
     /// [`Replicator::hello`] from what the node durably holds now.
     Greet {
@@ -168,6 +180,10 @@ pub struct Replicator {
     boot: u64,
     settings: Settings,
     config: ConfigDoc,
+    /// Checks the signatures of catalogue entries.
+    verify: Arc<dyn Verify>,
+    /// Entry parts peers sent that did not verify.
+    refused_entries: u64,
     clock: HlcClock,
     /// Local topics and their durable end offsets.
     topics: BTreeMap<TopicName, u64>,
@@ -184,8 +200,8 @@ fn namespace_of(topic: &TopicName) -> NamespaceName {
 
 impl Replicator {
     /// A replicator for node `node` in the boot `boot` (random, new at every start),
-    /// starting from a saved catalogue.
-    pub fn new(node: NodeName, boot: u64, settings: Settings, config: ConfigDoc) -> Self {
+    /// starting from a saved catalogue; `verify` checks the entries peers send.
+    pub fn new(node: NodeName, boot: u64, settings: Settings, config: ConfigDoc, verify: Arc<dyn Verify>) -> Self {
         let mut clock = HlcClock::default();
         if let Some(s) = config.max_stamp() {
             clock.observe(s.hlc);
@@ -195,6 +211,8 @@ impl Replicator {
             boot,
             settings,
             config,
+            verify,
+            refused_entries: 0,
             clock,
             topics: BTreeMap::new(),
             peers: BTreeMap::new(),
@@ -349,6 +367,19 @@ impl Replicator {
         let delta = self.config.apply(namespace, edit, stamp)?;
         self.config_changed(delta, None);
         Ok(())
+    }
+
+    /// A signed catalogue entry (a grant or token, or its deletion) made through this
+    /// node; the caller has checked that its signer may make it.
+    pub fn apply_signed(&mut self, signed: Signed) -> Result<(), EntryError> {
+        let delta = self.config.apply_signed(signed, &*self.verify)?;
+        self.config_changed(delta, None);
+        Ok(())
+    }
+
+    /// Catalogue entry parts peers sent that did not verify, since start.
+    pub fn refused_entries(&self) -> u64 {
+        self.refused_entries
     }
 
     pub(super) fn config_changed(&mut self, delta: ConfigDoc, from: Option<&NodeName>) {

@@ -1,5 +1,8 @@
 //! The core driven as a whole mesh in memory: links, partitions, crashes, relays.
-use std::collections::{BTreeSet, VecDeque};
+use std::{
+    collections::{BTreeSet, VecDeque},
+    sync::Arc,
+};
 
 use rill_storage::{MessageId, ProducerId, StoredMessage, dedup::DedupIndex};
 
@@ -11,6 +14,16 @@ fn nn(name: &str) -> NodeName {
 
 fn ns(name: &str) -> NamespaceName {
     NamespaceName::parse(name).unwrap()
+}
+
+/// Accepts a catalogue entry whose signature reads "ok".
+#[derive(Debug)]
+struct SignedOk;
+
+impl crate::access::Verify for SignedOk {
+    fn verify(&self, signed: &crate::access::Signed) -> Result<(), String> {
+        if signed.signature == b"ok" { Ok(()) } else { Err("bad signature".into()) }
+    }
 }
 
 /// A node of the in-memory mesh: the core plus a log with dedup, as the driver has.
@@ -26,7 +39,7 @@ struct Node {
 
 impl Node {
     fn new(name: &str, boot: u64, settings: Settings, config: ConfigDoc) -> Node {
-        let rep = Replicator::new(nn(name), boot, settings, config);
+        let rep = Replicator::new(nn(name), boot, settings, config, Arc::new(SignedOk));
         Node { rep, logs: BTreeMap::new(), dedup: BTreeMap::new(), cursors: BTreeMap::new(), disk_fails: false }
     }
 
@@ -235,6 +248,7 @@ impl Mesh {
                     self.node(name).cursors.insert((peer.to_string(), topic), offset);
                 }
                 Action::SaveConfig => {}
+                Action::EntryRefused { .. } => {}
                 Action::CloseLink { peer, link, reason } => {
                     self.closed.push((name.to_string(), link, reason));
                     let _ = peer;
@@ -513,7 +527,7 @@ fn a_restarted_replicator_resumes_from_its_cursor_and_the_peer_summary() {
     let config = mesh.node("a").rep.config().clone();
     let cursor = mesh.node("a").cursors[&("b".to_string(), topic("t/ns/x"))];
     let node = mesh.node("a");
-    node.rep = Replicator::new(nn("a"), 77, Settings::default(), config);
+    node.rep = Replicator::new(nn("a"), 77, Settings::default(), config, Arc::new(SignedOk));
     node.rep.add_peer(nn("b"));
     node.rep.restore_cursor(&nn("b"), &topic("t/ns/x"), cursor);
     node.rep.handle_log_grew(&topic("t/ns/x"), 30);
@@ -654,7 +668,7 @@ fn a_peer_that_restarts_within_the_idle_timeout_carries_data_at_its_first_hello(
     mesh.kill_silently(old);
     let config = mesh.nodes["b"].rep.config().clone();
     let b = mesh.node("b");
-    b.rep = Replicator::new(nn("b"), 4242, settings(), config);
+    b.rep = Replicator::new(nn("b"), 4242, settings(), config, Arc::new(SignedOk));
     b.rep.add_peer(nn("a"));
     b.rep.handle_log_grew(&topic("t/ns/x"), 10);
     mesh.produce("a", "t/ns/x", "p", 10..20);
@@ -742,4 +756,50 @@ fn the_checker_catches_a_replicator_that_ignores_what_the_peer_holds() {
     mesh.node("b").logs.get_mut(&t).unwrap().push(dup);
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mesh.check()));
     assert!(caught.is_err());
+}
+
+fn signed_grant(incarnation: u64, principal: &str, signature: &[u8]) -> crate::access::Signed {
+    use crate::access::{Action, Body, Entry, Grant, Incarnation, Resource, Signer};
+    let grant = Grant { principal: principal.into(), action: Action::Produce, resource: Resource::parse("t").unwrap() };
+    crate::access::Signed {
+        body: Body::Create { incarnation: Incarnation(incarnation), entry: Entry::Grant(grant) },
+        by: Signer { principal: "root".into(), superuser: true },
+        at_ms: 1,
+        cert: Vec::new(),
+        signature: signature.to_vec(),
+    }
+}
+
+#[test]
+fn grants_made_apart_converge_and_a_forged_one_is_refused_and_goes_no_further() {
+    let mut mesh = Mesh::new(&["a", "b", "c"], &[("a", "b"), ("b", "c")], 6);
+    mesh.heal();
+    mesh.set_link("a", "b", false);
+    mesh.node("a").rep.apply_signed(signed_grant(1, "alice", b"ok")).unwrap();
+    mesh.node("c").rep.apply_signed(signed_grant(2, "bob", b"ok")).unwrap();
+    // A forged grant does not even enter through the node's own door.
+    assert!(mesh.node("c").rep.apply_signed(signed_grant(3, "mallory", b"forged")).is_err());
+    mesh.run(0);
+    mesh.heal();
+    let config = mesh.node("a").rep.config().clone();
+    assert!(mesh.nodes.values().all(|n| *n.rep.config() == config), "all nodes converge");
+    let access = crate::access::Access::of(config.records());
+    assert!(access.holds_any("alice") && access.holds_any("bob"));
+    // A peer (b, say with a stolen node key) sends c a grant nobody signed.
+    #[derive(Debug)]
+    struct AcceptAll;
+    impl crate::access::Verify for AcceptAll {
+        fn verify(&self, _: &crate::access::Signed) -> Result<(), String> {
+            Ok(())
+        }
+    }
+    let mut forged = ConfigDoc::default();
+    forged.apply_signed(signed_grant(4, "mallory", b"forged"), &AcceptAll).unwrap();
+    let c = mesh.node("c");
+    c.rep.handle_message(0, &nn("b"), LinkId(0), PeerMessage::Config(forged));
+    assert_eq!(c.rep.refused_entries(), 1);
+    let actions: Vec<Action> = std::iter::from_fn(|| c.rep.poll_action()).collect();
+    assert!(actions.iter().any(|a| matches!(a, Action::EntryRefused { why, .. } if why.contains("bad signature"))));
+    assert!(!actions.iter().any(|a| matches!(a, Action::Send { .. } | Action::SaveConfig)), "{actions:?}");
+    assert!(!crate::access::Access::of(c.rep.config().records()).holds_any("mallory"));
 }

@@ -1,4 +1,5 @@
 //! End-to-end tests: real node processes on 127.0.0.1, killed with SIGKILL where it matters.
+mod access;
 mod bad_input;
 mod consume;
 mod crash;

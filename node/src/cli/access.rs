@@ -1,0 +1,300 @@
+//! `rill certs issue`, `rill grant`, `rill revoke`, `rill grants list`, `rill tokens ...`
+//! and `rill whoami`: principals and what they may do.
+use std::{path::PathBuf, time::SystemTime};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use rill_replication::access::{Access, Action, Body, Entry, Grant, Incarnation, Record, Resource};
+
+use super::{Conn, ns::DURATION_UNITS, ns::parse_amount};
+use crate::client::Client;
+
+/// Flags of `rill certs issue`.
+#[derive(Debug, Args)]
+pub(crate) struct IssueArgs {
+    /// The principal the certificate names (1..=64 of `[A-Za-z0-9._-]`).
+    #[arg(long)]
+    name: String,
+    /// Directory holding the mesh CA (`ca.pem`, `ca.key`); the certificate is written
+    /// there as `<name>.pem` and `<name>.key`.
+    #[arg(long, default_value = "certs")]
+    dir: PathBuf,
+    /// Make a superuser (allowed everything, unless a node refuses superusers).
+    #[arg(long)]
+    superuser: bool,
+}
+
+/// Writes a client certificate for a principal.
+pub(crate) fn issue(args: &IssueArgs) -> anyhow::Result<()> {
+    let id = rill_transport::certs::issue_principal(&args.dir, &args.name, &args.name, args.superuser)?;
+    let kind = if args.superuser { "superuser" } else { "principal" };
+    println!("wrote a client certificate for {kind} '{}': {} and {}", args.name, id.cert.display(), id.key.display());
+    println!("connect with it: --certs {} --identity {}", args.dir.display(), args.name);
+    Ok(())
+}
+
+/// A grant on the command line: `PRINCIPAL ACTION RESOURCE`.
+#[derive(Debug, Args)]
+pub(crate) struct GrantArgs {
+    /// Who.
+    principal: String,
+    /// produce, consume or admin.
+    action: Action,
+    /// `TENANT` (all its namespaces) or `TENANT/NAMESPACE`.
+    resource: String,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+impl GrantArgs {
+    fn grant(&self) -> anyhow::Result<Grant> {
+        rill_transport::certs::check_principal(&self.principal)?;
+        let resource = Resource::parse(&self.resource).map_err(anyhow::Error::msg)?;
+        Ok(Grant { principal: self.principal.clone(), action: self.action, resource })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn random<const N: usize>() -> anyhow::Result<[u8; N]> {
+    let mut bytes = [0; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    Ok(bytes)
+}
+
+async fn create(client: &Client, entry: Entry) -> anyhow::Result<Incarnation> {
+    let incarnation = Incarnation(u64::from_le_bytes(random()?));
+    let signed = client.sign(Body::Create { incarnation, entry }, now_ms())?;
+    client.catalogue_edit(signed).await?;
+    Ok(incarnation)
+}
+
+/// Deletes every live incarnation `matches` picks; errors when there is none.
+async fn delete_matching(client: &Client, what: &str, matches: impl Fn(&Entry) -> bool) -> anyhow::Result<usize> {
+    let doc = client.ns_get().await?;
+    let live: Vec<Incarnation> =
+        doc.records().iter().filter(|(_, r)| r.delete.is_none() && matches(r.entry())).map(|(i, _)| *i).collect();
+    if live.is_empty() {
+        bail!("this node holds no {what}");
+    }
+    for incarnation in &live {
+        let signed = client.sign(Body::Delete { incarnation: *incarnation }, now_ms())?;
+        client.catalogue_edit(signed).await?;
+    }
+    Ok(live.len())
+}
+
+/// `rill grant`.
+pub(crate) async fn grant(args: GrantArgs) -> anyhow::Result<()> {
+    let grant = args.grant()?;
+    let client = args.conn.connect().await?;
+    let incarnation = create(&client, Entry::Grant(grant.clone())).await;
+    client.close().await;
+    println!("granted: {grant} (entry {})", incarnation?);
+    Ok(())
+}
+
+/// `rill revoke`.
+pub(crate) async fn revoke(args: GrantArgs) -> anyhow::Result<()> {
+    let grant = args.grant()?;
+    let client = args.conn.connect().await?;
+    let what = format!("grant '{grant}'");
+    let deleted = delete_matching(&client, &what, |e| matches!(e, Entry::Grant(g) if *g == grant)).await;
+    client.close().await;
+    let deleted = deleted?;
+    println!("revoked: {grant} ({deleted} entr{})", if deleted == 1 { "y" } else { "ies" });
+    Ok(())
+}
+
+/// `rill grants`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum GrantsCommand {
+    /// List the grants this node holds (those the principal may see), and whether each
+    /// counts: `revoked`, or `no authority` when its signer is no admin of the resource.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, serde::Serialize)]
+struct GrantRow {
+    principal: String,
+    action: String,
+    resource: String,
+    status: &'static str,
+    signed_by: String,
+    entry: String,
+}
+
+fn status(record: &Record, counts: bool) -> &'static str {
+    match (&record.delete, counts) {
+        (Some(_), _) => "revoked",
+        (None, true) => "active",
+        (None, false) => "no authority",
+    }
+}
+
+/// `rill grants list`.
+pub(crate) async fn grants(cmd: GrantsCommand) -> anyhow::Result<()> {
+    let GrantsCommand::List { conn, json } = cmd;
+    let client = conn.connect().await?;
+    let doc = client.ns_get().await;
+    client.close().await;
+    let doc = doc?;
+    let access = Access::of(doc.records());
+    let rows: Vec<GrantRow> = doc
+        .records()
+        .iter()
+        .filter_map(|(i, r)| match r.entry() {
+            Entry::Grant(g) => Some(GrantRow {
+                principal: g.principal.clone(),
+                action: g.action.to_string(),
+                resource: g.resource.to_string(),
+                status: status(r, access.counts(g)),
+                signed_by: r.create.by.principal.clone(),
+                entry: i.to_string(),
+            }),
+            Entry::Token(_) => None,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    println!("{:<20} {:<8} {:<30} {:<13} {:<16} ENTRY", "PRINCIPAL", "ACTION", "RESOURCE", "STATUS", "SIGNED BY");
+    for r in rows {
+        println!(
+            "{:<20} {:<8} {:<30} {:<13} {:<16} {}",
+            r.principal, r.action, r.resource, r.status, r.signed_by, r.entry
+        );
+    }
+    Ok(())
+}
+
+/// `rill tokens`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokensCommand {
+    /// Create a bearer token for a principal; prints it once (the node keeps only its
+    /// salted hash). A superuser may create one for anyone, a principal for itself.
+    Create {
+        /// The principal the token authenticates.
+        #[arg(long)]
+        principal: String,
+        /// Lifetime, like 90d, 12h or none.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke a token by its id (the part after `rill_`, before the next `_`).
+    Revoke {
+        /// The token's id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the tokens the principal may see (never their secrets).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, serde::Serialize)]
+struct TokenRow {
+    id: String,
+    principal: String,
+    expires_ms: Option<u64>,
+    status: &'static str,
+}
+
+/// `rill tokens ...`.
+pub(crate) async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokensCommand::Create { principal, expires, conn } => {
+            rill_transport::certs::check_principal(&principal)?;
+            let lifetime_s = parse_amount(&expires, DURATION_UNITS, "--expires")?;
+            let expires_ms = lifetime_s.map(|s| now_ms().saturating_add(s.saturating_mul(1000)));
+            let (token, record) = crate::authz::new_token(&principal, expires_ms, &random()?);
+            let client = conn.connect().await?;
+            let created = create(&client, Entry::Token(record)).await;
+            client.close().await;
+            created?;
+            eprintln!("token for '{principal}' (shown once; keep it secret):");
+            println!("{token}");
+            Ok(())
+        }
+        TokensCommand::Revoke { id, conn } => {
+            let client = conn.connect().await?;
+            let what = format!("token '{id}'");
+            let deleted = delete_matching(&client, &what, |e| matches!(e, Entry::Token(t) if t.id == id)).await;
+            client.close().await;
+            deleted?;
+            println!("revoked token {id}");
+            Ok(())
+        }
+        TokensCommand::List { conn, json } => {
+            let client = conn.connect().await?;
+            let doc = client.ns_get().await;
+            client.close().await;
+            let doc = doc?;
+            let access = Access::of(doc.records());
+            let rows: Vec<TokenRow> = doc
+                .records()
+                .iter()
+                .filter_map(|(_, r)| match r.entry() {
+                    Entry::Token(t) => Some(TokenRow {
+                        id: t.id.clone(),
+                        principal: t.principal.clone(),
+                        expires_ms: t.expires_ms,
+                        status: status(r, access.token(&t.id).is_some()),
+                    }),
+                    Entry::Grant(_) => None,
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+                return Ok(());
+            }
+            println!("{:<18} {:<20} {:<16} STATUS", "ID", "PRINCIPAL", "EXPIRES (ms)");
+            for r in rows {
+                let expires = r.expires_ms.map_or("never".to_string(), |e| e.to_string());
+                println!("{:<18} {:<20} {:<16} {}", r.id, r.principal, expires, r.status);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Flags of `rill whoami`.
+#[derive(Debug, Args)]
+pub(crate) struct WhoAmIArgs {
+    /// Ask whom this bearer token names instead.
+    #[arg(long)]
+    token: Option<String>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `rill whoami`.
+pub(crate) async fn who_am_i(args: WhoAmIArgs) -> anyhow::Result<()> {
+    let client = args.conn.connect().await?;
+    let answer = client.who_am_i(args.token.as_deref()).await.context("whoami");
+    client.close().await;
+    let (name, superuser, grants) = answer?;
+    println!("{name}{}", if superuser { " (superuser)" } else { "" });
+    for g in grants {
+        println!("  {g}");
+    }
+    Ok(())
+}
