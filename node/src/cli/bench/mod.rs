@@ -1,5 +1,6 @@
 //! `rill bench`: benchmarks that print figures, each against a baseline measured in the
 //! same run because these machines are noisy. Not tests: nothing here asserts.
+mod authz;
 mod meta;
 mod produce;
 mod replication;
@@ -21,6 +22,9 @@ pub(crate) enum BenchCommand {
     /// Produce over QUIC on loopback to a node in a child process: throughput with one
     /// pipelined producer, and ack latency at a fixed rate.
     Produce(ProduceArgs),
+    /// Produce throughput as a principal whose grant is checked per request, against a
+    /// superuser, in alternating rounds on one node.
+    Authz(authz::AuthzArgs),
     /// Resident memory of an idle node holding many topics.
     Rss(RssArgs),
     /// Replication: backlog catch-up, steady-state lag, wire amplification.
@@ -37,6 +41,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Storage(a) => storage::run(a).await,
         BenchCommand::Produce(a) => produce::run(a).await,
+        BenchCommand::Authz(a) => authz::run(a).await,
         BenchCommand::Rss(a) => rss::run(a).await,
         BenchCommand::Replication(a) => replication::run(a).await,
         BenchCommand::Subscriptions(a) => subscriptions::run(a).await,
