@@ -4,7 +4,10 @@ use std::{path::PathBuf, time::SystemTime};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use rill_replication::access::{Access, Action, Body, Entry, Grant, Incarnation, Record, Resource};
+use rill_replication::{
+    access::{Access, Action, Body, Entry, Grant, Incarnation, Record, Resource},
+    namespace::ConfigDoc,
+};
 
 use super::{Conn, ns::DURATION_UNITS, ns::parse_amount};
 use crate::client::Client;
@@ -114,13 +117,17 @@ pub(crate) async fn revoke(args: GrantArgs) -> anyhow::Result<()> {
 pub(crate) enum GrantsCommand {
     /// List the grants this node holds (those the principal may see), and whether each
     /// counts: `revoked`, or `no authority` when its signer is no admin of the resource.
-    List {
-        #[command(flatten)]
-        conn: Conn,
-        /// Print a JSON array instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
+}
+
+/// Flags of the list commands.
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -141,14 +148,38 @@ fn status(record: &Record, counts: bool) -> &'static str {
     }
 }
 
-/// `rill grants list`.
-pub(crate) async fn grants(cmd: GrantsCommand) -> anyhow::Result<()> {
-    let GrantsCommand::List { conn, json } = cmd;
+/// The catalogue as the node shows it to this principal, and what its entries allow.
+async fn catalogue(conn: &Conn) -> anyhow::Result<(ConfigDoc, Access)> {
     let client = conn.connect().await?;
     let doc = client.ns_get().await;
     client.close().await;
     let doc = doc?;
     let access = Access::of(doc.records());
+    Ok((doc, access))
+}
+
+/// Prints `rows` as one JSON array, or as a table through `line` under `header`.
+fn print_rows<R: serde::Serialize>(
+    rows: &[R],
+    json: bool,
+    header: &str,
+    line: impl Fn(&R) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(rows)?);
+        return Ok(());
+    }
+    println!("{header}");
+    for r in rows {
+        println!("{}", line(r));
+    }
+    Ok(())
+}
+
+/// `rill grants list`.
+pub(crate) async fn grants(cmd: GrantsCommand) -> anyhow::Result<()> {
+    let GrantsCommand::List(ListArgs { conn, json }) = cmd;
+    let (doc, access) = catalogue(&conn).await?;
     let rows: Vec<GrantRow> = doc
         .records()
         .iter()
@@ -164,18 +195,14 @@ pub(crate) async fn grants(cmd: GrantsCommand) -> anyhow::Result<()> {
             Entry::Token(_) => None,
         })
         .collect();
-    if json {
-        println!("{}", serde_json::to_string(&rows)?);
-        return Ok(());
-    }
-    println!("{:<20} {:<8} {:<30} {:<13} {:<16} ENTRY", "PRINCIPAL", "ACTION", "RESOURCE", "STATUS", "SIGNED BY");
-    for r in rows {
-        println!(
+    let header =
+        format!("{:<20} {:<8} {:<30} {:<13} {:<16} ENTRY", "PRINCIPAL", "ACTION", "RESOURCE", "STATUS", "SIGNED BY");
+    print_rows(&rows, json, &header, |r| {
+        format!(
             "{:<20} {:<8} {:<30} {:<13} {:<16} {}",
             r.principal, r.action, r.resource, r.status, r.signed_by, r.entry
-        );
-    }
-    Ok(())
+        )
+    })
 }
 
 /// `rill tokens`.
@@ -201,13 +228,7 @@ pub(crate) enum TokensCommand {
         conn: Conn,
     },
     /// List the tokens the principal may see (never their secrets).
-    List {
-        #[command(flatten)]
-        conn: Conn,
-        /// Print a JSON array instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -243,12 +264,8 @@ pub(crate) async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
             println!("revoked token {id}");
             Ok(())
         }
-        TokensCommand::List { conn, json } => {
-            let client = conn.connect().await?;
-            let doc = client.ns_get().await;
-            client.close().await;
-            let doc = doc?;
-            let access = Access::of(doc.records());
+        TokensCommand::List(ListArgs { conn, json }) => {
+            let (doc, access) = catalogue(&conn).await?;
             let rows: Vec<TokenRow> = doc
                 .records()
                 .iter()
@@ -262,16 +279,11 @@ pub(crate) async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
                     Entry::Grant(_) => None,
                 })
                 .collect();
-            if json {
-                println!("{}", serde_json::to_string(&rows)?);
-                return Ok(());
-            }
-            println!("{:<18} {:<20} {:<16} STATUS", "ID", "PRINCIPAL", "EXPIRES (ms)");
-            for r in rows {
+            let header = format!("{:<18} {:<20} {:<16} STATUS", "ID", "PRINCIPAL", "EXPIRES (ms)");
+            print_rows(&rows, json, &header, |r| {
                 let expires = r.expires_ms.map_or("never".to_string(), |e| e.to_string());
-                println!("{:<18} {:<20} {:<16} {}", r.id, r.principal, expires, r.status);
-            }
-            Ok(())
+                format!("{:<18} {:<20} {:<16} {}", r.id, r.principal, expires, r.status)
+            })
         }
     }
 }

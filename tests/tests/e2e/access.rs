@@ -10,7 +10,7 @@ use rill_node::{
 use tokio::time::Instant;
 
 use crate::{
-    mesh::{MeshDir, TOPIC, create_namespace},
+    mesh::{MeshDir, TOPIC, await_namespace, create_namespace},
     partition::Firewall,
     support::{TestNode, run, text},
 };
@@ -133,11 +133,7 @@ async fn a_grant_made_during_a_partition_holds_on_the_other_side_after_the_heal_
     create_namespace(&ga, &["ga", "gb"]).await;
     let certs = mesh.certs().display().to_string();
     issue(&ga, "carol", &certs);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while gb.client().await.ns_get().await.expect("ns get").get("acme/sensors").is_none() {
-        assert!(Instant::now() < deadline, "gb never learned the namespace");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    await_namespace(&gb).await;
 
     let mut firewall = Firewall::new(16);
     firewall.cut_ips(A.1, B.1);

@@ -8,7 +8,7 @@ use rill_storage::MessageId;
 use tokio::time::Instant;
 
 use crate::{
-    mesh::{MeshDir, TOPIC, create_namespace},
+    mesh::{MeshDir, TOPIC, await_namespace, create_namespace},
     partition::Firewall,
     support::{TestNode, read_seqs, text},
 };
@@ -57,11 +57,7 @@ async fn a_producer_failing_over_between_partitioned_nodes_stores_each_message_o
     mesh.configure("fb", &[], &["fa"]);
     let (fa, fb) = (mesh.start("fa"), mesh.start("fb"));
     create_namespace(&fa, &["fa", "fb"]).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while fb.client().await.ns_get().await.expect("ns get").get("acme/sensors").is_none() {
-        assert!(Instant::now() < deadline, "fb never learned the namespace");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    await_namespace(&fb).await;
     let mut firewall = Firewall::new(13);
     firewall.cut_ips(A.1, B.1);
 

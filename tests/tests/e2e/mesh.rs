@@ -141,6 +141,15 @@ pub(crate) async fn create_namespace(node: &TestNode, clusters: &[&str]) {
     client.close().await;
 }
 
+/// Waits up to 20 s until `node` knows `acme/sensors` (the catalogue reached it).
+pub(crate) async fn await_namespace(node: &TestNode) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.client().await.ns_get().await.expect("ns get").get("acme/sensors").is_none() {
+        assert!(Instant::now() < deadline, "{} never learned the namespace", node.name);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn chain(mesh: &MeshDir) {
     // edge dials r1 only; r1 and r2 dial each other.
     mesh.configure("edge", &["r1"], &[]);

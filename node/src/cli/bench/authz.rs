@@ -1,26 +1,16 @@
 //! `rill bench authz`: what the per-request grant check costs a producer.
 use clap::Args;
 use rill_replication::access::{Action, Body, Entry, Grant, Incarnation, Resource};
-use tokio::time::Instant;
 
-use super::{ChildNode, payloads, support::median};
+use super::{ChildNode, produce::Pipeline, support::median};
 use crate::client::{Client, ClientOptions};
 
 /// Flags of `rill bench authz`.
 #[derive(Debug, Args)]
 pub(crate) struct AuthzArgs {
-    /// Messages per round.
-    #[arg(long, default_value_t = 500_000)]
-    messages: u64,
-    /// Payload bytes per message.
-    #[arg(long, default_value_t = 256)]
-    size: usize,
-    /// Messages per batch (one produce request, one grant check).
-    #[arg(long, default_value_t = 1000)]
-    batch: usize,
-    /// Batches in flight.
-    #[arg(long, default_value_t = 16)]
-    window: usize,
+    /// Each round (a produce request per batch: one grant check).
+    #[command(flatten)]
+    pipeline: Pipeline,
     /// Rounds per identity, alternating.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -33,22 +23,9 @@ pub(crate) struct AuthzArgs {
 async fn round(options: &ClientOptions, topic: &str, a: &AuthzArgs) -> anyhow::Result<f64> {
     let client = Client::connect(options).await?;
     let mut p = client.producer(topic, "bench".into()).await?;
-    let started = Instant::now();
-    let (mut sent, mut acked) = (0u64, 0u64);
-    while sent < a.messages {
-        while p.in_flight() >= a.window {
-            acked += p.next_ack().await?.results.len() as u64;
-        }
-        let n = (a.batch as u64).min(a.messages - sent) as usize;
-        p.send(payloads(n, a.size)).await?;
-        sent += n as u64;
-    }
-    for ack in p.flush().await? {
-        acked += ack.results.len() as u64;
-    }
-    let rate = acked as f64 / started.elapsed().as_secs_f64();
+    let (acked, secs) = a.pipeline.run(&mut p).await?;
     client.close().await;
-    Ok(rate)
+    Ok(acked as f64 / secs)
 }
 
 pub(crate) async fn run(a: AuthzArgs) -> anyhow::Result<()> {
@@ -68,7 +45,7 @@ pub(crate) async fn run(a: AuthzArgs) -> anyhow::Result<()> {
     admin.close().await;
     eprintln!(
         "bench authz: {} rounds each of {} x {} B in batches of {}, {} in flight; superuser and granted principal alternate",
-        a.rounds, a.messages, a.size, a.batch, a.window
+        a.rounds, a.pipeline.messages, a.pipeline.size, a.pipeline.batch, a.pipeline.window
     );
     let (mut su, mut granted) = (Vec::new(), Vec::new());
     for r in 0..a.rounds {

@@ -11,18 +11,8 @@ use super::{ChildNode, payloads};
 /// Flags of `rill bench produce`.
 #[derive(Debug, Args)]
 pub(crate) struct ProduceArgs {
-    /// Messages in the throughput run.
-    #[arg(long, default_value_t = 1_000_000)]
-    messages: u64,
-    /// Payload bytes per message.
-    #[arg(long, default_value_t = 256)]
-    size: usize,
-    /// Messages per batch in the throughput run.
-    #[arg(long, default_value_t = 1000)]
-    batch: usize,
-    /// Batches in flight in the throughput run.
-    #[arg(long, default_value_t = 16)]
-    window: usize,
+    #[command(flatten)]
+    pipeline: Pipeline,
     /// Rate of the latency run, messages per second.
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
@@ -34,30 +24,57 @@ pub(crate) struct ProduceArgs {
     dir: std::path::PathBuf,
 }
 
+/// A pipelined throughput run.
+#[derive(Debug, Args)]
+pub(crate) struct Pipeline {
+    /// Messages in the throughput run.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub(crate) messages: u64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) size: usize,
+    /// Messages per batch in the throughput run (one produce request each).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) batch: usize,
+    /// Batches in flight in the throughput run.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) window: usize,
+}
+
+impl Pipeline {
+    /// Sends everything through `p`; returns the messages acknowledged and the seconds taken.
+    pub(crate) async fn run(&self, p: &mut crate::client::Producer) -> anyhow::Result<(u64, f64)> {
+        let started = Instant::now();
+        let (mut sent, mut acked) = (0u64, 0u64);
+        while sent < self.messages {
+            while p.in_flight() >= self.window {
+                acked += p.next_ack().await?.results.len() as u64;
+            }
+            let n = (self.batch as u64).min(self.messages - sent) as usize;
+            p.send(payloads(n, self.size)).await?;
+            sent += n as u64;
+        }
+        for ack in p.flush().await? {
+            acked += ack.results.len() as u64;
+        }
+        Ok((acked, started.elapsed().as_secs_f64()))
+    }
+}
+
 pub(crate) async fn run(a: ProduceArgs) -> anyhow::Result<()> {
     let node = ChildNode::start(&a.dir)?;
     let client = Client::connect(&node.options()).await?;
     let mut p = client.producer("bench/produce/throughput", "bench-throughput".into()).await?;
-    eprintln!("bench produce: {} x {} B in batches of {}, {} in flight", a.messages, a.size, a.batch, a.window);
-    let started = Instant::now();
-    let mut sent = 0u64;
-    let mut acked = 0u64;
-    while sent < a.messages {
-        while p.in_flight() >= a.window {
-            acked += p.next_ack().await?.results.len() as u64;
-        }
-        let n = (a.batch as u64).min(a.messages - sent) as usize;
-        p.send(payloads(n, a.size)).await?;
-        sent += n as u64;
-    }
-    for ack in p.flush().await? {
-        acked += ack.results.len() as u64;
-    }
-    let secs = started.elapsed().as_secs_f64();
+    let shape = &a.pipeline;
+    eprintln!(
+        "bench produce: {} x {} B in batches of {}, {} in flight",
+        shape.messages, shape.size, shape.batch, shape.window
+    );
+    let (acked, secs) = shape.run(&mut p).await?;
     let rate = acked as f64 / secs;
     println!(
         "produce throughput: {acked} msgs in {secs:.2}s = {rate:.0} msgs/s ({:.1} MB/s payload), durable acks (target >= 250000)",
-        rate * a.size as f64 / 1e6
+        rate * shape.size as f64 / 1e6
     );
 
     // Latency at a fixed rate: batches every millisecond, each ack timed from its send.
@@ -75,7 +92,7 @@ pub(crate) async fn run(a: ProduceArgs) -> anyhow::Result<()> {
                 Err(_) => break,
             }
         }
-        p.send(payloads(per_ms, a.size)).await?;
+        p.send(payloads(per_ms, shape.size)).await?;
     }
     for ack in p.flush().await? {
         hist.record(ack.sent_at.elapsed().as_micros() as u64)?;
