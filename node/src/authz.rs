@@ -208,6 +208,18 @@ impl Authz {
         stream: Option<&NamespaceName>,
     ) -> Result<(), NodeError> {
         let need = need(request, stream)?;
+        self.decide(who, need, || variant(request))
+    }
+
+    /// Checks that `who` may still receive deliveries from namespace `ns`: the node pushes
+    /// them, so no request carries them past [`Authz::check`]. A revoked consume grant
+    /// stops a consumer at its next delivery as well as at its next ack.
+    pub(crate) fn check_delivery(&self, who: &Principal, ns: &NamespaceName) -> Result<(), NodeError> {
+        self.decide(who, Need::On(Action::Consume, ns.clone()), || "Deliver".to_string())
+    }
+
+    /// Allows or refuses `need`; a refusal is counted and logged (naming `what` was asked).
+    fn decide(&self, who: &Principal, need: Need, what: impl Fn() -> String) -> Result<(), NodeError> {
         if who.superuser {
             return Ok(());
         }
@@ -227,7 +239,7 @@ impl Authz {
         };
         let Some(why) = refusal else { return Ok(()) };
         *self.refusals.lock().expect("refusals lock").entry(who.name.to_string()).or_default() += 1;
-        tracing::warn!(principal = %who.name, request = %variant(request), reason = %why, "request refused");
+        tracing::warn!(principal = %who.name, request = %what(), reason = %why, "request refused");
         Err(NodeError::Forbidden(why))
     }
 

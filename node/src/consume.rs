@@ -63,22 +63,26 @@ pub(crate) async fn serve(
         let _ = commands.send(Command::Detach { consumer }).await;
         return;
     }
-    let (refused_tx, refused) = oneshot::channel();
-    let reader = read_acks(frame_max, recv, consumer, commands.clone(), (consumer_auth, namespace, refused_tx));
+    let reader = read_acks(frame_max, recv, consumer, commands.clone(), (&consumer_auth, &namespace));
     let writer = async {
         while let Some(batch) = deliveries.recv().await {
+            // What the consumer was not acked is given back on detach; nothing is lost.
+            if let Err(e) = consumer_auth.authz.check_delivery(&consumer_auth.who, &namespace) {
+                return Some(e);
+            }
             if frame::write_frame(&mut send, &Response::Deliver(batch), &mut buf).await.is_err() {
                 break;
             }
         }
+        None
     };
-    // Whichever ends first (the client left, or its stream broke) ends the consumer.
-    tokio::select! {
-        () = reader => {}
-        () = writer => {}
-    }
-    // A refused ack ends the consumer with the refusal (its grant was revoked).
-    if let Ok(e) = refused.await {
+    // Whichever ends first (the client left, its stream broke, or its grant is gone: an
+    // ack or a delivery was refused) ends the consumer.
+    let refusal = tokio::select! {
+        r = reader => r,
+        r = writer => r,
+    };
+    if let Some(e) = refusal {
         let _ = frame::write_frame(&mut send, &Response::from(e), &mut buf).await;
     }
     // Detach before ending the stream: a client that saw the end may subscribe again at once.
@@ -179,22 +183,21 @@ async fn first_published_at(topic: &Topic, from: u64, end: u64, time_ms: u64) ->
 
 /// Forwards the client's acks and nacks to the dispatcher, each checked against the
 /// consumer's grants first; ends when the client finishes the stream, sends something
-/// else, or is refused (the refusal goes to `refused`).
+/// else, or is refused (returned).
 async fn read_acks(
     max: u32,
     mut recv: RecvStream,
     consumer: u64,
     commands: Commands,
-    (auth, namespace, refused): (Consumer, NamespaceName, oneshot::Sender<NodeError>),
-) {
+    (auth, namespace): (&Consumer, &NamespaceName),
+) -> Option<NodeError> {
     let mut buf = Vec::new();
     loop {
         let request = frame::read_frame::<_, Request>(&mut recv, max, &mut buf).await;
         if let Ok(Some(r)) = &request
-            && let Err(e) = auth.authz.check(&auth.who, r, Some(&namespace))
+            && let Err(e) = auth.authz.check(&auth.who, r, Some(namespace))
         {
-            let _ = refused.send(e);
-            return;
+            return Some(e);
         }
         let command = match request {
             Ok(Some(Request::Ack { offsets })) => Command::Ack { offsets },
@@ -202,16 +205,16 @@ async fn read_acks(
             Ok(Some(Request::Nack { offsets })) => Command::Nack { consumer, offsets },
             Ok(Some(other)) => {
                 tracing::info!(request = ?std::mem::discriminant(&other), "unexpected request on a subscription stream");
-                return;
+                return None;
             }
-            Ok(None) => return,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::info!(error = %e, "bad frame on a subscription stream");
-                return;
+                return None;
             }
         };
         if commands.send(command).await.is_err() {
-            return;
+            return None;
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Principals and grants with real processes (issue 16): tenants cannot reach each other,
-//! a revoked grant stops a connected producer, a grant made during a partition holds on
-//! the other side after the heal, and a node's certificate is no client's.
+//! a revoked grant stops a connected producer and consumer, a grant made during a
+//! partition holds on the other side after the heal, and a node's certificate is no
+//! client's.
 use std::time::Duration;
 
 use rill_node::{
@@ -42,7 +43,7 @@ fn issue(node: &TestNode, name: &str, certs: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tenants_are_apart_grants_cannot_be_self_made_and_a_revoked_producer_stops() {
+async fn tenants_are_apart_grants_cannot_be_self_made_and_revoked_clients_stop() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = TestNode::start(dir.path(), "solo");
     let certs = node.certs.display().to_string();
@@ -109,6 +110,17 @@ async fn tenants_are_apart_grants_cannot_be_self_made_and_a_revoked_producer_sto
     assert!(grants.lines().any(|l| l.contains("alice") && l.contains("produce") && l.contains("revoked")), "{grants}");
     let stats = node.client().await.stats().await.expect("stats");
     assert!(stats.refusals.iter().any(|(p, n)| p == "alice" && *n >= 3), "{:?}", stats.refusals);
+
+    // A revoked consume grant stops a connected consumer at its next delivery, acked or not.
+    let mut watcher = alice.subscribe(TOPIC, "watch", StartPosition::Latest).await.expect("watch");
+    cli_ok(&node, &["revoke", "alice", "consume", "acme"]);
+    let admin = node.client().await;
+    let mut ap = admin.producer(TOPIC, "ops".into()).await.expect("superuser producer");
+    ap.send(vec![Outgoing::payload("after the revocation")]).await.expect("send");
+    ap.close().await.expect("acked");
+    let next = tokio::time::timeout(Duration::from_secs(10), watcher.next()).await.expect("an answer in time");
+    let why = forbidden(next, "a delivery after the revocation");
+    assert!(why.contains("consume"), "{why}");
 
     // A node's certificate is no client's.
     let err = Client::connect(&node.options().with_identity("solo"))
