@@ -14,6 +14,7 @@ mod consume;
 mod dispatch;
 pub mod env;
 mod error;
+mod functions;
 mod mesh;
 mod node;
 pub mod protocol;

@@ -5,6 +5,7 @@ mod consume;
 mod crash;
 mod disk_full;
 mod failover;
+mod functions;
 mod mesh;
 mod partition;
 mod powercut;

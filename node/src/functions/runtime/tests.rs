@@ -1,0 +1,135 @@
+use super::*;
+
+const FILTER: &str = include_str!("../../../../functions/examples/filter.wat");
+
+fn module(wat: &str) -> Module {
+    Module::new(&wat::parse_str(wat).unwrap()).unwrap()
+}
+
+/// A guest with a fixed-address allocator and the given extra functions.
+fn guest(body: &str) -> Module {
+    module(&format!(
+        r#"(module
+             (import "rill" "log" (func $log (param i32 i32)))
+             (memory (export "memory") 1)
+             (data (i32.const 100) "hello from the guest")
+             (func (export "rill_alloc") (param i32) (result i32) (i32.const 1024))
+             {body})"#
+    ))
+}
+
+fn input<'a>(offset: u64, payload: &'a [u8], headers: &'a [(String, Vec<u8>)]) -> Input<'a> {
+    Input { offset, publish_time_ms: 1, key: Some(b"dev-1"), headers, payload }
+}
+
+#[test]
+fn the_committed_example_modules_are_built_from_their_sources() {
+    let built = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../functions/examples/filter.wasm")).unwrap();
+    assert!(built == wat::parse_str(FILTER).unwrap(), "filter.wasm is stale: run functions/build-examples");
+}
+
+#[test]
+fn the_example_filter_keeps_readings_and_drops_comments_and_empty_lines() {
+    let headers = vec![("unit".to_string(), b"C".to_vec())];
+    let payloads: [&[u8]; 4] = [b"21.5", b"# calibrating", b"", b"22.0"];
+    let inputs: Vec<Input<'_>> = payloads.iter().enumerate().map(|(i, p)| input(i as u64, p, &headers)).collect();
+    let mut f = Running::start(&module(FILTER), &[], Limits::default()).unwrap();
+    for _ in 0..3 {
+        let outputs = f.process(&inputs, 1).unwrap();
+        let kept: Vec<(u32, &[u8])> = outputs.iter().map(|o| (o.input, &o.payload[..])).collect();
+        assert_eq!(kept, vec![(0, &b"21.5"[..]), (3, &b"22.0"[..])]);
+        assert!(outputs.iter().all(|o| o.key.as_deref() == Some(&b"dev-1"[..]) && o.headers == headers));
+    }
+    // A batch far larger than the initial memory: the guest grows it.
+    let big = vec![b'7'; 300_000];
+    let outputs = f.process(&[input(0, &big, &[])], 1).unwrap();
+    assert_eq!(outputs[0].payload.len(), 300_000);
+}
+
+#[test]
+fn a_guest_that_loops_traps_or_grows_too_much_is_stopped_with_a_clear_error() {
+    let limits = Limits { fuel_per_call: 10_000_000, memory_bytes: 4 << 20, ..Limits::default() };
+    let looping =
+        guest(r#"(func (export "rill_process") (param i32 i32) (result i64) (loop $l (br $l)) (i64.const 0))"#);
+    let err = Running::start(&looping, &[], limits).unwrap().process(&[], 1).unwrap_err();
+    assert_eq!(err, FnError::OutOfFuel(10_000_000));
+    let trapping = guest(r#"(func (export "rill_process") (param i32 i32) (result i64) unreachable)"#);
+    let err = Running::start(&trapping, &[], limits).unwrap().process(&[], 1).unwrap_err();
+    assert!(matches!(&err, FnError::Trap(t) if t.contains("unreachable")), "{err}");
+    let growing = guest(
+        r#"(func (export "rill_process") (param i32 i32) (result i64)
+             (drop (memory.grow (i32.const 1000))) (i64.const 0))"#,
+    );
+    let err = Running::start(&growing, &[], limits).unwrap().process(&[], 1).unwrap_err();
+    assert_eq!(err, FnError::Memory(4 << 20));
+    // A module that asks for more memory than allowed up front does not start.
+    let greedy = module(
+        r#"(module (memory (export "memory") 100)
+             (func (export "rill_alloc") (param i32) (result i32) (i32.const 0))
+             (func (export "rill_process") (param i32 i32) (result i64) (i64.const 0)))"#,
+    );
+    let started = Running::start(&greedy, &[], limits).map(|_| ());
+    assert!(matches!(started, Err(FnError::Memory(_))), "{started:?}");
+    // An instance that was stopped still serves the next call.
+    let mut f = Running::start(&looping, &[], limits).unwrap();
+    assert!(f.process(&[], 1).is_err());
+    assert!(f.process(&[], 1).is_err(), "fuel is refilled per call, the loop stops again");
+}
+
+#[test]
+fn bad_answers_and_modules_are_refused_by_name() {
+    // An answer pointing outside memory, a too-large one, a malformed one, a failed batch.
+    let outside =
+        guest(r#"(func (export "rill_process") (param i32 i32) (result i64) (i64.const 0x0000fff000000100))"#);
+    let err = Running::start(&outside, &[], Limits::default()).unwrap().process(&[], 1).unwrap_err();
+    assert!(matches!(&err, FnError::Malformed(m) if m.contains("outside its memory")), "{err}");
+    let huge = guest(r#"(func (export "rill_process") (param i32 i32) (result i64) (i64.const 0x7fffffff))"#);
+    let limits = Limits { answer_bytes_max: 1000, ..Limits::default() };
+    let err = Running::start(&huge, &[], limits).unwrap().process(&[], 1).unwrap_err();
+    assert_eq!(err, FnError::AnswerTooLarge { len: 0x7fff_ffff, max: 1000 });
+    let garbage = guest(r#"(func (export "rill_process") (param i32 i32) (result i64) (i64.const 100))"#);
+    let err = Running::start(&garbage, &[], Limits::default()).unwrap().process(&[], 1).unwrap_err();
+    assert!(matches!(err, FnError::Malformed(_)), "{err}");
+    let failing = guest(
+        r#"(data (i32.const 200) "\01\00\00\00bad reading")
+           (func (export "rill_process") (param i32 i32) (result i64) (i64.const 0x000000c80000000f))"#,
+    );
+    let err = Running::start(&failing, &[], Limits::default()).unwrap().process(&[], 1).unwrap_err();
+    assert_eq!(err, FnError::Failed("bad reading".into()));
+    // Not WebAssembly, no process export, a process of the wrong type.
+    assert!(matches!(Module::new(b"not wasm"), Err(FnError::Invalid(_))));
+    let missing = guest("");
+    assert!(
+        matches!(Running::start(&missing, &[], Limits::default()), Err(FnError::Abi(m)) if m.contains("rill_process"))
+    );
+    let mistyped = guest(r#"(func (export "rill_process") (param i32) (result i64) (i64.const 0))"#);
+    assert!(matches!(Running::start(&mistyped, &[], Limits::default()), Err(FnError::Abi(_))));
+    let foreign_import = module(r#"(module (import "env" "open" (func)) (memory (export "memory") 1))"#);
+    assert!(matches!(Running::start(&foreign_import, &[], Limits::default()), Err(FnError::Abi(_))));
+}
+
+#[test]
+fn init_gets_the_parameters_and_logs_are_bounded() {
+    // rill_init logs its parameter bytes' count and refuses when there is no parameter.
+    let with_init = guest(
+        r#"(func (export "rill_init") (param $p i32) (param $l i32) (result i32)
+             (call $log (i32.const 100) (i32.const 20))
+             (if (result i32) (i32.eqz (i32.load (local.get $p))) (then (i32.const 3)) (else (i32.const 0))))
+           (func (export "rill_process") (param i32 i32) (result i64)
+             (local $i i32)
+             (loop $l
+               (call $log (i32.const 100) (i32.const 20))
+               (local.set $i (i32.add (local.get $i) (i32.const 1)))
+               (br_if $l (i32.lt_u (local.get $i) (i32.const 100))))
+             (i32.store (i32.const 300) (i32.const 0))
+             (i32.store (i32.const 304) (i32.const 0))
+             (i64.const 0x0000012c00000008))"#,
+    );
+    assert_eq!(Running::start(&with_init, &[], Limits::default()).unwrap_err(), FnError::Init(3));
+    let params = [("scale".to_string(), "2".to_string())];
+    let mut f = Running::start(&with_init, &params, Limits::default()).unwrap();
+    assert_eq!(f.take_logs(), (vec!["hello from the guest".to_string()], 0));
+    assert_eq!(f.process(&[], 1).unwrap(), vec![]);
+    let (lines, dropped) = f.take_logs();
+    assert_eq!((lines.len(), dropped), (16, 84), "16 lines a call are kept, the rest counted");
+}
