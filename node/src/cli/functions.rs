@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 
 use crate::functions::{
     abi::Input,
+    ids::Deriver,
     runtime::{Limits, Module, Running},
 };
 
@@ -41,6 +42,10 @@ pub(crate) struct TestArgs {
     /// Memory the module may use, MiB.
     #[arg(long, default_value_t = 64)]
     memory_mib: usize,
+    /// The function's name, for the derived ids printed with each output (input line n
+    /// is taken as the message `<input file name>:n`, as `rill produce --seq-from-line`).
+    #[arg(long, default_value = "test")]
+    name: String,
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -51,6 +56,7 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
 #[derive(serde::Serialize)]
 struct Printed<'a> {
     input_line: usize,
+    id: String,
     topic: &'a str,
     key: Option<String>,
     headers: Vec<(String, String)>,
@@ -65,6 +71,9 @@ pub(crate) fn run(cmd: FnCommand) -> anyhow::Result<()> {
     }
     let wasm = std::fs::read(&a.wasm).with_context(|| format!("reading {}", a.wasm.display()))?;
     let module = Module::new(&wasm).with_context(|| a.wasm.display().to_string())?;
+    rill_storage::name::check_part("function", &a.name)?;
+    let deriver = Deriver::new(&a.name, 0);
+    let file_name = a.input.file_name().map_or("input".into(), |n| n.to_string_lossy().into_owned());
     let limits = Limits { fuel_per_call: a.fuel, memory_bytes: a.memory_mib << 20, ..Limits::default() };
     let mut running = Running::start(&module, &a.params, limits).context("starting the module")?;
     print_logs(&mut running);
@@ -94,9 +103,15 @@ pub(crate) fn run(cmd: FnCommand) -> anyhow::Result<()> {
         let outputs = outputs.with_context(|| {
             format!("batch {} (input lines {}..={})", n + 1, first_line + 1, first_line + chunk.len())
         })?;
+        let mut rank = std::collections::BTreeMap::<u32, u32>::new();
         for o in &outputs {
+            let line = first_line + o.input as usize + 1;
+            let k = rank.entry(o.input).or_default();
+            let id = deriver.derive(&rill_storage::MessageId::chosen(file_name.as_str(), line as u64), 0, *k);
+            *k += 1;
             let printed = Printed {
-                input_line: first_line + o.input as usize + 1,
+                input_line: line,
+                id: id.to_string(),
                 topic: &a.outputs[o.topic as usize],
                 key: o.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
                 headers: o.headers.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned())).collect(),
