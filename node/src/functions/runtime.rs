@@ -70,8 +70,13 @@ pub(crate) enum FnError {
     #[error("failed: {0}")]
     Failed(String),
     /// `rill_init` refused the parameters.
-    #[error("refused to start (rill_init returned {0}); its log says why")]
-    Init(i32),
+    #[error("refused to start (rill_init returned {code}): {log}")]
+    Init {
+        /// What it returned.
+        code: i32,
+        /// What it logged, one line after another (its reason, if it gave one).
+        log: String,
+    },
 }
 
 /// A compiled module, ready to be instantiated (cheap to clone).
@@ -189,7 +194,11 @@ impl Running {
             let (ptr, len) = running.write(&abi::encode_params(params))?;
             match init.call(&mut running.store, (ptr, len)).map_err(|e| call_error(&e, &limits))? {
                 0 => {}
-                code => return Err(FnError::Init(code)),
+                code => {
+                    let (lines, _) = running.take_logs();
+                    let log = if lines.is_empty() { "it logged no reason".to_string() } else { lines.join("; ") };
+                    return Err(FnError::Init { code, log });
+                }
             }
         }
         Ok(running)

@@ -125,11 +125,46 @@ fn init_gets_the_parameters_and_logs_are_bounded() {
              (i32.store (i32.const 304) (i32.const 0))
              (i64.const 0x0000012c00000008))"#,
     );
-    assert_eq!(Running::start(&with_init, &[], Limits::default()).unwrap_err(), FnError::Init(3));
+    let refused = Running::start(&with_init, &[], Limits::default()).unwrap_err();
+    assert_eq!(refused, FnError::Init { code: 3, log: "hello from the guest".into() });
     let params = [("scale".to_string(), "2".to_string())];
     let mut f = Running::start(&with_init, &params, Limits::default()).unwrap();
     assert_eq!(f.take_logs(), (vec!["hello from the guest".to_string()], 0));
     assert_eq!(f.process(&[], 1).unwrap(), vec![]);
     let (lines, dropped) = f.take_logs();
     assert_eq!((lines.len(), dropped), (16, 84), "16 lines a call are kept, the rest counted");
+}
+
+#[test]
+fn the_example_normaliser_scales_one_field_exactly_and_refuses_bad_parameters() {
+    let wasm = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../functions/examples/scale.wasm")).unwrap();
+    let module = Module::new(&wasm).unwrap();
+    let params =
+        |scale: &str| vec![("field".to_string(), "temp".to_string()), ("scale".to_string(), scale.to_string())];
+    let mut f = Running::start(&module, &params("0.1"), Limits::default()).unwrap();
+    let cases: [(&str, &str); 7] = [
+        (r#"{"dev":"gw-1","temp":21.5}"#, r#"{"dev":"gw-1","temp":2.15}"#),
+        (r#"{"temp": -3, "x":1}"#, r#"{"temp": -0.3, "x":1}"#),
+        (r#"{"temp":0.125}"#, r#"{"temp":0.0125}"#),
+        (r#"{"temp":0}"#, r#"{"temp":0}"#),
+        (r#"{"temp":100}"#, r#"{"temp":10}"#),
+        (r#"{"t":21.5}"#, r#"{"t":21.5}"#),
+        ("not json at all", "not json at all"),
+    ];
+    let headers = vec![("unit".to_string(), b"C".to_vec())];
+    let inputs: Vec<Input<'_>> =
+        cases.iter().enumerate().map(|(i, (inp, _))| input(i as u64, inp.as_bytes(), &headers)).collect();
+    let outputs = f.process(&inputs, 1).unwrap();
+    let got: Vec<String> = outputs.iter().map(|o| String::from_utf8(o.payload.clone()).unwrap()).collect();
+    assert_eq!(got, cases.iter().map(|(_, want)| want.to_string()).collect::<Vec<_>>());
+    assert!(outputs.iter().all(|o| o.key.as_deref() == Some(&b"dev-1"[..]) && o.headers == headers));
+    // A number too long for exact arithmetic fails the batch, naming why.
+    let err = f.process(&[input(0, br#"{"temp":12345678901}"#, &[])], 1).unwrap_err();
+    assert!(matches!(&err, FnError::Failed(why) if why.contains("9 significant digits")), "{err}");
+    // Bad parameters stop the start, with the guest's reason.
+    let err = Running::start(&module, &params("x"), Limits::default()).unwrap_err();
+    assert!(err.to_string().contains("scale is not a decimal"), "{err}");
+    let unknown = vec![("bogus".to_string(), "1".to_string())];
+    let err = Running::start(&module, &unknown, Limits::default()).unwrap_err();
+    assert!(err.to_string().contains("unknown parameter"), "{err}");
 }
