@@ -4,8 +4,11 @@ use std::{io::BufRead, path::PathBuf, time::Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
+use rill_storage::{Message, MessageId, NodeName, StoredMessage};
+
 use crate::functions::{
     abi::Input,
+    core::{Action, Core, Destination, Settings},
     ids::Deriver,
     runtime::{Limits, Module, Running},
 };
@@ -13,8 +16,9 @@ use crate::functions::{
 /// `rill fn`.
 #[derive(Debug, Subcommand)]
 pub(crate) enum FnCommand {
-    /// Run a module over sample input locally (no node): prints each output as a JSON
-    /// line on stdout and each batch's time on stderr.
+    /// Run a module over sample input locally (no node), as a node would: each output and
+    /// dead letter as a JSON line on stdout, each run's time on stderr; fails if an input
+    /// was dead-lettered.
     Test(TestArgs),
 }
 
@@ -46,6 +50,9 @@ pub(crate) struct TestArgs {
     /// is taken as the message `<input file name>:n`, as `rill produce --seq-from-line`).
     #[arg(long, default_value = "test")]
     name: String,
+    /// Runs of an input that fails alone, after its first, before it is dead-lettered.
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -55,7 +62,6 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
 
 #[derive(serde::Serialize)]
 struct Printed<'a> {
-    input_line: usize,
     id: String,
     topic: &'a str,
     key: Option<String>,
@@ -63,7 +69,8 @@ struct Printed<'a> {
     payload: String,
 }
 
-/// `rill fn test`.
+/// `rill fn test`: the node's operator core over the lines of a file, with this process
+/// as the log: retries, dead letters and derived ids as a node would make them.
 pub(crate) fn run(cmd: FnCommand) -> anyhow::Result<()> {
     let FnCommand::Test(a) = cmd;
     if a.batch == 0 {
@@ -72,58 +79,115 @@ pub(crate) fn run(cmd: FnCommand) -> anyhow::Result<()> {
     let wasm = std::fs::read(&a.wasm).with_context(|| format!("reading {}", a.wasm.display()))?;
     let module = Module::new(&wasm).with_context(|| a.wasm.display().to_string())?;
     rill_storage::name::check_part("function", &a.name)?;
-    let deriver = Deriver::new(&a.name, 0);
-    let file_name = a.input.file_name().map_or("input".into(), |n| n.to_string_lossy().into_owned());
     let limits = Limits { fuel_per_call: a.fuel, memory_bytes: a.memory_mib << 20, ..Limits::default() };
     let mut running = Running::start(&module, &a.params, limits).context("starting the module")?;
     print_logs(&mut running);
-    let file = std::fs::File::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
-    let lines: Vec<Vec<u8>> = std::io::BufReader::new(file)
+    let input = read_input(&a.input)?;
+    let local = NodeName::parse("local")?;
+    let settings = Settings {
+        name: a.name.clone(),
+        deriver: Deriver::new(&a.name, 0),
+        input_topic: 0,
+        node: local.clone(),
+        nodes: vec![local],
+        retries_max: a.retries,
+    };
+    let dead_letters = format!("fn.{}.dlq", a.name);
+    let mut core = Core::new(settings, 0);
+    core.handle_log_grew();
+    let (mut runs, started) = (0usize, Instant::now());
+    while let Some(action) = core.poll_action() {
+        match action {
+            Action::Read { from } => {
+                core.handle_read(input.iter().skip(from as usize).take(a.batch).cloned().collect());
+            }
+            Action::Run { inputs } => {
+                let records: Vec<Input<'_>> = inputs
+                    .iter()
+                    .map(|m| Input {
+                        offset: m.offset,
+                        publish_time_ms: m.message.publish_time_ms,
+                        key: m.message.key.as_deref(),
+                        headers: &m.message.headers,
+                        payload: &m.message.payload,
+                    })
+                    .collect();
+                let t = Instant::now();
+                let result = running.process(&records, a.outputs.len());
+                let took = t.elapsed().as_secs_f64() * 1000.0;
+                print_logs(&mut running);
+                runs += 1;
+                let (first, last) = (inputs[0].offset + 1, inputs[inputs.len() - 1].offset + 1);
+                match &result {
+                    Ok(out) => eprintln!("run {runs}: lines {first}..={last}, {} out, {took:.3} ms", out.len()),
+                    Err(e) => eprintln!("run {runs}: lines {first}..={last} failed, {took:.3} ms: {e}"),
+                }
+                core.handle_run(result, 0);
+            }
+            Action::Write { messages } => {
+                for (destination, m) in &messages {
+                    let topic = match destination {
+                        Destination::Output(i) => a.outputs[*i as usize].as_str(),
+                        Destination::DeadLetter => dead_letters.as_str(),
+                    };
+                    let printed = Printed {
+                        id: m.id.to_string(),
+                        topic,
+                        key: m.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        headers: m
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                            .collect(),
+                        payload: String::from_utf8_lossy(&m.payload).into_owned(),
+                    };
+                    println!("{}", serde_json::to_string(&printed)?);
+                }
+                core.handle_written(Ok(()));
+            }
+            Action::Commit { .. } => {}
+        }
+    }
+    let c = core.counters();
+    eprintln!(
+        "{} in: {} processed, {} out, {} filtered, {} failed runs, {} dead-lettered; {:.1} ms in all",
+        input.len(),
+        c.processed,
+        c.emitted,
+        c.filtered,
+        c.failed,
+        c.dead_lettered,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    if c.dead_lettered > 0 {
+        bail!("{} input(s) dead-lettered (see their rill-fn-reason headers above)", c.dead_lettered);
+    }
+    Ok(())
+}
+
+/// The file's lines as the messages `<file name>:<line>`, as `rill produce --seq-from-line`
+/// would store them.
+fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<StoredMessage>> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let name: std::sync::Arc<str> = path.file_name().map_or("input".into(), |n| n.to_string_lossy().into());
+    let origin: std::sync::Arc<str> = "local".into();
+    std::io::BufReader::new(file)
         .split(b'\n')
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading {}", a.input.display()))?;
-    let (mut emitted, started) = (0usize, Instant::now());
-    for (n, chunk) in lines.chunks(a.batch).enumerate() {
-        let first_line = n * a.batch;
-        let inputs: Vec<Input<'_>> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, payload)| Input {
-                offset: (first_line + i) as u64,
+        .enumerate()
+        .map(|(i, line)| {
+            let payload = line.with_context(|| format!("reading {}", path.display()))?;
+            let id = MessageId::chosen(std::sync::Arc::clone(&name), i as u64 + 1);
+            let message = Message {
+                id,
+                origin: std::sync::Arc::clone(&origin),
                 publish_time_ms: 0,
                 key: None,
-                headers: &[],
+                headers: Vec::new(),
                 payload,
-            })
-            .collect();
-        let t = Instant::now();
-        let outputs = running.process(&inputs, a.outputs.len());
-        let took = t.elapsed();
-        print_logs(&mut running);
-        let outputs = outputs.with_context(|| {
-            format!("batch {} (input lines {}..={})", n + 1, first_line + 1, first_line + chunk.len())
-        })?;
-        let mut rank = std::collections::BTreeMap::<u32, u32>::new();
-        for o in &outputs {
-            let line = first_line + o.input as usize + 1;
-            let k = rank.entry(o.input).or_default();
-            let id = deriver.derive(&rill_storage::MessageId::chosen(file_name.as_str(), line as u64), 0, *k);
-            *k += 1;
-            let printed = Printed {
-                input_line: line,
-                id: id.to_string(),
-                topic: &a.outputs[o.topic as usize],
-                key: o.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()),
-                headers: o.headers.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned())).collect(),
-                payload: String::from_utf8_lossy(&o.payload).into_owned(),
             };
-            println!("{}", serde_json::to_string(&printed)?);
-        }
-        emitted += outputs.len();
-        eprintln!("batch {}: {} in, {} out, {:.3} ms", n + 1, chunk.len(), outputs.len(), took.as_secs_f64() * 1000.0);
-    }
-    eprintln!("{} messages in, {emitted} out, {:.1} ms in all", lines.len(), started.elapsed().as_secs_f64() * 1000.0);
-    Ok(())
+            Ok(StoredMessage { offset: i as u64, message })
+        })
+        .collect()
 }
 
 fn print_logs(running: &mut Running) {

@@ -6,5 +6,6 @@
 //! Placement, derived output ids, the progress topic and the catalogue entries come next;
 //! `rill fn test` already runs a module over sample input with no node.
 pub(crate) mod abi;
+pub(crate) mod core;
 pub(crate) mod ids;
 pub(crate) mod runtime;

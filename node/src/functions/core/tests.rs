@@ -1,0 +1,268 @@
+use std::collections::BTreeMap;
+
+use rill_storage::MessageId;
+
+use super::*;
+
+fn nn(name: &str) -> NodeName {
+    NodeName::parse(name).unwrap()
+}
+
+/// A core from `cursor`, told the log holds something (as the driver does at start).
+fn start(settings: Settings, cursor: u64) -> Core {
+    let mut core = Core::new(settings, cursor);
+    core.handle_log_grew();
+    core
+}
+
+fn settings(node: &str, nodes: &[&str], retries_max: u32) -> Settings {
+    let mut nodes: Vec<NodeName> = nodes.iter().map(|n| nn(n)).collect();
+    nodes.sort();
+    Settings {
+        name: "double".into(),
+        deriver: Deriver::new("double", 7),
+        input_topic: 0,
+        node: nn(node),
+        nodes,
+        retries_max,
+    }
+}
+
+/// The input log: message i from `origins[i % len]`, payload "i".
+fn log(n: u64, origins: &[&str]) -> Vec<StoredMessage> {
+    (0..n)
+        .map(|i| StoredMessage {
+            offset: i,
+            message: Message {
+                id: MessageId::chosen("dev", i),
+                origin: origins[i as usize % origins.len()].into(),
+                publish_time_ms: 1,
+                key: None,
+                headers: Vec::new(),
+                payload: i.to_string().into_bytes(),
+            },
+        })
+        .collect()
+}
+
+/// A function that emits each input twice ("i-a", "i-b"), drops multiples of 5, and fails
+/// (the whole batch) when it sees an input listed in `bad`, `fails` times per input.
+struct Doubler {
+    bad: BTreeMap<u64, u32>,
+}
+
+impl Doubler {
+    fn run(&mut self, inputs: &[StoredMessage]) -> Result<Vec<Output>, FnError> {
+        for m in inputs {
+            if let Some(left) = self.bad.get_mut(&m.offset)
+                && *left > 0
+            {
+                *left -= 1;
+                return Err(FnError::Failed(format!("cannot read input {}", m.offset)));
+            }
+        }
+        let mut outputs = Vec::new();
+        for (i, m) in inputs.iter().enumerate() {
+            if m.offset % 5 == 0 {
+                continue;
+            }
+            for suffix in ["a", "b"] {
+                let payload = format!("{}-{suffix}", String::from_utf8_lossy(&m.message.payload)).into_bytes();
+                outputs.push(Output { input: i as u32, topic: 0, key: None, headers: Vec::new(), payload });
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+/// What a node durably holds: messages by id (a held id is skipped, as the produce path
+/// does for functions), the committed cursor, and how many writes found an id held.
+#[derive(Default)]
+struct Durable {
+    held: BTreeMap<MessageId, (Destination, Vec<u8>)>,
+    cursor: u64,
+    skipped: u64,
+}
+
+/// Drives `core` until it is caught up, or until it has carried out `crash_after` actions
+/// (then it stops, as a crash would: nothing more happens, what was durable stays).
+/// Bounded.
+fn drive(core: &mut Core, input: &[StoredMessage], f: &mut Doubler, durable: &mut Durable, crash_after: Option<usize>) {
+    for done in 0..10_000 {
+        if crash_after == Some(done) {
+            return;
+        }
+        let Some(action) = core.poll_action() else { return };
+        match action {
+            Action::Read { from } => {
+                let batch: Vec<StoredMessage> = input.iter().filter(|m| m.offset >= from).take(4).cloned().collect();
+                core.handle_read(batch);
+            }
+            Action::Run { inputs } => core.handle_run(f.run(&inputs), 99),
+            Action::Write { messages } => {
+                for (dest, m) in messages {
+                    match durable.held.entry(m.id) {
+                        std::collections::btree_map::Entry::Occupied(_) => durable.skipped += 1,
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert((dest, m.payload));
+                        }
+                    }
+                }
+                core.handle_written(Ok(()));
+            }
+            Action::Commit { offset } => durable.cursor = offset,
+        }
+    }
+    panic!("the core never caught up");
+}
+
+fn payloads(durable: &Durable, dest: &Destination) -> Vec<String> {
+    let mut v: Vec<String> = durable
+        .held
+        .values()
+        .filter(|(d, _)| d == dest)
+        .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn want(n: u64, skip: &[u64]) -> Vec<String> {
+    let mut v: Vec<String> =
+        (0..n).filter(|i| i % 5 != 0 && !skip.contains(i)).flat_map(|i| [format!("{i}-a"), format!("{i}-b")]).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_input_is_processed_once_and_the_cursor_moves_only_after_the_write() {
+    let input = log(10, &["a"]);
+    let mut core = start(settings("a", &["a"], 2), 0);
+    let (mut f, mut durable) = (Doubler { bad: BTreeMap::new() }, Durable::default());
+    // Read, run, write: the cursor has not moved yet; the commit comes next.
+    drive(&mut core, &input, &mut f, &mut durable, Some(3));
+    assert_eq!((durable.cursor, durable.held.len()), (0, 6));
+    assert_eq!(core.poll_action(), Some(Action::Commit { offset: 4 }));
+    drive(&mut core, &input, &mut f, &mut durable, None);
+    assert_eq!(payloads(&durable, &Destination::Output(0)), want(10, &[]));
+    assert_eq!(durable.cursor, 10);
+    let c = core.counters();
+    assert_eq!((c.processed, c.emitted, c.filtered, c.failed, c.dead_lettered), (10, 16, 2, 0, 0));
+    // The ids are derived: output k of input (dev, 0, i) from topic 0.
+    let id = MessageId {
+        producer: rill_storage::ProducerId("$fn/double.0000000000000007/0.1/dev".into()),
+        epoch: 0,
+        seq: 3,
+    };
+    assert_eq!(durable.held[&id].1, b"3-b");
+    // The log grows: the core reads again from its cursor.
+    let more = log(12, &["a"]);
+    core.handle_log_grew();
+    drive(&mut core, &more, &mut f, &mut durable, None);
+    assert_eq!(payloads(&durable, &Destination::Output(0)), want(12, &[]));
+}
+
+#[test]
+fn a_crash_at_any_step_loses_nothing_and_stores_nothing_twice() {
+    let input = log(10, &["a"]);
+    let mut skipped = 0;
+    for first_crash in 1..16 {
+        // Crash after `first_crash` actions, then after every 1..=5 actions in turn; each
+        // time a new core resumes from the committed cursor; finally run to the end.
+        let mut durable = Durable::default();
+        let mut f = Doubler { bad: BTreeMap::from([(7, 1)]) };
+        let mut crash = first_crash;
+        for _ in 0..12 {
+            let mut core = start(settings("a", &["a"], 2), durable.cursor);
+            drive(&mut core, &input, &mut f, &mut durable, Some(crash));
+            crash = crash % 5 + 1;
+        }
+        let mut core = start(settings("a", &["a"], 2), durable.cursor);
+        drive(&mut core, &input, &mut f, &mut durable, None);
+        assert_eq!(payloads(&durable, &Destination::Output(0)), want(10, &[]), "crashes from step {first_crash}");
+        assert_eq!(durable.cursor, 10);
+        skipped += durable.skipped;
+    }
+    assert!(skipped > 0, "some re-runs found their outputs held");
+}
+
+#[test]
+fn a_bad_input_is_retried_alone_then_dead_lettered_and_the_others_go_on() {
+    let input = log(8, &["a"]);
+    // Input 3 always fails; input 6 fails once, then works.
+    let mut f = Doubler { bad: BTreeMap::from([(3, u32::MAX), (6, 1)]) };
+    let mut core = start(settings("a", &["a"], 2), 0);
+    let mut durable = Durable::default();
+    drive(&mut core, &input, &mut f, &mut durable, None);
+    assert_eq!(payloads(&durable, &Destination::Output(0)), want(8, &[3]));
+    let letters: Vec<&(Destination, Vec<u8>)> =
+        durable.held.values().filter(|(d, _)| *d == Destination::DeadLetter).collect();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1, b"3", "the dead letter carries the input's payload");
+    let c = core.counters();
+    // Input 3's batch fails, then input 3 alone three times (1 + 2 retries); input 6's
+    // batch fails once, then every input of it works alone.
+    assert_eq!((c.dead_lettered, c.failed), (1, 5));
+    assert_eq!(durable.cursor, 8);
+    // A re-run after a crash derives the dead letter's id again: still one.
+    let mut again = start(settings("a", &["a"], 2), 0);
+    let mut f = Doubler { bad: BTreeMap::from([(3, u32::MAX)]) };
+    drive(&mut again, &input, &mut f, &mut durable, None);
+    assert_eq!(durable.held.values().filter(|(d, _)| *d == Destination::DeadLetter).count(), 1);
+}
+
+#[test]
+fn the_dead_letter_names_the_function_the_reason_and_the_input() {
+    let input = log(1, &["a"]);
+    let mut core = start(settings("a", &["a"], 0), 0);
+    let mut f = Doubler { bad: BTreeMap::from([(0, u32::MAX)]) };
+    let _ = core.poll_action();
+    core.handle_read(input.clone());
+    let _ = core.poll_action();
+    core.handle_run(f.run(&input), 5);
+    let Some(Action::Write { messages }) = core.poll_action() else { panic!("a write") };
+    let (dest, letter) = &messages[0];
+    assert_eq!(*dest, Destination::DeadLetter);
+    let header = |name: &str| {
+        letter.headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header(HEADER_FUNCTION).as_deref(), Some("double"));
+    assert!(header(HEADER_REASON).is_some_and(|r| r.contains("cannot read input 0") && r.contains("input offset 0")));
+    assert_eq!(header(HEADER_INPUT).as_deref(), Some("dev:0"));
+}
+
+#[test]
+fn each_input_has_one_owner_among_the_function_nodes() {
+    let nodes = [nn("edge"), nn("eu"), nn("us")];
+    assert_eq!(owner("eu", &nodes), Some(&nn("eu")), "its origin, where the function runs");
+    assert_eq!(owner("gw-9", &nodes), Some(&nn("edge")), "else the first node by name");
+    assert_eq!(owner("x", &[]), None);
+    // Two nodes over one replicated log: each processes what it owns, together all once.
+    let input = log(9, &["eu", "us", "gw-9"]);
+    let mut durable = Durable::default();
+    for node in ["edge", "eu", "us"] {
+        let mut core = start(settings(node, &["edge", "eu", "us"], 1), 0);
+        let mut f = Doubler { bad: BTreeMap::new() };
+        drive(&mut core, &input, &mut f, &mut durable, None);
+        assert_eq!(core.counters().processed + core.counters().not_owned, 9);
+    }
+    assert_eq!(payloads(&durable, &Destination::Output(0)), want(9, &[]));
+    assert_eq!(durable.skipped, 0, "no input was processed twice");
+}
+
+#[test]
+fn a_failed_write_is_asked_for_again_and_nothing_moves_meanwhile() {
+    let input = log(2, &["a"]);
+    let mut core = start(settings("a", &["a"], 0), 0);
+    let mut f = Doubler { bad: BTreeMap::new() };
+    let _ = core.poll_action();
+    core.handle_read(input.clone());
+    let _ = core.poll_action();
+    core.handle_run(f.run(&input), 1);
+    let first = core.poll_action();
+    assert!(matches!(first, Some(Action::Write { .. })));
+    core.handle_written(Err("disk full".into()));
+    assert_eq!(core.poll_action(), first, "the same write again");
+    core.handle_written(Ok(()));
+    assert_eq!(core.poll_action(), Some(Action::Commit { offset: 2 }));
+}
