@@ -77,7 +77,7 @@ pub(crate) struct Authz {
 }
 
 /// What a request needs.
-enum Need {
+enum Need<'r> {
     /// Nothing: anyone may ask.
     Nothing,
     /// Any grant; the answer shows only what the principal's grants cover.
@@ -87,7 +87,7 @@ enum Need {
     /// Admin over a namespace.
     Admin(Resource),
     /// A catalogue edit: checked against what it creates or deletes.
-    Entry(Signed),
+    Entry(&'r Signed),
 }
 
 fn topic_namespace(topic: &str) -> Result<NamespaceName, NodeError> {
@@ -96,7 +96,7 @@ fn topic_namespace(topic: &str) -> Result<NamespaceName, NodeError> {
 
 /// What `request` needs; `stream` is the namespace of the subscription stream it came on.
 /// One row per request variant, no wildcard: a new variant does not compile without one.
-fn need(request: &Request, stream: Option<&NamespaceName>) -> Result<Need, NodeError> {
+fn need<'r>(request: &'r Request, stream: Option<&NamespaceName>) -> Result<Need<'r>, NodeError> {
     let on_stream = |what: &str| match stream {
         Some(ns) => Ok(Need::On(Action::Consume, ns.clone())),
         None => Err(NodeError::Malformed(format!("{what} is only valid on a subscription stream"))),
@@ -121,7 +121,7 @@ fn need(request: &Request, stream: Option<&NamespaceName>) -> Result<Need, NodeE
             let _: &Edit = edit;
             Need::Admin(Resource { tenant: ns.tenant().into(), namespace: Some(ns.namespace().into()) })
         }
-        Request::CatalogueEdit(signed) => Need::Entry(signed.clone()),
+        Request::CatalogueEdit(signed) => Need::Entry(signed),
         Request::WhoAmI { .. } => Need::Nothing,
     })
 }
@@ -235,7 +235,7 @@ impl Authz {
             }
             Need::Admin(resource) if access.administers(&who.name, &resource) => None,
             Need::Admin(resource) => Some(format!("principal '{}' is not admin of '{resource}'", who.name)),
-            Need::Entry(signed) => edit_refusal(who, &signed, &state),
+            Need::Entry(signed) => edit_refusal(who, signed, &state),
         };
         let Some(why) = refusal else { return Ok(()) };
         *self.refusals.lock().expect("refusals lock").entry(who.name.to_string()).or_default() += 1;
@@ -261,6 +261,7 @@ impl Authz {
             |record| match record.entry() {
                 Entry::Grant(g) => *g.principal == *who.name || access.administers(&who.name, &g.resource),
                 Entry::Token(t) => *t.principal == *who.name,
+                Entry::Function(f) => f.namespace().is_some_and(|ns| access.sees(&who.name, &ns)),
             },
         );
         config
@@ -285,14 +286,25 @@ fn edit_refusal(who: &Principal, signed: &Signed, state: &State) -> Option<Strin
         let by = &signed.by.principal;
         return Some(format!("the entry is signed by '{by}', not by the connection's principal '{name}'"));
     }
-    let entry = match &signed.body {
-        Body::Create { entry, .. } => entry,
-        Body::Delete { incarnation } => match state.records.get(*incarnation) {
-            Some(record) => record.entry(),
-            // The mesh's apply reports it as not found.
-            None => return None,
-        },
+    let existing = state.records.get(signed.body.incarnation());
+    let entry = match (&signed.body, existing) {
+        (Body::Create { entry, .. }, _) => entry,
+        (Body::Delete { .. }, Some(record)) => record.latest(),
+        (Body::Edit { entry, .. }, Some(record)) => {
+            // Moving a function needs admin where it is and where it goes.
+            if let Some(why) = edit_refusal_for(name, record.latest(), state) {
+                return Some(why);
+            }
+            entry
+        }
+        // The mesh's apply reports it as not found.
+        (Body::Delete { .. } | Body::Edit { .. }, None) => return None,
     };
+    edit_refusal_for(name, entry, state)
+}
+
+/// Why `name` may not create, change or delete `entry`, if it may not.
+fn edit_refusal_for(name: &str, entry: &Entry, state: &State) -> Option<String> {
     match entry {
         Entry::Grant(g) if !state.access.administers(name, &g.resource) => {
             Some(format!("principal '{name}' is not admin of '{}', so it may not change its grants", g.resource))
@@ -300,7 +312,15 @@ fn edit_refusal(who: &Principal, signed: &Signed, state: &State) -> Option<Strin
         Entry::Token(t) if t.principal != name => {
             Some(format!("principal '{name}' may not change tokens of principal '{}'", t.principal))
         }
-        Entry::Grant(_) | Entry::Token(_) => None,
+        Entry::Function(f) if !state.access.administers_function(name, f) => {
+            let namespaces: Vec<String> = f.namespaces().iter().map(ToString::to_string).collect();
+            Some(format!(
+                "principal '{name}' may not change function '{}': it needs admin of {}",
+                f.name,
+                namespaces.join(", ")
+            ))
+        }
+        Entry::Grant(_) | Entry::Token(_) | Entry::Function(_) => None,
     }
 }
 

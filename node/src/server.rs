@@ -294,7 +294,7 @@ async fn handle_request(server: &Server, who: &Principal, request: Request, requ
         Request::NsEdit { namespace, edit } => ns_edit(server, &namespace, edit).await.into(),
         Request::NsGet => Ok(Response::Namespaces(authz.view(who, server.parts.mesh.config().await))).into(),
         Request::CatalogueEdit(signed) => {
-            server.parts.mesh.edit(Change::Entry(signed)).await.map(|()| Response::CatalogueDone).into()
+            server.parts.mesh.edit(Change::Entry(Box::new(signed))).await.map(|()| Response::CatalogueDone).into()
         }
         Request::WhoAmI { token } => who_am_i(server, who, token.as_deref()).into(),
         Request::Seek { topic, subscription, target } => {

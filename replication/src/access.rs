@@ -26,6 +26,8 @@ use std::{
 };
 
 use rill_storage::{NamespaceName, name::check_part};
+
+use crate::function::FunctionDef;
 use serde::{Deserialize, Serialize};
 
 /// An entry's identity across its life: drawn at random when it is created.
@@ -154,6 +156,8 @@ pub enum Entry {
     Grant(Grant),
     /// A bearer token.
     Token(TokenRecord),
+    /// A stream function.
+    Function(FunctionDef),
 }
 
 /// What a signer signed.
@@ -171,13 +175,23 @@ pub enum Body {
         /// The incarnation.
         incarnation: Incarnation,
     },
+    /// Replaces an incarnation's entry (of the same kind and name: a function's update,
+    /// pause or resume). Of two edits the later signed wins, on every node.
+    Edit {
+        /// The incarnation.
+        incarnation: Incarnation,
+        /// The new entry.
+        entry: Entry,
+    },
 }
 
 impl Body {
     /// The incarnation the body names.
     pub fn incarnation(&self) -> Incarnation {
         match self {
-            Body::Create { incarnation, .. } | Body::Delete { incarnation } => *incarnation,
+            Body::Create { incarnation, .. } | Body::Delete { incarnation } | Body::Edit { incarnation, .. } => {
+                *incarnation
+            }
         }
     }
 }
@@ -229,23 +243,42 @@ pub trait Verify: Send + Sync + fmt::Debug {
     fn verify(&self, signed: &Signed) -> Result<(), String>;
 }
 
-/// One entry of the catalogue: its creation and, once deleted, its deletion.
+/// One entry of the catalogue: its creation, its latest edit, and once deleted, its
+/// deletion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// The signed creation.
     pub create: Signed,
     /// The signed deletion (a tombstone: kept).
     pub delete: Option<Signed>,
+    /// The latest signed edit.
+    pub edit: Option<Signed>,
+}
+
+fn entry_of(signed: &Signed) -> Option<&Entry> {
+    match &signed.body {
+        Body::Create { entry, .. } | Body::Edit { entry, .. } => Some(entry),
+        Body::Delete { .. } => None,
+    }
 }
 
 impl Record {
-    /// The entry created.
+    /// The entry as created.
     pub fn entry(&self) -> &Entry {
-        match &self.create.body {
-            Body::Create { entry, .. } => entry,
-            Body::Delete { .. } => unreachable!("records are checked on the way in"),
-        }
+        entry_of(&self.create).expect("records are checked on the way in: a creation holds an entry")
     }
+
+    /// The entry as last edited (as created when never edited); whether the edit counts is
+    /// for [`Access::of`] to say.
+    pub fn latest(&self) -> &Entry {
+        self.edit.as_ref().and_then(entry_of).unwrap_or_else(|| self.entry())
+    }
+}
+
+/// True when `edit` may replace `created`: the same kind, and for a function the same name.
+/// Grants and tokens are never edited (revoke and grant again).
+fn same_kind(created: &Entry, edit: &Entry) -> bool {
+    matches!((created, edit), (Entry::Function(a), Entry::Function(b)) if a.name == b.name)
 }
 
 /// Why a signed edit was not taken.
@@ -273,7 +306,7 @@ impl Records {
         verify.verify(&signed).map_err(EntryError::Signature)?;
         match (&signed.body, self.0.get_mut(&incarnation)) {
             (Body::Create { .. }, None) => {
-                let record = Record { create: signed, delete: None };
+                let record = Record { create: signed, delete: None, edit: None };
                 self.0.insert(incarnation, record.clone());
                 Ok(Some(record))
             }
@@ -284,7 +317,18 @@ impl Records {
                 r.create = signed;
                 Ok(Some(r.clone()))
             }
-            (Body::Delete { .. }, None) => Err(EntryError::Unknown(incarnation)),
+            (Body::Delete { .. } | Body::Edit { .. }, None) => Err(EntryError::Unknown(incarnation)),
+            (Body::Edit { entry, .. }, Some(r)) => {
+                if !same_kind(r.entry(), entry) {
+                    return Err(EntryError::Malformed(incarnation, "an edit must keep the kind and the name"));
+                }
+                // The later signed edit wins (ties: the greater part), on every node.
+                if r.edit.as_ref().is_some_and(|e| (e.at_ms, e) >= (signed.at_ms, &signed)) {
+                    return Ok(None);
+                }
+                r.edit = Some(signed);
+                Ok(Some(r.clone()))
+            }
             (Body::Delete { .. }, Some(r)) => {
                 // Of two deletions, every node keeps the smaller: one answer everywhere.
                 if r.delete.as_ref().is_some_and(|d| *d <= signed) {
@@ -311,9 +355,12 @@ impl Records {
             }
             let mut parts = vec![&record.create];
             parts.extend(&record.delete);
+            parts.extend(&record.edit);
             for part in parts {
                 let ours = self.0.get(incarnation);
-                let held = ours.is_some_and(|r| r.create == *part || r.delete.as_ref() == Some(part));
+                let held = ours.is_some_and(|r| {
+                    r.create == *part || r.delete.as_ref() == Some(part) || r.edit.as_ref() == Some(part)
+                });
                 if held {
                     continue;
                 }
@@ -365,6 +412,11 @@ fn check_record(incarnation: Incarnation, record: &Record) -> Result<(), EntryEr
     {
         return bad("its deletion names another incarnation");
     }
+    if let Some(e) = &record.edit
+        && !matches!(&e.body, Body::Edit { incarnation: i, .. } if *i == incarnation)
+    {
+        return bad("its edit names another incarnation");
+    }
     Ok(())
 }
 
@@ -375,6 +427,20 @@ pub struct Access {
     grants: BTreeMap<String, BTreeSet<(Action, Resource)>>,
     /// Counted tokens by id.
     tokens: BTreeMap<String, TokenRecord>,
+    /// Counted functions by name: the incarnation and the definition in force.
+    functions: BTreeMap<String, (Incarnation, FunctionDef)>,
+}
+
+/// True when `signer` is admin over every namespace `def` touches.
+fn authorises_function(
+    signer: &Signer,
+    def: &FunctionDef,
+    admins: &BTreeMap<String, BTreeSet<(Action, Resource)>>,
+) -> bool {
+    def.namespaces().iter().all(|ns| {
+        let resource = Resource { tenant: ns.tenant().into(), namespace: Some(ns.namespace().into()) };
+        authorises(signer, &resource, admins)
+    })
 }
 
 fn authorises(signer: &Signer, over: &Resource, admins: &BTreeMap<String, BTreeSet<(Action, Resource)>>) -> bool {
@@ -416,6 +482,7 @@ impl Access {
             r.delete.as_ref().is_some_and(|d| match r.entry() {
                 Entry::Grant(g) => authorises(&d.by, &g.resource, &ever),
                 Entry::Token(t) => d.by.superuser || d.by.principal == t.principal,
+                Entry::Function(f) => authorises_function(&d.by, f, &ever),
             })
         };
         let live: Vec<&Record> = records.0.values().filter(|r| !deleted(r)).collect();
@@ -429,7 +496,36 @@ impl Access {
                 _ => None,
             })
             .collect();
-        Access { grants, tokens }
+        let mut functions: BTreeMap<String, (Incarnation, FunctionDef, u64)> = BTreeMap::new();
+        for r in &live {
+            let Entry::Function(created) = r.entry() else { continue };
+            if !authorises_function(&r.create.by, created, &grants) {
+                continue;
+            }
+            let def = match (&r.edit, r.latest()) {
+                (Some(e), Entry::Function(edited)) if authorises_function(&e.by, edited, &grants) => edited,
+                _ => created,
+            };
+            // Two live incarnations of one name (created apart): the later created wins.
+            let incarnation = r.create.body.incarnation();
+            let newer = functions.get(&created.name).is_none_or(|(i, _, at)| (r.create.at_ms, incarnation) > (*at, *i));
+            if newer {
+                functions.insert(created.name.clone(), (incarnation, def.clone(), r.create.at_ms));
+            }
+        }
+        let functions = functions.into_iter().map(|(name, (i, def, _))| (name, (i, def))).collect();
+        Access { grants, tokens, functions }
+    }
+
+    /// The functions in force, by name: incarnation and definition.
+    pub fn functions(&self) -> &BTreeMap<String, (Incarnation, FunctionDef)> {
+        &self.functions
+    }
+
+    /// True when `principal` is admin over every namespace `def` touches.
+    pub fn administers_function(&self, principal: &str, def: &FunctionDef) -> bool {
+        let signer = Signer { principal: principal.to_string(), superuser: false };
+        authorises_function(&signer, def, &self.grants)
     }
 
     /// True when `principal` may do `action` in namespace `ns` (admin allows all three).

@@ -1,6 +1,7 @@
 //! rill-replication: namespace replication between nodes and namespace config convergence.
 //!
 //! - [`access`]: grants and tokens, signed entries of the catalogue, and what they allow.
+//! - [`function`]: a stream function's definition, a catalogue entry.
 //! - [`hlc`]: hybrid logical clocks for stamping config edits.
 //! - [`namespace`]: the namespace catalogue and policies as one CRDT document.
 //! - [`wire`]: the peer protocol's messages and the Hello's [`wire::Summary`].
@@ -15,6 +16,7 @@
 
 pub mod access;
 pub mod core;
+pub mod function;
 pub mod hlc;
 pub mod link;
 pub mod namespace;

@@ -75,6 +75,23 @@ fn request_variants() -> &'static [&'static str] {
     names.0.expect("Request is an enum")
 }
 
+/// A function alice signs: in alice-co, which she administers, writing to "other".
+fn alice_function() -> Signed {
+    let def = rill_replication::function::FunctionDef {
+        name: "alice-co/fx/leak".into(),
+        module: [0; 32],
+        inputs: vec!["alice-co/in/t".into()],
+        outputs: vec!["other/x/t".into()],
+        nodes: None,
+        start: rill_replication::function::Start::Earliest,
+        params: Vec::new(),
+        paused: false,
+    };
+    let mut s = signed("alice", Body::Create { incarnation: Incarnation(30), entry: Entry::Function(def) });
+    s.by.superuser = false;
+    s
+}
+
 /// One request of each variant, each touching what alice holds no grant for (tenant
 /// "other"), or needing a grant she lacks.
 fn rows() -> Vec<(Request, Option<&'static str>)> {
@@ -108,6 +125,8 @@ fn rows() -> Vec<(Request, Option<&'static str>)> {
         (Request::CatalogueEdit(alice_signs), None),
         // Signed by someone else: refused whatever it says.
         (Request::CatalogueEdit(someone_elses_grant), None),
+        // A function in her tenant that writes to a tenant she does not administer.
+        (Request::CatalogueEdit(alice_function()), None),
         // Revoking bob's grant in a tenant she does not administer.
         (Request::CatalogueEdit(signed("alice", Body::Delete { incarnation: Incarnation(4) })), None),
     ]

@@ -192,7 +192,7 @@ pub(crate) async fn grants(cmd: GrantsCommand) -> anyhow::Result<()> {
                 signed_by: r.create.by.principal.clone(),
                 entry: i.to_string(),
             }),
-            Entry::Token(_) => None,
+            Entry::Token(_) | Entry::Function(_) => None,
         })
         .collect();
     let header =
@@ -276,7 +276,7 @@ pub(crate) async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
                         expires_ms: t.expires_ms,
                         status: status(r, access.token(&t.id).is_some()),
                     }),
-                    Entry::Grant(_) => None,
+                    Entry::Grant(_) | Entry::Function(_) => None,
                 })
                 .collect();
             let header = format!("{:<18} {:<20} {:<16} STATUS", "ID", "PRINCIPAL", "EXPIRES (ms)");

@@ -62,7 +62,7 @@ pub(crate) enum Change {
     /// A namespace edit.
     Namespace(NamespaceName, Edit),
     /// A signed entry's creation or deletion.
-    Entry(Signed),
+    Entry(Box<Signed>),
 }
 
 /// Events queued for the driver; senders wait when it is full.
@@ -269,7 +269,7 @@ impl Driver {
                     Change::Namespace(namespace, edit) => {
                         self.rep.edit_config(&namespace, edit, now).map_err(|e| NodeError::Namespace(e.to_string()))
                     }
-                    Change::Entry(signed) => self.rep.apply_signed(signed).map_err(|e| match e {
+                    Change::Entry(signed) => self.rep.apply_signed(*signed).map_err(|e| match e {
                         EntryError::Signature(_) => NodeError::Forbidden(e.to_string()),
                         EntryError::Unknown(_) => NodeError::NotFound(e.to_string()),
                         EntryError::Malformed(..) => NodeError::Malformed(e.to_string()),

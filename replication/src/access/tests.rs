@@ -1,4 +1,5 @@
 use super::*;
+use crate::function::FunctionDef;
 
 /// Accepts a signature that reads "ok".
 #[derive(Debug)]
@@ -137,9 +138,10 @@ fn parts_that_do_not_verify_or_do_not_fit_are_refused() {
     let mut bad = grant("root", 1, "bob", Action::Admin, "acme");
     bad.signature = b"forged".to_vec();
     let mut theirs = Records::default();
-    theirs.0.insert(Incarnation(1), Record { create: bad, delete: None });
+    theirs.0.insert(Incarnation(1), Record { create: bad, delete: None, edit: None });
     // A deletion naming another incarnation than the record's.
-    let mixed = Record { create: grant("root", 2, "bob", Action::Admin, "acme"), delete: Some(delete("root", 3)) };
+    let mixed =
+        Record { create: grant("root", 2, "bob", Action::Admin, "acme"), delete: Some(delete("root", 3)), edit: None };
     theirs.0.insert(Incarnation(2), mixed);
     let (changed, refused) = ours.merge(&theirs, &Fake);
     assert!(changed.is_empty());
@@ -188,4 +190,92 @@ fn resources_parse_and_cover() {
     assert!(!Resource::parse("acm").unwrap().covers(&ns("acme/s")));
     assert!(Resource::parse("acme").unwrap().includes(&Resource::parse("acme/x").unwrap()));
     assert!(!Resource::parse("acme/x").unwrap().includes(&Resource::parse("acme").unwrap()));
+}
+
+fn function(by: &str, incarnation: u64, at_ms: u64, def: FunctionDef) -> Signed {
+    let mut s = signed(by, Body::Create { incarnation: Incarnation(incarnation), entry: Entry::Function(def) });
+    s.at_ms = at_ms;
+    s
+}
+
+fn edit(by: &str, incarnation: u64, at_ms: u64, def: FunctionDef) -> Signed {
+    let mut s = signed(by, Body::Edit { incarnation: Incarnation(incarnation), entry: Entry::Function(def) });
+    s.at_ms = at_ms;
+    s
+}
+
+fn def(name: &str, input: &str, output: &str, params: &[(&str, &str)]) -> FunctionDef {
+    FunctionDef {
+        name: name.into(),
+        module: [1; 32],
+        inputs: vec![input.into()],
+        outputs: vec![output.into()],
+        nodes: None,
+        start: crate::function::Start::Earliest,
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        paused: false,
+    }
+}
+
+#[test]
+fn a_function_counts_when_its_signer_administers_every_namespace_it_touches() {
+    let norm = def("acme/fx/norm", "acme/raw/t", "acme/clean/t", &[]);
+    let leak = def("acme/fx/leak", "acme/raw/t", "globex/x/t", &[]);
+    let r = records(vec![
+        grant("root", 1, "alice", Action::Admin, "acme"),
+        function("alice", 10, 5, norm.clone()),
+        function("alice", 11, 5, leak),
+        function("bob", 12, 5, def("acme/fx/bob", "acme/raw/t", "acme/clean/u", &[])),
+    ]);
+    let access = Access::of(&r);
+    let names: Vec<&String> = access.functions().keys().collect();
+    assert_eq!(names, ["acme/fx/norm"], "alice cannot write to globex; bob is no admin");
+    assert_eq!(access.functions()["acme/fx/norm"], (Incarnation(10), norm));
+}
+
+#[test]
+fn the_later_edit_wins_in_any_order_and_an_edit_cannot_rename() {
+    let v1 = def("acme/fx/norm", "acme/raw/t", "acme/clean/t", &[("scale", "1")]);
+    let v2 = def("acme/fx/norm", "acme/raw/t", "acme/clean/t", &[("scale", "2")]);
+    let v3 = def("acme/fx/norm", "acme/raw/t", "acme/clean/t", &[("scale", "3")]);
+    let base = vec![grant("root", 1, "alice", Action::Admin, "acme"), function("alice", 10, 5, v1)];
+    let mut a = records(base.clone());
+    let mut b = records(base);
+    a.apply(edit("alice", 10, 30, v3.clone()), &Fake).unwrap();
+    b.apply(edit("alice", 10, 20, v2), &Fake).unwrap();
+    let (mut ab, mut ba) = (a.clone(), b.clone());
+    ab.merge(&b, &Fake);
+    ba.merge(&a, &Fake);
+    assert_eq!(ab, ba);
+    assert_eq!(Access::of(&ab).functions()["acme/fx/norm"].1, v3);
+    // An edit must keep the function's name.
+    let renamed = def("acme/fx/other", "acme/raw/t", "acme/clean/t", &[]);
+    assert!(matches!(a.apply(edit("alice", 10, 40, renamed), &Fake), Err(EntryError::Malformed(..))));
+    // A deleted function is gone, whatever edit comes later.
+    a.apply(delete("alice", 10), &Fake).unwrap();
+    a.apply(edit("alice", 10, 50, def("acme/fx/norm", "acme/raw/t", "acme/clean/t", &[])), &Fake).unwrap();
+    assert!(Access::of(&a).functions().is_empty());
+}
+
+#[test]
+fn an_edit_without_authority_leaves_the_function_as_created() {
+    let v1 = def("acme/fx/norm", "acme/raw/t", "acme/clean/t", &[]);
+    let moved = def("acme/fx/norm", "acme/raw/t", "globex/x/t", &[]);
+    let r = records(vec![
+        grant("root", 1, "alice", Action::Admin, "acme"),
+        function("alice", 10, 5, v1.clone()),
+        edit("alice", 10, 9, moved),
+    ]);
+    assert_eq!(Access::of(&r).functions()["acme/fx/norm"].1, v1);
+}
+
+#[test]
+fn of_two_functions_created_apart_under_one_name_the_later_runs() {
+    let older = def("acme/fx/norm", "acme/raw/t", "acme/clean/t", &[("v", "old")]);
+    let newer = def("acme/fx/norm", "acme/raw/t", "acme/clean/t", &[("v", "new")]);
+    for order in [[0, 1], [1, 0]] {
+        let parts = [function("root", 20, 5, older.clone()), function("root", 10, 8, newer.clone())];
+        let r = records(order.iter().map(|i| parts[*i].clone()).collect());
+        assert_eq!(Access::of(&r).functions()["acme/fx/norm"], (Incarnation(10), newer.clone()));
+    }
 }
