@@ -10,6 +10,7 @@
 //! All disk access goes through [`fs::FileSystem`] and [`meta::MetaStore`] so that a
 //! simulated disk can replace the real one.
 
+pub mod blobs;
 pub mod dedup;
 pub mod error;
 pub mod format;
