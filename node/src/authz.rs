@@ -18,7 +18,8 @@ use std::{
 };
 
 use rill_replication::{
-    access::{Access, Action, Body, Entry, Records, Resource, Signed, Signer, TokenRecord, Verify},
+    access::{Access, Action, Body, Entry, Incarnation, Records, Resource, Signed, Signer, TokenRecord, Verify},
+    function::FunctionDef,
     namespace::{ConfigDoc, Edit},
 };
 use rill_storage::{NamespaceName, TopicName};
@@ -74,6 +75,8 @@ pub(crate) struct Authz {
     verifier: Arc<CaVerifier>,
     /// False when the config refuses superusers.
     superusers: bool,
+    /// Counts catalogue changes, for those who act on them (the functions supervisor).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a request needs.
@@ -122,6 +125,10 @@ fn need<'r>(request: &'r Request, stream: Option<&NamespaceName>) -> Result<Need
             Need::Admin(Resource { tenant: ns.tenant().into(), namespace: Some(ns.namespace().into()) })
         }
         Request::CatalogueEdit(signed) => Need::Entry(signed),
+        Request::PutBlob { namespace, .. } => {
+            let ns = NamespaceName::parse(namespace)?;
+            Need::Admin(Resource { tenant: ns.tenant().into(), namespace: Some(ns.namespace().into()) })
+        }
         Request::WhoAmI { .. } => Need::Nothing,
     })
 }
@@ -141,6 +148,7 @@ impl Authz {
             entries_refused: AtomicU64::new(0),
             verifier: Arc::new(CaVerifier { ca }),
             superusers,
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -163,6 +171,17 @@ impl Authz {
     pub(crate) fn update(&self, config: &ConfigDoc) {
         let state = State { access: Access::of(config.records()), records: config.records().clone() };
         *self.state.write().expect("authz lock") = Arc::new(state);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Changes each time the catalogue does.
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The functions in force: name -> (incarnation, definition).
+    pub(crate) fn functions(&self) -> BTreeMap<String, (Incarnation, FunctionDef)> {
+        self.state().access.functions().clone()
     }
 
     fn state(&self) -> Arc<State> {

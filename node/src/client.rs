@@ -267,6 +267,15 @@ impl Client {
         }
     }
 
+    /// Stores a blob on the node (a function's module), for a definition in `namespace`;
+    /// answers its SHA-256 once it is durable.
+    pub async fn put_blob(&self, namespace: &str, bytes: Vec<u8>) -> Result<[u8; 32], ClientError> {
+        match self.call(&Request::PutBlob { namespace: namespace.into(), bytes }).await? {
+            Response::BlobStored { hash } => Ok(hash),
+            other => Err(refused_or_unexpected(other)),
+        }
+    }
+
     /// The namespace catalogue as the node sees it.
     pub async fn ns_get(&self) -> Result<rill_replication::namespace::ConfigDoc, ClientError> {
         match self.call(&Request::NsGet).await? {

@@ -35,6 +35,7 @@ use crate::{
     conflicts::Conflicts,
     dispatch::{self, Subscriptions},
     env::Env,
+    functions,
     mesh::{self, MeshHandle},
     registry::Registry,
     retention::{self, BacklogGate},
@@ -130,6 +131,11 @@ impl Node {
         tokio::spawn(enforce.instrument(span.clone()));
         let every = Duration::from_millis(config.storage.checkpoint_interval_ms);
         tokio::spawn(Arc::clone(&registry).checkpoint_loop(every).instrument(span.clone()));
+
+        // Stream functions: the supervisor starts and stops them as the catalogue says.
+        let supervisor =
+            functions::driver::supervise(Arc::clone(&registry), Arc::clone(&authz), mesh.clone(), name.clone());
+        tokio::spawn(supervisor.instrument(span.clone()));
 
         // The client door (and the door peers knock on).
         let parts = server::Parts { registry: Arc::clone(&registry), subscriptions, conflicts, backlog, mesh, authz };

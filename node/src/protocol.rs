@@ -166,6 +166,15 @@ pub enum Request {
         /// A token to look up instead of the connection's principal.
         token: Option<String>,
     },
+    /// Stores a blob (a function's module) on this node, for a definition in `namespace`
+    /// to name by its SHA-256.
+    PutBlob {
+        /// `tenant/namespace`: the principal must administer it.
+        namespace: String,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// How the consumers of one subscription share its messages (as in Apache Pulsar).
@@ -481,6 +490,11 @@ pub enum Response {
     Conflicts(Vec<KeptConflict>),
     /// Answer to [`Request::CatalogueEdit`]: the edit is durable here and gossiped.
     CatalogueDone,
+    /// Answer to [`Request::PutBlob`]: durable on this node.
+    BlobStored {
+        /// The SHA-256 of the bytes.
+        hash: [u8; 32],
+    },
     /// Answer to [`Request::WhoAmI`].
     Principal {
         /// The principal's name.

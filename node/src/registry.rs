@@ -14,6 +14,7 @@ use std::{
 
 use rill_storage::{
     StorageError, TopicName,
+    blobs::Blobs,
     log::LogConfig,
     meta::MetaStore,
     store::{self, TOPICS_DIR},
@@ -48,6 +49,8 @@ pub(crate) struct Registry {
     /// Topics whose durable end moved, for the replication driver.
     pub(crate) growth: Arc<Growth>,
     closing: AtomicBool,
+    /// Function modules (and later models), by SHA-256.
+    pub(crate) blobs: Blobs,
 }
 
 impl Registry {
@@ -69,6 +72,7 @@ impl Registry {
             group_max: config.group_commit_requests_max,
         };
         let growth = Arc::new(Growth::default());
+        let blobs = Blobs::open(Arc::clone(&env.fs), data_dir)?;
         let (mut topics, mut unavailable) = (BTreeMap::new(), BTreeMap::new());
         for (name, opened) in store::open_all(&env.fs, meta.as_ref(), &root, settings.log)? {
             match opened {
@@ -91,6 +95,7 @@ impl Registry {
             create_lock: tokio::sync::Mutex::new(()),
             growth,
             closing: AtomicBool::new(false),
+            blobs,
         })
     }
 

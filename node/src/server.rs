@@ -297,6 +297,7 @@ async fn handle_request(server: &Server, who: &Principal, request: Request, requ
             server.parts.mesh.edit(Change::Entry(Box::new(signed))).await.map(|()| Response::CatalogueDone).into()
         }
         Request::WhoAmI { token } => who_am_i(server, who, token.as_deref()).into(),
+        Request::PutBlob { bytes, .. } => put_blob(server, bytes).await.into(),
         Request::Seek { topic, subscription, target } => {
             consume::seek(subs, &topic, &subscription, target).await.into()
         }
@@ -341,6 +342,13 @@ async fn node_stats(server: &Server, who: &Principal) -> NodeStats {
         refusals: server.parts.authz.refusals(who),
         entries_refused: server.parts.authz.entries_refused(),
     }
+}
+
+/// Stores a blob durably (blocking work: it syncs).
+async fn put_blob(server: &Server, bytes: Vec<u8>) -> Result<Response, NodeError> {
+    let registry = Arc::clone(&server.parts.registry);
+    let hash = server.registry().env.run_blocking(move || registry.blobs.put(&bytes)).await?;
+    Ok(Response::BlobStored { hash })
 }
 
 fn who_am_i(server: &Server, who: &Principal, token: Option<&str>) -> Result<Response, NodeError> {

@@ -10,6 +10,7 @@
 //! | `repl/catalogue` | the namespace catalogue, versioned | the replication driver |
 //! | `repl/config` | wave 1's catalogue, read when `repl/catalogue` is absent | nobody now |
 //! | `conflict/<topic>/<id>/<digest>` | a replicated content that lost a conflict | the node |
+//! | `fn/<function>/<incarnation>/<input>` | a function's cursor on one input topic | the node's functions |
 use crate::{MessageId, NodeName, TopicName};
 
 /// The namespace catalogue (versioned, see `ConfigDoc::encode` in rill-replication).
@@ -21,6 +22,13 @@ const DEDUP: &str = "dedup/";
 const CURSOR: &str = "sub/";
 const REPL_CURSOR: &str = "repl/cursor/";
 const CONFLICT: &str = "conflict/";
+const FUNCTION_CURSOR: &str = "fn/";
+
+/// The key of a function's cursor on its input topic number `input`, per incarnation (a
+/// re-created function starts afresh; an updated one keeps its position).
+pub fn function_cursor(function: &str, incarnation: u64, input: u32) -> String {
+    format!("{FUNCTION_CURSOR}{function}/{incarnation:016x}/{input}")
+}
 
 /// The key of a topic's dedup snapshot.
 pub fn dedup(topic: &TopicName) -> String {

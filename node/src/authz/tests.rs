@@ -125,6 +125,7 @@ fn rows() -> Vec<(Request, Option<&'static str>)> {
         (Request::CatalogueEdit(alice_signs), None),
         // Signed by someone else: refused whatever it says.
         (Request::CatalogueEdit(someone_elses_grant), None),
+        (Request::PutBlob { namespace: "other/x".into(), bytes: b"(module)".to_vec() }, None),
         // A function in her tenant that writes to a tenant she does not administer.
         (Request::CatalogueEdit(alice_function()), None),
         // Revoking bob's grant in a tenant she does not administer.

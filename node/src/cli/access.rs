@@ -57,18 +57,18 @@ impl GrantArgs {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn random<const N: usize>() -> anyhow::Result<[u8; N]> {
+pub(crate) fn random<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut bytes = [0; N];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
     Ok(bytes)
 }
 
-async fn create(client: &Client, entry: Entry) -> anyhow::Result<Incarnation> {
+pub(crate) async fn create(client: &Client, entry: Entry) -> anyhow::Result<Incarnation> {
     let incarnation = Incarnation(u64::from_le_bytes(random()?));
     let signed = client.sign(Body::Create { incarnation, entry }, now_ms())?;
     client.catalogue_edit(signed).await?;
@@ -124,10 +124,10 @@ pub(crate) enum GrantsCommand {
 #[derive(Debug, Args)]
 pub(crate) struct ListArgs {
     #[command(flatten)]
-    conn: Conn,
+    pub(crate) conn: Conn,
     /// Print a JSON array instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -149,7 +149,7 @@ fn status(record: &Record, counts: bool) -> &'static str {
 }
 
 /// The catalogue as the node shows it to this principal, and what its entries allow.
-async fn catalogue(conn: &Conn) -> anyhow::Result<(ConfigDoc, Access)> {
+pub(crate) async fn catalogue(conn: &Conn) -> anyhow::Result<(ConfigDoc, Access)> {
     let client = conn.connect().await?;
     let doc = client.ns_get().await;
     client.close().await;
@@ -159,7 +159,7 @@ async fn catalogue(conn: &Conn) -> anyhow::Result<(ConfigDoc, Access)> {
 }
 
 /// Prints `rows` as one JSON array, or as a table through `line` under `header`.
-fn print_rows<R: serde::Serialize>(
+pub(crate) fn print_rows<R: serde::Serialize>(
     rows: &[R],
     json: bool,
     header: &str,

@@ -1,10 +1,18 @@
-//! `rill fn test`: runs a function's module over sample input, with no node.
+//! `rill fn ...`: stream functions: try a module locally, create, list, update, pause,
+//! resume, delete.
 use std::{io::BufRead, path::PathBuf, time::Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
+use rill_replication::{
+    access::{Body, Entry, Incarnation},
+    function::{FunctionDef, Start},
+};
 use rill_storage::{Message, MessageId, NodeName, StoredMessage};
+
+use super::Conn;
+use crate::client::Client;
 
 use crate::functions::{
     abi::Input,
@@ -20,6 +28,250 @@ pub(crate) enum FnCommand {
     /// dead letter as a JSON line on stdout, each run's time on stderr; fails if an input
     /// was dead-lettered.
     Test(TestArgs),
+    /// Create a function (needs admin of every namespace it touches): uploads its module
+    /// to the node and puts its definition in the catalogue, from where every node of the
+    /// function picks it up.
+    Create(CreateArgs),
+    /// List the functions the principal may see.
+    List(super::access::ListArgs),
+    /// Change a function's module or parameters; it keeps its position in its inputs.
+    Update(UpdateArgs),
+    /// Stop a function on every node; its position is kept.
+    Pause(NameArgs),
+    /// Start a paused function again where it stopped.
+    Resume(NameArgs),
+    /// Delete a function (its outputs stay; re-creating starts afresh).
+    Delete(NameArgs),
+}
+
+/// Flags of `rill fn create`.
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// `tenant/namespace/name`.
+    name: String,
+    /// The module (`.wasm`, guest ABI v1).
+    #[arg(long)]
+    wasm: PathBuf,
+    /// Input topics, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    input: Vec<String>,
+    /// Output topics, comma-separated; a guest names them by index.
+    #[arg(long, value_delimiter = ',', required = true)]
+    output: Vec<String>,
+    /// The nodes that run it, comma-separated (default: the first input namespace's
+    /// clusters).
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Where it starts reading: earliest or latest.
+    #[arg(long, default_value = "earliest", value_parser = parse_start)]
+    from: Start,
+    /// A parameter for the module's `rill_init`, `key=value`; repeat for more.
+    #[arg(long = "param", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// Flags of `rill fn update`.
+#[derive(Debug, Args)]
+pub(crate) struct UpdateArgs {
+    /// `tenant/namespace/name`.
+    name: String,
+    /// A new module.
+    #[arg(long)]
+    wasm: Option<PathBuf>,
+    /// New parameters (replacing all of the old ones when any is given).
+    #[arg(long = "param", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// A function's name and where to send the command.
+#[derive(Debug, Args)]
+pub(crate) struct NameArgs {
+    /// `tenant/namespace/name`.
+    name: String,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+fn parse_start(s: &str) -> Result<Start, String> {
+    match s {
+        "earliest" => Ok(Start::Earliest),
+        "latest" => Ok(Start::Latest),
+        _ => Err(format!("'{s}' is neither earliest nor latest")),
+    }
+}
+
+/// Reads and checks a module locally, so a bad file is refused before anything is sent.
+fn load_module(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Module::new(&wasm).with_context(|| path.display().to_string())?;
+    Ok(wasm)
+}
+
+/// Uploads `wasm` for a function in `namespace`; checks the node stored what was sent.
+async fn upload(client: &Client, namespace: &str, wasm: Vec<u8>) -> anyhow::Result<[u8; 32]> {
+    let want = rill_storage::blobs::hash(&wasm);
+    let got = client.put_blob(namespace, wasm).await?;
+    anyhow::ensure!(got == want, "the node stored another module than the one sent");
+    Ok(got)
+}
+
+/// The function in force under `name`, as the node sees it.
+async fn current(conn: &Conn, name: &str) -> anyhow::Result<(Incarnation, FunctionDef)> {
+    let (_, access) = super::access::catalogue(conn).await?;
+    access.functions().get(name).cloned().with_context(|| format!("no function '{name}' (rill fn list shows them)"))
+}
+
+/// Signs and sends an edit of `name`'s definition.
+async fn edit(
+    conn: &Conn,
+    name: &str,
+    change: impl FnOnce(&mut FunctionDef),
+    client: Option<&Client>,
+) -> anyhow::Result<()> {
+    let (incarnation, mut def) = current(conn, name).await?;
+    change(&mut def);
+    def.check().map_err(anyhow::Error::msg)?;
+    let own;
+    let client = match client {
+        Some(c) => c,
+        None => {
+            own = conn.connect().await?;
+            &own
+        }
+    };
+    let signed = client.sign(Body::Edit { incarnation, entry: Entry::Function(def) }, super::access::now_ms())?;
+    client.catalogue_edit(signed).await?;
+    Ok(())
+}
+
+/// `rill fn create|list|update|pause|resume|delete`.
+pub(crate) async fn manage(cmd: FnCommand) -> anyhow::Result<()> {
+    match cmd {
+        FnCommand::Test(a) => test(a),
+        FnCommand::Create(a) => {
+            let nodes = if a.nodes.is_empty() {
+                None
+            } else {
+                Some(a.nodes.iter().map(|n| NodeName::parse(n)).collect::<Result<_, _>>()?)
+            };
+            let mut def = FunctionDef {
+                name: a.name.clone(),
+                module: [0; 32],
+                inputs: a.input,
+                outputs: a.output,
+                nodes,
+                start: a.from,
+                params: a.params,
+                paused: false,
+            };
+            def.check().map_err(anyhow::Error::msg)?;
+            let wasm = load_module(&a.wasm)?;
+            let namespace = def.namespace().context("the function's namespace")?.to_string();
+            let client = a.conn.connect().await?;
+            def.module = upload(&client, &namespace, wasm).await?;
+            let created = super::access::create(&client, Entry::Function(def)).await;
+            client.close().await;
+            println!("created function {} (entry {})", a.name, created?);
+            Ok(())
+        }
+        FnCommand::List(args) => {
+            let (_, access) = super::access::catalogue(&args.conn).await?;
+            #[derive(serde::Serialize)]
+            struct Row {
+                name: String,
+                entry: String,
+                module: String,
+                inputs: Vec<String>,
+                outputs: Vec<String>,
+                nodes: Option<Vec<String>>,
+                params: Vec<(String, String)>,
+                paused: bool,
+            }
+            let rows: Vec<Row> = access
+                .functions()
+                .iter()
+                .map(|(name, (i, d))| Row {
+                    name: name.clone(),
+                    entry: i.to_string(),
+                    module: rill_storage::blobs::hex(&d.module),
+                    inputs: d.inputs.clone(),
+                    outputs: d.outputs.clone(),
+                    nodes: d.nodes.as_ref().map(|n| n.iter().map(ToString::to_string).collect()),
+                    params: d.params.clone(),
+                    paused: d.paused,
+                })
+                .collect();
+            let header = format!("{:<32} {:<8} {:<12} {}", "FUNCTION", "STATE", "MODULE", "INPUTS -> OUTPUTS");
+            super::access::print_rows(&rows, args.json, &header, |r| {
+                let state = if r.paused { "paused" } else { "active" };
+                format!(
+                    "{:<32} {state:<8} {:<12} {} -> {}",
+                    r.name,
+                    &r.module[..12],
+                    r.inputs.join(","),
+                    r.outputs.join(",")
+                )
+            })
+        }
+        FnCommand::Update(a) => {
+            let client = a.conn.connect().await?;
+            let module = match &a.wasm {
+                Some(path) => {
+                    let wasm = load_module(path)?;
+                    let (_, def) = current(&a.conn, &a.name).await?;
+                    let ns = def.namespace().context("the function's namespace")?.to_string();
+                    Some(upload(&client, &ns, wasm).await?)
+                }
+                None => None,
+            };
+            let params = a.params;
+            let edited = edit(
+                &a.conn,
+                &a.name,
+                |d| {
+                    if let Some(m) = module {
+                        d.module = m;
+                    }
+                    if !params.is_empty() {
+                        d.params = params;
+                    }
+                },
+                Some(&client),
+            )
+            .await;
+            client.close().await;
+            edited?;
+            println!("updated function {}", a.name);
+            Ok(())
+        }
+        FnCommand::Pause(a) => {
+            edit(&a.conn, &a.name, |d| d.paused = true, None).await?;
+            println!("paused function {}", a.name);
+            Ok(())
+        }
+        FnCommand::Resume(a) => {
+            edit(&a.conn, &a.name, |d| d.paused = false, None).await?;
+            println!("resumed function {}", a.name);
+            Ok(())
+        }
+        FnCommand::Delete(a) => {
+            let (incarnation, _) = current(&a.conn, &a.name).await?;
+            let client = a.conn.connect().await?;
+            let signed = client.sign(Body::Delete { incarnation }, super::access::now_ms());
+            let deleted = match signed {
+                Ok(s) => client.catalogue_edit(s).await.map_err(anyhow::Error::from),
+                Err(e) => Err(e.into()),
+            };
+            client.close().await;
+            deleted?;
+            println!("deleted function {}", a.name);
+            Ok(())
+        }
+    }
 }
 
 /// Flags of `rill fn test`.
@@ -71,8 +323,7 @@ struct Printed<'a> {
 
 /// `rill fn test`: the node's operator core over the lines of a file, with this process
 /// as the log: retries, dead letters and derived ids as a node would make them.
-pub(crate) fn run(cmd: FnCommand) -> anyhow::Result<()> {
-    let FnCommand::Test(a) = cmd;
+fn test(a: TestArgs) -> anyhow::Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }

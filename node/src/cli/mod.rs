@@ -69,7 +69,8 @@ enum Command {
     Tokens(access::TokensCommand),
     /// Who this client is to the node, and its grants.
     Whoami(access::WhoAmIArgs),
-    /// Stream functions (WebAssembly): try a module locally.
+    /// Stream functions (WebAssembly): create, list, update, pause, resume, delete; test
+    /// a module locally.
     #[command(subcommand)]
     Fn(functions::FnCommand),
     /// Benchmarks (print figures; not tests).
@@ -184,7 +185,7 @@ async fn run(cli: Cli, env: crate::env::Env) -> anyhow::Result<()> {
         Command::Grants(cmd) => access::grants(cmd).await,
         Command::Tokens(cmd) => access::tokens(cmd).await,
         Command::Whoami(args) => access::who_am_i(args).await,
-        Command::Fn(cmd) => functions::run(cmd),
+        Command::Fn(cmd) => functions::manage(cmd).await,
         Command::Produce(args) => produce::run(args).await,
         Command::Consume(args) => consume::run(args).await,
         Command::Ns(cmd) => ns::run(cmd).await,

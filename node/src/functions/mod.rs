@@ -7,5 +7,6 @@
 //! `rill fn test` already runs a module over sample input with no node.
 pub(crate) mod abi;
 pub(crate) mod core;
+pub(crate) mod driver;
 pub(crate) mod ids;
 pub(crate) mod runtime;

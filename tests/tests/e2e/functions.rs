@@ -53,3 +53,80 @@ fn fn_test_runs_the_example_filter_and_stops_a_looping_module() {
         "{reason}"
     );
 }
+
+/// Waits until `topic` on `node` ends at `count` messages (bounded).
+async fn wait_for_end(node: &crate::support::TestNode, topic: &str, count: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let topics = node.client().await.list_topics().await.expect("topics");
+        let end = topics.iter().find(|t| t.topic == topic).map_or(0, |t| t.end_offset);
+        assert!(end <= count, "{topic} holds {end} messages, more than the {count} inputs");
+        if end == count {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{topic} reached only {end} of {count}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_killed_mid_batch_stores_each_output_once() {
+    use rill_node::client::Outgoing;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = crate::support::TestNode::start(dir.path(), "fx");
+    let scale = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/examples/scale.wasm");
+    let scale = scale.display().to_string();
+    let args = [
+        "fn",
+        "create",
+        "acme/fx/norm",
+        "--wasm",
+        &scale,
+        "--input",
+        "acme/raw/t",
+        "--output",
+        "acme/clean/t",
+        "--param",
+        "scale=0.5",
+    ];
+    let out = node.cli(&args, "");
+    assert!(out.status.success(), "fn create: {}", text(&out.stderr));
+    const N: u64 = 30_000;
+    let client = node.client().await;
+    let mut p = client.producer_with_seqs("acme/raw/t", "sensor".into()).await.expect("producer");
+    for chunk in 0..(N / 1000) {
+        let batch = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| Outgoing::payload(format!("{{\"seq\":{i},\"t\":{i}}}")).with_seq(i));
+        p.send(batch.collect()).await.expect("send");
+    }
+    p.close().await.expect("acked");
+    client.close().await;
+    // Kill the node while the function is part way through, twice.
+    for _ in 0..2 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let topics = node.client().await.list_topics().await.expect("topics");
+            let end = topics.iter().find(|t| t.topic == "acme/clean/t").map_or(0, |t| t.end_offset);
+            if end > 0 && end < N {
+                break;
+            }
+            assert!(end < N, "the function finished before the kill; make the input larger");
+            assert!(std::time::Instant::now() < deadline, "the function made no progress");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        node.restart();
+    }
+    wait_for_end(&node, "acme/clean/t", N).await;
+    let mut seen = std::collections::BTreeMap::new();
+    crate::support::read_seqs(&node, "acme/clean/t", N, |m| {
+        let payload = text(&m.message.payload);
+        let prefix = "{\"seq\":";
+        let seq: u64 = payload[prefix.len()..payload.find(',').expect("a comma")].parse().expect("seq");
+        let half = if seq.is_multiple_of(2) { format!("{}", seq / 2) } else { format!("{}.5", seq / 2) };
+        assert_eq!(payload, format!("{{\"seq\":{seq},\"t\":{half}}}"), "scaled");
+        *seen.entry(seq).or_insert(0) += 1;
+    })
+    .await;
+    assert_eq!(seen.len() as u64, N, "every input's output");
+    assert!(seen.values().all(|n| *n == 1), "each once");
+}
