@@ -353,16 +353,7 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
                 core.handle_read(input.iter().skip(from as usize).take(a.batch).cloned().collect());
             }
             Action::Run { inputs } => {
-                let records: Vec<Input<'_>> = inputs
-                    .iter()
-                    .map(|m| Input {
-                        offset: m.offset,
-                        publish_time_ms: m.message.publish_time_ms,
-                        key: m.message.key.as_deref(),
-                        headers: &m.message.headers,
-                        payload: &m.message.payload,
-                    })
-                    .collect();
+                let records: Vec<Input<'_>> = inputs.iter().map(Input::from).collect();
                 let t = Instant::now();
                 let result = running.process(&records, a.outputs.len());
                 let took = t.elapsed().as_secs_f64() * 1000.0;

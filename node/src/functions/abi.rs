@@ -43,6 +43,18 @@ pub(crate) struct Input<'a> {
     pub(crate) payload: &'a [u8],
 }
 
+impl<'a> From<&'a rill_storage::StoredMessage> for Input<'a> {
+    fn from(m: &'a rill_storage::StoredMessage) -> Input<'a> {
+        Input {
+            offset: m.offset,
+            publish_time_ms: m.message.publish_time_ms,
+            key: m.message.key.as_deref(),
+            headers: &m.message.headers,
+            payload: &m.message.payload,
+        }
+    }
+}
+
 /// One message a function emitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Output {

@@ -251,16 +251,7 @@ impl Task {
         self.registry
             .env
             .run_blocking(move || {
-                let records: Vec<Input<'_>> = inputs
-                    .iter()
-                    .map(|m| Input {
-                        offset: m.offset,
-                        publish_time_ms: m.message.publish_time_ms,
-                        key: m.message.key.as_deref(),
-                        headers: &m.message.headers,
-                        payload: &m.message.payload,
-                    })
-                    .collect();
+                let records: Vec<Input<'_>> = inputs.iter().map(Input::from).collect();
                 let result = running.process(&records, topics);
                 let (lines, dropped) = running.take_logs();
                 for line in lines {
