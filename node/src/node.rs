@@ -133,12 +133,26 @@ impl Node {
         tokio::spawn(Arc::clone(&registry).checkpoint_loop(every).instrument(span.clone()));
 
         // Stream functions: the supervisor starts and stops them as the catalogue says.
-        let supervisor =
-            functions::driver::supervise(Arc::clone(&registry), Arc::clone(&authz), mesh.clone(), name.clone());
+        let function_reports = Arc::new(functions::driver::Reports::default());
+        let supervisor = functions::driver::supervise(
+            Arc::clone(&registry),
+            Arc::clone(&authz),
+            mesh.clone(),
+            name.clone(),
+            Arc::clone(&function_reports),
+        );
         tokio::spawn(supervisor.instrument(span.clone()));
 
         // The client door (and the door peers knock on).
-        let parts = server::Parts { registry: Arc::clone(&registry), subscriptions, conflicts, backlog, mesh, authz };
+        let parts = server::Parts {
+            registry: Arc::clone(&registry),
+            subscriptions,
+            conflicts,
+            backlog,
+            mesh,
+            authz,
+            function_reports,
+        };
         let server = Arc::new(Server::new(name.clone(), &config, parts));
         tokio::spawn(server::accept_loop(server, endpoint.clone()).instrument(span.clone()));
         let topics = registry.list().len();

@@ -422,10 +422,42 @@ pub struct NodeStats {
     pub topics: Vec<TopicStats>,
     /// Peers and replication lag.
     pub peers: Vec<PeerStats>,
+    /// Stream functions running on this node, per input topic.
+    pub functions: Vec<FunctionStats>,
     /// Requests refused since start, per principal (for a superuser; others see their own).
     pub refusals: Vec<(String, u64)>,
     /// Catalogue entries peers sent that did not verify, since start.
     pub entries_refused: u64,
+}
+
+/// One function over one input topic on this node, since the function started here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionStats {
+    /// `tenant/namespace/name`.
+    pub name: String,
+    /// The input topic.
+    pub input: String,
+    /// Inputs processed (owned, run, outputs written).
+    pub processed: u64,
+    /// Outputs written.
+    pub emitted: u64,
+    /// Inputs that gave no output.
+    pub filtered: u64,
+    /// Failed runs (of a batch, or of one input alone).
+    pub failed: u64,
+    /// Inputs dead-lettered.
+    pub dead_lettered: u64,
+    /// Outputs found already held (a re-run after a crash): not stored again.
+    pub skipped_held: u64,
+    /// Input messages not yet processed (from the cursor to the input's end).
+    pub lag_messages: u64,
+    /// Age of the oldest input not yet processed, milliseconds.
+    pub lag_ms: u64,
+    /// Time per run of the module (a batch or one input), microseconds: median and 99th
+    /// percentile.
+    pub run_p50_us: u64,
+    /// See `run_p50_us`.
+    pub run_p99_us: u64,
 }
 
 /// A replicated message kept aside in the node-local conflict store: its id was held with

@@ -47,6 +47,8 @@ pub(crate) struct Parts {
     pub(crate) backlog: Arc<BacklogGate>,
     pub(crate) mesh: MeshHandle,
     pub(crate) authz: Arc<Authz>,
+    /// What the stream functions report.
+    pub(crate) function_reports: Arc<crate::functions::driver::Reports>,
 }
 
 /// What every connection and stream of the client door shares.
@@ -333,8 +335,21 @@ async fn node_stats(server: &Server, who: &Principal) -> NodeStats {
     for p in &mut peers {
         p.lanes.retain(|l| sees_topic(server, who, &l.topic));
     }
+    let (reports, authz, viewer) =
+        (Arc::clone(&server.parts.function_reports), Arc::clone(&server.parts.authz), who.clone());
+    let functions = server
+        .registry()
+        .env
+        .run_blocking(move || {
+            reports.stats(now_ms, |name| {
+                let ns = name.rsplit_once('/').and_then(|(ns, _)| NamespaceName::parse(ns).ok());
+                ns.is_some_and(|ns| authz.sees(&viewer, &ns))
+            })
+        })
+        .await;
     NodeStats {
         node: server.name.to_string(),
+        functions,
         uptime_ms: now_ms.saturating_sub(server.started_ms),
         now_ms,
         topics: topic_stats(server, who).await,

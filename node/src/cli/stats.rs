@@ -21,6 +21,7 @@ pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     print_peers(&stats);
+    print_functions(&stats);
     println!(
         "{:<40} {:>10} {:>12} {:>12} {:>12} {:>5} {:>10} {:>10} {:>9} {:>10} {:>8}",
         "TOPIC", "MESSAGES", "BYTES", "START", "END", "SEGS", "IN", "DUPS", "CONFL-REF", "CONFL-KEPT", "EXPIRED"
@@ -60,6 +61,27 @@ pub(crate) async fn run(args: StatsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line per function and input topic.
+fn print_functions(stats: &crate::protocol::NodeStats) {
+    for f in &stats.functions {
+        println!(
+            "function {} on {}: processed {} out {} filtered {} failed {} dead-lettered {} held {} | lag {} msgs {:.1} s | run p50 {:.2} ms p99 {:.2} ms",
+            f.name,
+            f.input,
+            f.processed,
+            f.emitted,
+            f.filtered,
+            f.failed,
+            f.dead_lettered,
+            f.skipped_held,
+            f.lag_messages,
+            f.lag_ms as f64 / 1000.0,
+            f.run_p50_us as f64 / 1000.0,
+            f.run_p99_us as f64 / 1000.0
+        );
+    }
 }
 
 /// The node's line and one block per peer, with its lanes.

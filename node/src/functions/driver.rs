@@ -7,19 +7,26 @@
 //! and core; a changed definition restarts them (an update keeps the incarnation, so the
 //! cursors stay), a deleted one stops them. A task that stops on an error (a module that
 //! will not start) stays stopped until the definition changes.
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use rill_replication::{access::Incarnation, function::FunctionDef};
-use rill_storage::{NodeName, StorageError, TopicName, keys, meta, topic::OnConflict};
+use rill_storage::{
+    NodeName, StorageError, TopicName, keys, meta,
+    topic::{AppendOutcome, OnConflict},
+};
 use tokio::task::JoinHandle;
 
 use super::{
     abi::Input,
-    core::{Action, Core, Destination, Settings},
+    core::{Action, Core, Counters, Destination, Settings},
     ids::Deriver,
     runtime::{FnError, Limits, Module, Running},
 };
-use crate::{authz::Authz, mesh::MeshHandle, registry::Registry};
+use crate::{authz::Authz, mesh::MeshHandle, protocol::FunctionStats, registry::Registry, topic::Topic};
 
 /// Inputs read per batch.
 const BATCH_MESSAGES_MAX: usize = 256;
@@ -32,6 +39,55 @@ const RETRIES_MAX: u32 = 2;
 const RECHECK: Duration = Duration::from_secs(2);
 /// The wait before a failed write is tried again.
 const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+/// What each task reports, for `rill stats`: per (function, input index).
+#[derive(Default)]
+pub(crate) struct Reports(Mutex<BTreeMap<(String, u32), Report>>);
+
+struct Report {
+    input: Arc<Topic>,
+    counters: Counters,
+    skipped_held: u64,
+    cursor: u64,
+    /// Microseconds per run of the module.
+    runs: hdrhistogram::Histogram<u64>,
+}
+
+impl Reports {
+    fn update(&self, key: &(String, u32), change: impl FnOnce(&mut Report)) {
+        if let Some(r) = self.0.lock().expect("reports lock").get_mut(key) {
+            change(r);
+        }
+    }
+
+    /// Statistics of every function task `keep` says yes to (by function name). Reads
+    /// the logs (the lag's age), so call it from blocking work.
+    pub(crate) fn stats(&self, now_ms: u64, keep: impl Fn(&str) -> bool) -> Vec<FunctionStats> {
+        let reports = self.0.lock().expect("reports lock");
+        reports
+            .iter()
+            .filter(|((name, _), _)| keep(name))
+            .map(|((name, _), r)| {
+                let end = r.input.bounds().1;
+                let oldest = r.input.publish_time_from(r.cursor);
+                FunctionStats {
+                    name: name.clone(),
+                    input: r.input.name.to_string(),
+                    processed: r.counters.processed,
+                    emitted: r.counters.emitted,
+                    filtered: r.counters.filtered,
+                    failed: r.counters.failed,
+                    dead_lettered: r.counters.dead_lettered,
+                    skipped_held: r.skipped_held,
+                    lag_messages: end.saturating_sub(r.cursor),
+                    lag_ms: oldest.map_or(0, |t| now_ms.saturating_sub(t)),
+                    run_p50_us: r.runs.value_at_quantile(0.5),
+                    run_p99_us: r.runs.value_at_quantile(0.99),
+                }
+            })
+            .collect()
+    }
+}
 
 /// A function's tasks on this node.
 struct Runner {
@@ -49,7 +105,13 @@ impl Runner {
 }
 
 /// Runs until the node closes.
-pub(crate) async fn supervise(registry: Arc<Registry>, authz: Arc<Authz>, mesh: MeshHandle, node: NodeName) {
+pub(crate) async fn supervise(
+    registry: Arc<Registry>,
+    authz: Arc<Authz>,
+    mesh: MeshHandle,
+    node: NodeName,
+    reports: Arc<Reports>,
+) {
     let mut changes = authz.changes();
     let mut runners: BTreeMap<String, Runner> = BTreeMap::new();
     let mut waiting_for: BTreeMap<String, [u8; 32]> = BTreeMap::new();
@@ -69,6 +131,7 @@ pub(crate) async fn supervise(registry: Arc<Registry>, authz: Arc<Authz>, mesh: 
             if !keep {
                 tracing::info!(function = %name, "stopping function");
                 r.stop();
+                reports.0.lock().expect("reports lock").retain(|(n, _), _| n != name);
             }
             keep
         });
@@ -93,7 +156,7 @@ pub(crate) async fn supervise(registry: Arc<Registry>, authz: Arc<Authz>, mesh: 
             };
             waiting_for.remove(&name);
             tracing::info!(function = %name, incarnation = %incarnation, "starting function");
-            let tasks = start(&registry, &node, &config, incarnation, &def, &wasm);
+            let tasks = start(&registry, &node, &config, incarnation, &def, &wasm, &reports);
             runners.insert(name, Runner { incarnation, def, tasks });
         }
         // Look again at the next catalogue change; while a module is awaited, also
@@ -133,6 +196,7 @@ fn start(
     incarnation: Incarnation,
     def: &FunctionDef,
     wasm: &[u8],
+    reports: &Arc<Reports>,
 ) -> Vec<JoinHandle<()>> {
     let module = match Module::new(wasm) {
         Ok(m) => m,
@@ -156,7 +220,13 @@ fn start(
                 nodes: nodes.clone(),
                 retries_max: RETRIES_MAX,
             };
-            let task = Task { registry: Arc::clone(registry), def: def.clone(), incarnation, settings };
+            let task = Task {
+                registry: Arc::clone(registry),
+                def: def.clone(),
+                incarnation,
+                settings,
+                reports: Arc::clone(reports),
+            };
             tokio::spawn(task.run(module.clone()))
         })
         .collect()
@@ -168,6 +238,7 @@ struct Task {
     def: FunctionDef,
     incarnation: Incarnation,
     settings: Settings,
+    reports: Arc<Reports>,
 }
 
 impl Task {
@@ -197,6 +268,15 @@ impl Task {
             .await
             .map_err(|e| format!("its module does not start: {e}"))?;
         let mut committed = topic.committed();
+        let report_key = (self.def.name.clone(), self.settings.input_topic);
+        let report = Report {
+            input: Arc::clone(&topic),
+            counters: Counters::default(),
+            skipped_held: 0,
+            cursor,
+            runs: hdrhistogram::Histogram::new(3).map_err(|e| e.to_string())?,
+        };
+        self.reports.0.lock().expect("reports lock").insert(report_key.clone(), report);
         let mut core = Core::new(self.settings.clone(), cursor);
         core.handle_log_grew();
         loop {
@@ -218,8 +298,13 @@ impl Task {
                     core.handle_read(read);
                 }
                 Action::Run { inputs } => {
+                    let started = std::time::Instant::now();
                     let (result, back) = self.process(running, inputs).await;
                     running = back;
+                    let took = started.elapsed().as_micros() as u64;
+                    self.reports.update(&report_key, |r| {
+                        let _ = r.runs.record(took.max(1));
+                    });
                     let now_ms = registry.env.clock.now_ms();
                     if let Err(e) = &result {
                         tracing::info!(function = %self.def.name, error = %e, "function run failed");
@@ -227,7 +312,9 @@ impl Task {
                     core.handle_run(result, now_ms);
                 }
                 Action::Write { messages } => {
-                    let written = self.write(messages).await;
+                    let written = self.write(messages).await.map(|held| {
+                        self.reports.update(&report_key, |r| r.skipped_held += held);
+                    });
                     if let Err(e) = &written {
                         tracing::warn!(function = %self.def.name, error = %e, "writing the function's outputs failed; retrying");
                         tokio::time::sleep(WRITE_RETRY).await;
@@ -236,6 +323,11 @@ impl Task {
                 }
                 Action::Commit { offset } => {
                     meta::put_record(registry.meta.as_ref(), &key, &offset).map_err(|e| e.to_string())?;
+                    let counters = core.counters();
+                    self.reports.update(&report_key, |r| {
+                        r.cursor = offset;
+                        r.counters = counters;
+                    });
                 }
             }
         }
@@ -266,8 +358,9 @@ impl Task {
     }
 
     /// Stores outputs and dead letters durably, per destination topic; an id already held
-    /// (a re-run) is skipped.
-    async fn write(&self, messages: Vec<(Destination, rill_storage::Message)>) -> Result<(), String> {
+    /// (a re-run) is skipped. Returns how many were.
+    async fn write(&self, messages: Vec<(Destination, rill_storage::Message)>) -> Result<u64, String> {
+        let mut held = 0;
         let mut by_topic: BTreeMap<String, Vec<rill_storage::Message>> = BTreeMap::new();
         for (destination, m) in messages {
             let topic = match destination {
@@ -281,7 +374,8 @@ impl Task {
             let topic = self.registry.topic(&name).await.map_err(|e: StorageError| e.to_string())?;
             let reply = topic.append(batch, OnConflict::SetAside).await.ok_or("the topic is closing")?;
             let appended = reply.await.map_err(|_| "the write was abandoned".to_string())?;
-            appended.result.map_err(|e| e.to_string())?;
+            let outcomes = appended.result.map_err(|e| e.to_string())?;
+            held += outcomes.iter().filter(|o| !matches!(o, AppendOutcome::Appended { .. })).count() as u64;
             if !appended.set_aside.is_empty() {
                 // A re-run that gave other contents: the function is not deterministic.
                 tracing::warn!(
@@ -292,6 +386,6 @@ impl Task {
                 );
             }
         }
-        Ok(())
+        Ok(held)
     }
 }

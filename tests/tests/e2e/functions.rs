@@ -129,4 +129,15 @@ async fn a_function_killed_mid_batch_stores_each_output_once() {
     .await;
     assert_eq!(seen.len() as u64, N, "every input's output");
     assert!(seen.values().all(|n| *n == 1), "each once");
+    // Statistics since the last start: caught up, nothing failed.
+    let stats = node.client().await.stats().await.expect("stats");
+    let f = stats.functions.iter().find(|f| f.name == "acme/fx/norm").expect("the function's statistics");
+    assert_eq!((f.input.as_str(), f.lag_messages, f.failed, f.dead_lettered), ("acme/raw/t", 0, 0, 0), "{f:?}");
+    assert!(f.processed > 0 && f.emitted == f.processed && f.run_p99_us >= f.run_p50_us, "{f:?}");
+    let printed = node.cli(&["stats"], "");
+    assert!(
+        text(&printed.stdout).contains("function acme/fx/norm on acme/raw/t: processed"),
+        "{}",
+        text(&printed.stdout)
+    );
 }
