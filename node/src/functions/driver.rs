@@ -29,7 +29,7 @@ use super::{
 use crate::{authz::Authz, mesh::MeshHandle, protocol::FunctionStats, registry::Registry, topic::Topic};
 
 /// Inputs read per batch.
-const BATCH_MESSAGES_MAX: usize = 256;
+const BATCH_MESSAGES_MAX: usize = 1024;
 /// Input bytes read per batch.
 const BATCH_BYTES_MAX: usize = 1 << 20;
 /// Runs of an input that fails alone, after its first, before it is dead-lettered.

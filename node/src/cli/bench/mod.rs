@@ -1,6 +1,7 @@
 //! `rill bench`: benchmarks that print figures, each against a baseline measured in the
 //! same run because these machines are noisy. Not tests: nothing here asserts.
 mod authz;
+mod functions;
 mod meta;
 mod produce;
 mod replication;
@@ -25,6 +26,8 @@ pub(crate) enum BenchCommand {
     /// Produce throughput as a principal whose grant is checked per request, against a
     /// superuser, in alternating rounds on one node.
     Authz(authz::AuthzArgs),
+    /// A WebAssembly map run by the node against the same transform in native Rust.
+    Functions(functions::FunctionsArgs),
     /// Resident memory of an idle node holding many topics.
     Rss(RssArgs),
     /// Replication: backlog catch-up, steady-state lag, wire amplification.
@@ -42,6 +45,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Storage(a) => storage::run(a).await,
         BenchCommand::Produce(a) => produce::run(a).await,
         BenchCommand::Authz(a) => authz::run(a).await,
+        BenchCommand::Functions(a) => functions::run(a).await,
         BenchCommand::Rss(a) => rss::run(a).await,
         BenchCommand::Replication(a) => replication::run(a).await,
         BenchCommand::Subscriptions(a) => subscriptions::run(a).await,
