@@ -22,7 +22,7 @@ use rill_replication::{
     function::FunctionDef,
     namespace::{ConfigDoc, Edit},
 };
-use rill_storage::{NamespaceName, TopicName};
+use rill_storage::{NamespaceName, TopicName, hex};
 use rill_transport::certs::{self, Holder};
 use rustls::pki_types::CertificateDer;
 
@@ -351,15 +351,7 @@ fn parse_token(token: &str) -> Option<(&str, Vec<u8>)> {
     if id.len() != 16 || secret.len() != 64 {
         return None;
     }
-    Some((id, hex_decode(secret)?))
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Some((id, hex::decode(secret)?))
 }
 
 fn token_hash(salt: &[u8; 16], secret: &[u8]) -> [u8; 32] {
@@ -380,9 +372,9 @@ pub(crate) fn new_token(principal: &str, expires_ms: Option<u64>, random: &[u8; 
     let (salt, secret) = rest.split_at(16);
     let salt: [u8; 16] = salt.try_into().expect("16 bytes");
     let secret = &secret[..32];
-    let record =
-        TokenRecord { id: hex(id), principal: principal.into(), salt, hash: token_hash(&salt, secret), expires_ms };
-    (format!("{TOKEN_PREFIX}{}_{}", hex(id), hex(secret)), record)
+    let id = hex::encode(id);
+    let token = format!("{TOKEN_PREFIX}{id}_{}", hex::encode(secret));
+    (token, TokenRecord { id, principal: principal.into(), salt, hash: token_hash(&salt, secret), expires_ms })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Blobs: immutable byte strings (WebAssembly modules, later ONNX models) stored once per
-//! node under `<data_dir>/blobs/<sha256 hex>`, named by the SHA-256 of their contents
+//! node under `<data_dir>/blobs/<sha256 in hex>`, named by the SHA-256 of their contents
 //! (DESIGN section 8). The catalogue and the Hello name blobs by hash, never carry them.
 //!
 //! A blob is written to its final name, synced, and its directory synced; there is no
@@ -14,6 +14,7 @@ use std::{
 use crate::{
     error::{Result, StorageError},
     fs::{FileSystem, create_dir_durably},
+    hex,
 };
 
 /// The SHA-256 of a blob's bytes.
@@ -23,20 +24,6 @@ pub type Hash = [u8; 32];
 pub fn hash(bytes: &[u8]) -> Hash {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
-}
-
-/// A hash as 64 lowercase hex digits (a blob's file name).
-pub fn hex(hash: &Hash) -> String {
-    hash.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses [`hex`]'s form.
-pub fn parse_hex(s: &str) -> Option<Hash> {
-    if s.len() != 64 {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..64).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
-    bytes?.try_into().ok()
 }
 
 /// The blob store of one node.
@@ -55,7 +42,7 @@ impl Blobs {
     }
 
     fn path(&self, hash: &Hash) -> PathBuf {
-        self.dir.join(hex(hash))
+        self.dir.join(hex::encode(hash))
     }
 
     /// Stores `bytes` durably; returns their hash. Storing a blob already held is a no-op.
@@ -105,7 +92,8 @@ impl Blobs {
     /// The hashes of the blobs held (whole or not: [`Blobs::get`] checks).
     pub fn list(&self) -> Result<Vec<Hash>> {
         let entries = self.fs.read_dir(&self.dir).map_err(|e| StorageError::io(&self.dir, e))?;
-        Ok(entries.iter().filter_map(|p| parse_hex(&p.file_name()?.to_string_lossy())).collect())
+        let hash_named = |p: &PathBuf| hex::decode(&p.file_name()?.to_string_lossy())?.try_into().ok();
+        Ok(entries.iter().filter_map(hash_named).collect())
     }
 
     /// Removes a blob (nothing names it any more).
@@ -129,8 +117,7 @@ mod tests {
         let blobs = Blobs::open(Arc::new(StdFs), dir.path()).unwrap();
         let h = blobs.put(b"(module)").unwrap();
         // sha256sum of the same bytes:
-        assert_eq!(hex(&h), "1885772b94ca41b360d9bd07535547f4c8ef16cbe7e49d2c8e9780247e26c4de");
-        assert_eq!(parse_hex(&hex(&h)), Some(h));
+        assert_eq!(hex::encode(&h), "1885772b94ca41b360d9bd07535547f4c8ef16cbe7e49d2c8e9780247e26c4de");
         assert_eq!(blobs.get(&h).unwrap().as_deref(), Some(&b"(module)"[..]));
         assert_eq!(blobs.put(b"(module)").unwrap(), h);
         assert_eq!(blobs.list().unwrap(), vec![h]);
@@ -145,7 +132,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs = Blobs::open(Arc::new(StdFs), dir.path()).unwrap();
         let h = blobs.put(&[7; 10_000]).unwrap();
-        let path = dir.path().join("blobs").join(hex(&h));
+        let path = dir.path().join("blobs").join(hex::encode(&h));
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(4096).unwrap();
         assert_eq!(blobs.get(&h).unwrap(), None);
@@ -163,6 +150,6 @@ mod tests {
         assert!(fs.dir_syncs.lock().unwrap().iter().any(|d| d.ends_with("blobs")));
         fs.set_failing(true);
         let err = blobs.put(b"b").unwrap_err().to_string();
-        assert!(err.contains(&hex(&hash(b"b"))), "{err}");
+        assert!(err.contains(&hex::encode(&hash(b"b"))), "{err}");
     }
 }

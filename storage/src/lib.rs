@@ -15,6 +15,7 @@ pub mod dedup;
 pub mod error;
 pub mod format;
 pub mod fs;
+pub mod hex;
 pub mod keys;
 pub mod log;
 pub mod message;

@@ -91,7 +91,7 @@ fn parse_start(s: &str) -> Result<StartPosition, String> {
 fn bytes_json(b: &[u8]) -> serde_json::Value {
     match std::str::from_utf8(b) {
         Ok(s) => serde_json::Value::String(s.to_string()),
-        Err(_) => serde_json::json!({ "hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
+        Err(_) => serde_json::json!({ "hex": rill_storage::hex::encode(b) }),
     }
 }
 

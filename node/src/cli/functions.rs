@@ -197,7 +197,7 @@ pub(crate) async fn manage(cmd: FnCommand) -> anyhow::Result<()> {
                 .map(|(name, (i, d))| Row {
                     name: name.clone(),
                     entry: i.to_string(),
-                    module: rill_storage::blobs::hex(&d.module),
+                    module: rill_storage::hex::encode(&d.module),
                     inputs: d.inputs.clone(),
                     outputs: d.outputs.clone(),
                     nodes: d.nodes.as_ref().map(|n| n.iter().map(ToString::to_string).collect()),

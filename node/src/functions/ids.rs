@@ -24,7 +24,7 @@
 //! deleted before it: a new function is not a re-run.
 use std::fmt::Write;
 
-use rill_storage::{MessageId, ProducerId, message::PRODUCER_ID_BYTES_MAX};
+use rill_storage::{MessageId, ProducerId, blobs, hex, message::PRODUCER_ID_BYTES_MAX};
 
 /// Which function, in which incarnation, derives ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,10 +51,7 @@ impl Deriver {
             id.push_str(producer);
         } else {
             id.replace_range(..4, "$fn#/");
-            let digest = ring::digest::digest(&ring::digest::SHA256, producer.as_bytes());
-            for b in &digest.as_ref()[..16] {
-                let _ = write!(id, "{b:02x}");
-            }
+            id.push_str(&hex::encode(&blobs::hash(producer.as_bytes())[..16]));
         }
         MessageId { producer: ProducerId(id.into()), epoch: input.epoch, seq: input.seq }
     }
