@@ -20,7 +20,7 @@ use std::{
 use rill_replication::{
     access::{Access, Action, Body, Entry, Incarnation, Records, Resource, Signed, Signer, TokenRecord, Verify},
     function::FunctionDef,
-    namespace::{ConfigDoc, Edit},
+    namespace::ConfigDoc,
 };
 use rill_storage::{NamespaceName, TopicName, hex};
 use rill_transport::certs::{self, Holder};
@@ -119,16 +119,10 @@ fn need<'r>(request: &'r Request, stream: Option<&NamespaceName>) -> Result<Need
         Request::Stats => Need::AnyGrant("read statistics"),
         Request::NsGet => Need::AnyGrant("read the catalogue"),
         Request::ListConflicts { topic: None } => Need::AnyGrant("list conflicts"),
-        Request::NsEdit { namespace, edit } => {
-            let ns = NamespaceName::parse(namespace)?;
-            let _: &Edit = edit;
-            Need::Admin(Resource { tenant: ns.tenant().into(), namespace: Some(ns.namespace().into()) })
+        Request::NsEdit { namespace, .. } | Request::PutBlob { namespace, .. } => {
+            Need::Admin(Resource::of_namespace(&NamespaceName::parse(namespace)?))
         }
         Request::CatalogueEdit(signed) => Need::Entry(signed),
-        Request::PutBlob { namespace, .. } => {
-            let ns = NamespaceName::parse(namespace)?;
-            Need::Admin(Resource { tenant: ns.tenant().into(), namespace: Some(ns.namespace().into()) })
-        }
         Request::WhoAmI { .. } => Need::Nothing,
     })
 }

@@ -97,6 +97,11 @@ impl Resource {
         Ok(Resource { tenant: tenant.into(), namespace: namespace.map(Into::into) })
     }
 
+    /// Exactly namespace `ns`.
+    pub fn of_namespace(ns: &NamespaceName) -> Resource {
+        Resource { tenant: ns.tenant().into(), namespace: Some(ns.namespace().into()) }
+    }
+
     /// True when this resource includes namespace `ns`.
     pub fn covers(&self, ns: &NamespaceName) -> bool {
         self.tenant == ns.tenant() && self.namespace.as_deref().is_none_or(|n| n == ns.namespace())
@@ -300,7 +305,8 @@ pub enum EntryError {
 pub struct Records(BTreeMap<Incarnation, Record>);
 
 impl Records {
-    /// Adds one signed create or delete; returns the record as it now stands if it changed.
+    /// Adds one signed creation, deletion or edit; returns the record as it now stands if
+    /// it changed.
     pub fn apply(&mut self, signed: Signed, verify: &dyn Verify) -> Result<Option<Record>, EntryError> {
         let incarnation = signed.body.incarnation();
         verify.verify(&signed).map_err(EntryError::Signature)?;
@@ -357,6 +363,7 @@ impl Records {
             parts.extend(&record.delete);
             parts.extend(&record.edit);
             for part in parts {
+                // A part held already needs no second signature check.
                 let ours = self.0.get(incarnation);
                 let held = ours.is_some_and(|r| {
                     r.create == *part || r.delete.as_ref() == Some(part) || r.edit.as_ref() == Some(part)
@@ -420,11 +427,14 @@ fn check_record(incarnation: Incarnation, record: &Record) -> Result<(), EntryEr
     Ok(())
 }
 
+/// Grants per principal: what each holds.
+type Held = BTreeMap<String, BTreeSet<(Action, Resource)>>;
+
 /// What the catalogue's entries allow, as every node computes it from the same records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {
     /// Counted grants per principal.
-    grants: BTreeMap<String, BTreeSet<(Action, Resource)>>,
+    grants: Held,
     /// Counted tokens by id.
     tokens: BTreeMap<String, TokenRecord>,
     /// Counted functions by name: the incarnation and the definition in force.
@@ -432,18 +442,11 @@ pub struct Access {
 }
 
 /// True when `signer` is admin over every namespace `def` touches.
-fn authorises_function(
-    signer: &Signer,
-    def: &FunctionDef,
-    admins: &BTreeMap<String, BTreeSet<(Action, Resource)>>,
-) -> bool {
-    def.namespaces().iter().all(|ns| {
-        let resource = Resource { tenant: ns.tenant().into(), namespace: Some(ns.namespace().into()) };
-        authorises(signer, &resource, admins)
-    })
+fn authorises_function(signer: &Signer, def: &FunctionDef, admins: &Held) -> bool {
+    def.namespaces().iter().all(|ns| authorises(signer, &Resource::of_namespace(ns), admins))
 }
 
-fn authorises(signer: &Signer, over: &Resource, admins: &BTreeMap<String, BTreeSet<(Action, Resource)>>) -> bool {
+fn authorises(signer: &Signer, over: &Resource, admins: &Held) -> bool {
     signer.superuser
         || admins
             .get(&signer.principal)
@@ -451,10 +454,8 @@ fn authorises(signer: &Signer, over: &Resource, admins: &BTreeMap<String, BTreeS
 }
 
 /// The least set of grants closed under "signed by a superuser or an admin in the set".
-fn counted_grants<'r>(
-    candidates: impl Iterator<Item = &'r Record> + Clone,
-) -> BTreeMap<String, BTreeSet<(Action, Resource)>> {
-    let mut counted: BTreeMap<String, BTreeSet<(Action, Resource)>> = BTreeMap::new();
+fn counted_grants<'r>(candidates: impl Iterator<Item = &'r Record> + Clone) -> Held {
+    let mut counted: Held = BTreeMap::new();
     loop {
         let mut grew = false;
         for record in candidates.clone() {

@@ -1,4 +1,7 @@
-use rill_replication::access::{Grant, Incarnation};
+use rill_replication::{
+    access::{Grant, Incarnation},
+    namespace::Edit,
+};
 use serde::de::{self, Visitor};
 
 use super::*;
