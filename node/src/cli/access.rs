@@ -93,21 +93,17 @@ async fn delete_matching(client: &Client, what: &str, matches: impl Fn(&Entry) -
 /// `rill grant`.
 pub(crate) async fn grant(args: GrantArgs) -> anyhow::Result<()> {
     let grant = args.grant()?;
-    let client = args.conn.connect().await?;
-    let incarnation = create(&client, Entry::Grant(grant.clone())).await;
-    client.close().await;
-    println!("granted: {grant} (entry {})", incarnation?);
+    let incarnation = args.conn.run(async |client| create(client, Entry::Grant(grant.clone())).await).await?;
+    println!("granted: {grant} (entry {incarnation})");
     Ok(())
 }
 
 /// `rill revoke`.
 pub(crate) async fn revoke(args: GrantArgs) -> anyhow::Result<()> {
     let grant = args.grant()?;
-    let client = args.conn.connect().await?;
     let what = format!("grant '{grant}'");
-    let deleted = delete_matching(&client, &what, |e| matches!(e, Entry::Grant(g) if *g == grant)).await;
-    client.close().await;
-    let deleted = deleted?;
+    let matches = |e: &Entry| matches!(e, Entry::Grant(g) if *g == grant);
+    let deleted = args.conn.run(async |client| delete_matching(client, &what, matches).await).await?;
     println!("revoked: {grant} ({deleted} entr{})", if deleted == 1 { "y" } else { "ies" });
     Ok(())
 }
@@ -149,11 +145,8 @@ fn status(record: &Record, counts: bool) -> &'static str {
 }
 
 /// The catalogue as the node shows it to this principal, and what its entries allow.
-pub(crate) async fn catalogue(conn: &Conn) -> anyhow::Result<(ConfigDoc, Access)> {
-    let client = conn.connect().await?;
-    let doc = client.ns_get().await;
-    client.close().await;
-    let doc = doc?;
+pub(crate) async fn catalogue(client: &Client) -> anyhow::Result<(ConfigDoc, Access)> {
+    let doc = client.ns_get().await?;
     let access = Access::of(doc.records());
     Ok((doc, access))
 }
@@ -179,7 +172,7 @@ pub(crate) fn print_rows<R: serde::Serialize>(
 /// `rill grants list`.
 pub(crate) async fn grants(cmd: GrantsCommand) -> anyhow::Result<()> {
     let GrantsCommand::List(ListArgs { conn, json }) = cmd;
-    let (doc, access) = catalogue(&conn).await?;
+    let (doc, access) = conn.run(catalogue).await?;
     let rows: Vec<GrantRow> = doc
         .records()
         .iter()
@@ -247,25 +240,20 @@ pub(crate) async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
             let lifetime_s = parse_amount(&expires, DURATION_UNITS, "--expires")?;
             let expires_ms = lifetime_s.map(|s| now_ms().saturating_add(s.saturating_mul(1000)));
             let (token, record) = crate::authz::new_token(&principal, expires_ms, &random()?);
-            let client = conn.connect().await?;
-            let created = create(&client, Entry::Token(record)).await;
-            client.close().await;
-            created?;
+            conn.run(async |client| create(client, Entry::Token(record)).await).await?;
             eprintln!("token for '{principal}' (shown once; keep it secret):");
             println!("{token}");
             Ok(())
         }
         TokensCommand::Revoke { id, conn } => {
-            let client = conn.connect().await?;
             let what = format!("token '{id}'");
-            let deleted = delete_matching(&client, &what, |e| matches!(e, Entry::Token(t) if t.id == id)).await;
-            client.close().await;
-            deleted?;
+            let matches = |e: &Entry| matches!(e, Entry::Token(t) if t.id == id);
+            conn.run(async |client| delete_matching(client, &what, matches).await).await?;
             println!("revoked token {id}");
             Ok(())
         }
         TokensCommand::List(ListArgs { conn, json }) => {
-            let (doc, access) = catalogue(&conn).await?;
+            let (doc, access) = conn.run(catalogue).await?;
             let rows: Vec<TokenRow> = doc
                 .records()
                 .iter()
@@ -300,10 +288,9 @@ pub(crate) struct WhoAmIArgs {
 
 /// `rill whoami`.
 pub(crate) async fn who_am_i(args: WhoAmIArgs) -> anyhow::Result<()> {
-    let client = args.conn.connect().await?;
-    let answer = client.who_am_i(args.token.as_deref()).await.context("whoami");
-    client.close().await;
-    let (name, superuser, grants) = answer?;
+    let token = args.token.as_deref();
+    let (name, superuser, grants) =
+        args.conn.run(async |client| client.who_am_i(token).await.context("whoami")).await?;
     println!("{name}{}", if superuser { " (superuser)" } else { "" });
     for g in grants {
         println!("  {g}");

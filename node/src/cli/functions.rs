@@ -120,29 +120,16 @@ async fn upload(client: &Client, namespace: &str, wasm: Vec<u8>) -> anyhow::Resu
 }
 
 /// The function in force under `name`, as the node sees it.
-async fn current(conn: &Conn, name: &str) -> anyhow::Result<(Incarnation, FunctionDef)> {
-    let (_, access) = super::access::catalogue(conn).await?;
+async fn current(client: &Client, name: &str) -> anyhow::Result<(Incarnation, FunctionDef)> {
+    let (_, access) = super::access::catalogue(client).await?;
     access.functions().get(name).cloned().with_context(|| format!("no function '{name}' (rill fn list shows them)"))
 }
 
 /// Signs and sends an edit of `name`'s definition.
-async fn edit(
-    conn: &Conn,
-    name: &str,
-    change: impl FnOnce(&mut FunctionDef),
-    client: Option<&Client>,
-) -> anyhow::Result<()> {
-    let (incarnation, mut def) = current(conn, name).await?;
+async fn edit(client: &Client, name: &str, change: impl FnOnce(&mut FunctionDef)) -> anyhow::Result<()> {
+    let (incarnation, mut def) = current(client, name).await?;
     change(&mut def);
     def.check().map_err(anyhow::Error::msg)?;
-    let own;
-    let client = match client {
-        Some(c) => c,
-        None => {
-            own = conn.connect().await?;
-            &own
-        }
-    };
     let signed = client.sign(Body::Edit { incarnation, entry: Entry::Function(def) }, super::access::now_ms())?;
     client.catalogue_edit(signed).await?;
     Ok(())
@@ -171,15 +158,18 @@ pub(crate) async fn manage(cmd: FnCommand) -> anyhow::Result<()> {
             def.check().map_err(anyhow::Error::msg)?;
             let wasm = load_module(&a.wasm)?;
             let namespace = def.namespace().context("the function's namespace")?.to_string();
-            let client = a.conn.connect().await?;
-            def.module = upload(&client, &namespace, wasm).await?;
-            let created = super::access::create(&client, Entry::Function(def)).await;
-            client.close().await;
-            println!("created function {} (entry {})", a.name, created?);
+            let created = a
+                .conn
+                .run(async |client| {
+                    def.module = upload(client, &namespace, wasm).await?;
+                    super::access::create(client, Entry::Function(def)).await
+                })
+                .await?;
+            println!("created function {} (entry {created})", a.name);
             Ok(())
         }
         FnCommand::List(args) => {
-            let (_, access) = super::access::catalogue(&args.conn).await?;
+            let (_, access) = args.conn.run(super::access::catalogue).await?;
             #[derive(serde::Serialize)]
             struct Row {
                 name: String,
@@ -218,56 +208,50 @@ pub(crate) async fn manage(cmd: FnCommand) -> anyhow::Result<()> {
             })
         }
         FnCommand::Update(a) => {
-            let client = a.conn.connect().await?;
-            let module = match &a.wasm {
-                Some(path) => {
-                    let wasm = load_module(path)?;
-                    let (_, def) = current(&a.conn, &a.name).await?;
-                    let ns = def.namespace().context("the function's namespace")?.to_string();
-                    Some(upload(&client, &ns, wasm).await?)
-                }
-                None => None,
-            };
-            let params = a.params;
-            let edited = edit(
-                &a.conn,
-                &a.name,
-                |d| {
-                    if let Some(m) = module {
-                        d.module = m;
-                    }
-                    if !params.is_empty() {
-                        d.params = params;
-                    }
-                },
-                Some(&client),
-            )
-            .await;
-            client.close().await;
-            edited?;
-            println!("updated function {}", a.name);
+            let wasm = a.wasm.as_deref().map(load_module).transpose()?;
+            let (name, params) = (&a.name, a.params);
+            a.conn
+                .run(async |client| {
+                    let module = match wasm {
+                        Some(wasm) => {
+                            let (_, def) = current(client, name).await?;
+                            let ns = def.namespace().context("the function's namespace")?.to_string();
+                            Some(upload(client, &ns, wasm).await?)
+                        }
+                        None => None,
+                    };
+                    edit(client, name, |d| {
+                        if let Some(m) = module {
+                            d.module = m;
+                        }
+                        if !params.is_empty() {
+                            d.params = params;
+                        }
+                    })
+                    .await
+                })
+                .await?;
+            println!("updated function {name}");
             Ok(())
         }
         FnCommand::Pause(a) => {
-            edit(&a.conn, &a.name, |d| d.paused = true, None).await?;
+            a.conn.run(async |client| edit(client, &a.name, |d| d.paused = true).await).await?;
             println!("paused function {}", a.name);
             Ok(())
         }
         FnCommand::Resume(a) => {
-            edit(&a.conn, &a.name, |d| d.paused = false, None).await?;
+            a.conn.run(async |client| edit(client, &a.name, |d| d.paused = false).await).await?;
             println!("resumed function {}", a.name);
             Ok(())
         }
         FnCommand::Delete(a) => {
-            let (incarnation, _) = current(&a.conn, &a.name).await?;
-            let client = a.conn.connect().await?;
-            let signed = client.sign(Body::Delete { incarnation }, super::access::now_ms());
-            let deleted = match signed {
-                Ok(s) => client.catalogue_edit(s).await.map_err(anyhow::Error::from),
-                Err(e) => Err(e.into()),
-            };
-            client.close().await;
-            deleted?;
+            a.conn
+                .run(async |client| {
+                    let (incarnation, _) = current(client, &a.name).await?;
+                    let signed = client.sign(Body::Delete { incarnation }, super::access::now_ms())?;
+                    Ok(client.catalogue_edit(signed).await?)
+                })
+                .await?;
             println!("deleted function {}", a.name);
             Ok(())
         }

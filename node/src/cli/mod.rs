@@ -127,6 +127,17 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// Connects, runs `act`, and closes the connection whatever `act` returned.
+    pub(crate) async fn run<T>(
+        &self,
+        act: impl AsyncFnOnce(&crate::client::Client) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let client = self.connect().await?;
+        let result = act(&client).await;
+        client.close().await;
+        result
+    }
+
     /// Connects, with an error that says what to check.
     pub(crate) async fn connect(&self) -> anyhow::Result<crate::client::Client> {
         use anyhow::Context;

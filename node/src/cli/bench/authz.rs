@@ -40,8 +40,7 @@ pub(crate) async fn run(a: AuthzArgs) -> anyhow::Result<()> {
         resource: Resource::parse("bench/authz").map_err(anyhow::Error::msg)?,
     };
     let body = Body::Create { incarnation: Incarnation(1), entry: Entry::Grant(grant) };
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-    admin.catalogue_edit(admin.sign(body, now_ms)?).await?;
+    admin.catalogue_edit(admin.sign(body, crate::cli::access::now_ms())?).await?;
     admin.close().await;
     eprintln!(
         "bench authz: {} rounds each of {} x {} B in batches of {}, {} in flight; superuser and granted principal alternate",

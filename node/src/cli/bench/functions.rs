@@ -94,9 +94,8 @@ pub(crate) async fn run(a: FunctionsArgs) -> anyhow::Result<()> {
         params: vec![("scale".into(), "0.5".into())],
         paused: false,
     };
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
     let body = Body::Create { incarnation: Incarnation(1), entry: Entry::Function(def) };
-    client.catalogue_edit(client.sign(body, now_ms)?).await?;
+    client.catalogue_edit(client.sign(body, crate::cli::access::now_ms())?).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     while end_of(&client, "bench/fx/out-wasm").await? < a.messages {
         anyhow::ensure!(Instant::now() < deadline, "the function did not finish in 10 minutes:\n{}", node.log());
