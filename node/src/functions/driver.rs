@@ -121,13 +121,17 @@ pub(crate) async fn supervise(
             return;
         }
         let config = mesh.config().await;
-        let wanted: BTreeMap<String, (Incarnation, FunctionDef)> = authz
+        let wanted: BTreeMap<String, (Incarnation, FunctionDef, Vec<NodeName>)> = authz
             .functions()
             .into_iter()
-            .filter(|(_, (_, def))| !def.paused && runs_here(def, &config, &node))
+            .map(|(name, (i, def))| {
+                let nodes = nodes_of(&def, &config, &node);
+                (name, (i, def, nodes))
+            })
+            .filter(|(_, (_, def, nodes))| !def.paused && nodes.contains(&node))
             .collect();
         runners.retain(|name, r| {
-            let keep = wanted.get(name).is_some_and(|(i, d)| *i == r.incarnation && *d == r.def);
+            let keep = wanted.get(name).is_some_and(|(i, d, _)| *i == r.incarnation && *d == r.def);
             if !keep {
                 tracing::info!(function = %name, "stopping function");
                 r.stop();
@@ -135,7 +139,7 @@ pub(crate) async fn supervise(
             }
             keep
         });
-        for (name, (incarnation, def)) in wanted {
+        for (name, (incarnation, def, nodes)) in wanted {
             if runners.contains_key(&name) {
                 continue;
             }
@@ -156,7 +160,7 @@ pub(crate) async fn supervise(
             };
             waiting_for.remove(&name);
             tracing::info!(function = %name, incarnation = %incarnation, "starting function");
-            let tasks = start(&registry, &node, &config, incarnation, &def, &wasm, &reports);
+            let tasks = start(&registry, &node, nodes, incarnation, &def, &wasm, &reports);
             runners.insert(name, Runner { incarnation, def, tasks });
         }
         // Look again at the next catalogue change; while a module is awaited, also
@@ -174,25 +178,21 @@ pub(crate) async fn supervise(
     }
 }
 
-/// The nodes a function runs on.
-fn nodes_of(def: &FunctionDef, config: &rill_replication::namespace::ConfigDoc) -> Vec<NodeName> {
+/// The nodes a function runs on, in name order: those it names, else its first input
+/// namespace's clusters; a namespace without clusters is this node's alone.
+fn nodes_of(def: &FunctionDef, config: &rill_replication::namespace::ConfigDoc, node: &NodeName) -> Vec<NodeName> {
     let nodes = def.nodes.clone().unwrap_or_else(|| {
         let first = def.inputs.first().and_then(|t| TopicName::parse(t).ok()).map(|t| t.namespace_name());
-        first.and_then(|ns| config.get(ns.as_str()).map(|p| p.clusters.val.clone())).unwrap_or_default()
+        let clusters = first.and_then(|ns| config.get(ns.as_str()).map(|p| p.clusters.val.clone()));
+        clusters.filter(|c| !c.is_empty()).unwrap_or_else(|| [node.clone()].into())
     });
     nodes.into_iter().collect()
-}
-
-fn runs_here(def: &FunctionDef, config: &rill_replication::namespace::ConfigDoc, node: &NodeName) -> bool {
-    // A namespace without clusters is this node's alone: run there.
-    let nodes = nodes_of(def, config);
-    nodes.contains(node) || (def.nodes.is_none() && nodes.is_empty())
 }
 
 fn start(
     registry: &Arc<Registry>,
     node: &NodeName,
-    config: &rill_replication::namespace::ConfigDoc,
+    nodes: Vec<NodeName>,
     incarnation: Incarnation,
     def: &FunctionDef,
     wasm: &[u8],
@@ -205,11 +205,6 @@ fn start(
             return Vec::new();
         }
     };
-    let mut nodes = nodes_of(def, config);
-    if nodes.is_empty() {
-        nodes.push(node.clone());
-    }
-    nodes.sort();
     (0..def.inputs.len() as u32)
         .map(|input| {
             let settings = Settings {
