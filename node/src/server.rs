@@ -363,6 +363,7 @@ async fn node_stats(server: &Server, who: &Principal) -> NodeStats {
 async fn put_blob(server: &Server, bytes: Vec<u8>) -> Result<Response, NodeError> {
     let registry = Arc::clone(&server.parts.registry);
     let hash = server.registry().env.run_blocking(move || registry.blobs.put(&bytes)).await?;
+    server.parts.mesh.blob_stored(hash).await;
     Ok(Response::BlobStored { hash })
 }
 

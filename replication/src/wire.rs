@@ -1,10 +1,11 @@
 //! The peer protocol's messages: what travels on a peer link, and nothing else. Its
-//! version is the peer ALPN (`rill-peer/3` since the catalogue carries the dedup
-//! horizon; 2 gave the Hello a boot id and a [`Summary`]); a node of another version
-//! fails the handshake with "no application protocol" instead of misreading frames.
+//! version is the peer ALPN (`rill-peer/5` since blobs travel; 4 carried signed entries,
+//! 3 the dedup horizon, 2 gave the Hello a boot id and a [`Summary`]); a node of another
+//! version fails the handshake with "no application protocol" instead of misreading
+//! frames.
 use std::collections::BTreeSet;
 
-use rill_storage::{MessageId, NodeName, ProducerId, TopicName, dedup::DedupIndex, rangeset::RangeSet};
+use rill_storage::{MessageId, NodeName, ProducerId, TopicName, blobs::Hash, dedup::DedupIndex, rangeset::RangeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::namespace::ConfigDoc;
@@ -59,6 +60,8 @@ pub enum PeerMessage {
         holds: Vec<(TopicName, Summary)>,
         /// The peers the sender has live links to.
         links: BTreeSet<NodeName>,
+        /// The blobs the sender holds whole.
+        blobs: Vec<Hash>,
     },
     /// The sender's set of live links changed.
     Links(BTreeSet<NodeName>),
@@ -82,6 +85,32 @@ pub enum PeerMessage {
         topic: TopicName,
         /// The batch number.
         batch: u64,
+    },    /// The sender now holds these blobs too.
+    Blobs(Vec<Hash>),
+    /// Send the bytes `offset..offset + len` of a blob, as chunks in order.
+    BlobWant {
+        /// The blob.
+        hash: Hash,
+        /// The first byte wanted.
+        offset: u64,
+        /// How many (the sender may send fewer: the window limit, the blob's end).
+        len: u64,
+    },
+    /// Bytes of a blob, on the link's blob stream.
+    BlobChunk {
+        /// The blob.
+        hash: Hash,
+        /// Where these bytes start.
+        offset: u64,
+        /// The blob's whole length.
+        total: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// The sender does not hold this blob, or may not send it to this peer.
+    BlobMissing {
+        /// The blob.
+        hash: Hash,
     },
 }
 

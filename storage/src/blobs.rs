@@ -89,6 +89,30 @@ impl Blobs {
         Ok(Some(bytes))
     }
 
+    /// Up to `len` bytes of a blob from `offset`, and the blob's length; `None` when it is
+    /// not held. Unchecked (a peer checks the whole blob against its hash).
+    pub fn read_range(&self, hash: &Hash, offset: u64, len: u64) -> Result<Option<(u64, Vec<u8>)>> {
+        let path = self.path(hash);
+        let io = |e| StorageError::io(&path, e);
+        let file = match self.fs.open(&path, false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let total = file.len().map_err(io)?;
+        let end = offset.saturating_add(len).min(total);
+        let mut bytes = vec![0; usize::try_from(end.saturating_sub(offset)).unwrap_or(0)];
+        let mut at = 0;
+        while at < bytes.len() {
+            match file.read_at(&mut bytes[at..], offset + at as u64).map_err(io)? {
+                0 => break,
+                n => at += n,
+            }
+        }
+        bytes.truncate(at);
+        Ok(Some((total, bytes)))
+    }
+
     /// The hashes of the blobs held (whole or not: [`Blobs::get`] checks).
     pub fn list(&self) -> Result<Vec<Hash>> {
         let entries = self.fs.read_dir(&self.dir).map_err(|e| StorageError::io(&self.dir, e))?;
@@ -125,6 +149,17 @@ mod tests {
         blobs.remove(&h).unwrap();
         assert_eq!(blobs.get(&h).unwrap(), None);
         blobs.remove(&h).unwrap();
+    }
+
+    #[test]
+    fn a_range_of_a_blob_is_read_up_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Blobs::open(Arc::new(StdFs), dir.path()).unwrap();
+        let hash = blobs.put(b"0123456789").unwrap();
+        assert_eq!(blobs.read_range(&hash, 2, 3).unwrap(), Some((10, b"234".to_vec())));
+        assert_eq!(blobs.read_range(&hash, 8, 100).unwrap(), Some((10, b"89".to_vec())));
+        assert_eq!(blobs.read_range(&hash, 12, 1).unwrap(), Some((10, Vec::new())));
+        assert_eq!(blobs.read_range(&[0; 32], 0, 1).unwrap(), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::certs::LoadedIdentity;
 /// ALPN of client connections (produce, consume, admin).
 pub const ALPN_CLIENT: &[u8] = b"rill-client/4";
 /// ALPN of peer links between nodes.
-pub const ALPN_PEER: &[u8] = b"rill-peer/4";
+pub const ALPN_PEER: &[u8] = b"rill-peer/5";
 
 /// Errors building a TLS configuration.
 #[derive(Debug, thiserror::Error)]

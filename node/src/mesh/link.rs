@@ -33,12 +33,15 @@ enum StreamKey {
     Control,
     /// The batches of one namespace's topics.
     Batches(NamespaceName),
+    /// Blob chunks, so a large blob never holds back control messages or batches.
+    Blobs,
 }
 
 impl StreamKey {
     fn of(message: &PeerMessage) -> StreamKey {
         match message {
             PeerMessage::Batch { topic, .. } => StreamKey::Batches(topic.namespace_name()),
+            PeerMessage::BlobChunk { .. } => StreamKey::Blobs,
             _ => StreamKey::Control,
         }
     }

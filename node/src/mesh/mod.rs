@@ -24,10 +24,10 @@ use std::{
 use quinn::{Connection, Endpoint};
 use rill_replication::{
     access::{EntryError, Signed},
-    core::{Action, CloseReason, LinkId, PeerMessage, Replicator, Settings},
+    core::{Action, CloseReason, LinkId, PeerMessage, Replicator, Settings, blob_chunks},
     namespace::{ConfigDoc, Edit},
 };
-use rill_storage::{NamespaceName, NodeName, StorageError, StoredMessage, TopicName, keys, meta};
+use rill_storage::{NamespaceName, NodeName, StorageError, StoredMessage, TopicName, blobs::Hash, keys, meta};
 use rill_transport::net::CloseCode;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
@@ -94,15 +94,60 @@ fn close_code(reason: &CloseReason) -> CloseCode {
 
 /// What the driver reacts to.
 pub(crate) enum Event {
-    Link { peer: NodeName, conn: Connection, dialed_by_us: bool },
-    LinkClosed { peer: NodeName, link: LinkId },
-    Message { peer: NodeName, link: LinkId, message: PeerMessage },
-    Read { peer: NodeName, topic: TopicName, ticket: u64, result: Result<Vec<StoredMessage>, StorageError> },
-    Appended { peer: NodeName, link: LinkId, topic: TopicName, batch: u64, result: Result<u64, AppendError> },
-    Edit { change: Change, reply: oneshot::Sender<Result<(), NodeError>> },
-    Config { reply: oneshot::Sender<ConfigDoc> },
-    Stats { reply: oneshot::Sender<Vec<PeerStats>> },
-    Retained { topics: Vec<TopicName>, reply: oneshot::Sender<Vec<u64>> },
+    Link {
+        peer: NodeName,
+        conn: Connection,
+        dialed_by_us: bool,
+    },
+    LinkClosed {
+        peer: NodeName,
+        link: LinkId,
+    },
+    Message {
+        peer: NodeName,
+        link: LinkId,
+        message: PeerMessage,
+    },
+    Read {
+        peer: NodeName,
+        topic: TopicName,
+        ticket: u64,
+        result: Result<Vec<StoredMessage>, StorageError>,
+    },
+    Appended {
+        peer: NodeName,
+        link: LinkId,
+        topic: TopicName,
+        batch: u64,
+        result: Result<u64, AppendError>,
+    },
+    Edit {
+        change: Change,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    Config {
+        reply: oneshot::Sender<ConfigDoc>,
+    },
+    Stats {
+        reply: oneshot::Sender<Vec<PeerStats>>,
+    },
+    Retained {
+        topics: Vec<TopicName>,
+        reply: oneshot::Sender<Vec<u64>>,
+    },
+    /// A blob read for a peer: its length and the bytes asked for, or `None` when not held.
+    BlobRead {
+        peer: NodeName,
+        link: LinkId,
+        hash: Hash,
+        offset: u64,
+        read: Option<(u64, Vec<u8>)>,
+    },
+    /// A blob is stored durably (put by a client, or fetched: then `Err` if storing failed).
+    BlobStored {
+        hash: Hash,
+        stored: bool,
+    },
 }
 
 /// The node's handle on its driver.
@@ -140,6 +185,11 @@ impl MeshHandle {
         let (reply, rx) = oneshot::channel();
         let _ = self.tx.send(Event::Stats { reply }).await;
         rx.await.unwrap_or_default()
+    }
+
+    /// A client stored a blob on this node: peers may fetch it now.
+    pub(crate) async fn blob_stored(&self, hash: Hash) {
+        let _ = self.tx.send(Event::BlobStored { hash, stored: true }).await;
     }
 
     /// Per topic, the lowest offset a peer may still need from this node (0 when the
@@ -194,6 +244,7 @@ pub(crate) fn start(
         let Ok(offset) = postcard::from_bytes::<u64>(&value) else { continue };
         rep.restore_cursor(&peer, &topic, offset);
     }
+    rep.restore_blobs(whole_blobs(&ctx.registry.blobs)?);
     for p in peers.iter().filter(|p| p.addr.is_some()) {
         let dialer = Dialer { ctx: Arc::clone(&ctx), endpoint: endpoint.clone(), client: peer_client.clone() };
         let span = tracing::info_span!("peer", name = %p.name);
@@ -297,6 +348,13 @@ impl Driver {
             Event::Retained { topics, reply } => {
                 let _ = reply.send(topics.iter().map(|t| self.rep.retained_from(t)).collect());
             }
+            Event::BlobRead { peer, link, hash, offset, read } => {
+                for message in blob_chunks(hash, offset, read) {
+                    self.send(&peer, link, message);
+                }
+            }
+            Event::BlobStored { hash, stored: true } => self.rep.handle_blob_stored(hash),
+            Event::BlobStored { hash, stored: false } => self.rep.handle_blob_store_failed(hash),
         }
     }
 
@@ -356,6 +414,29 @@ impl Driver {
                     if let Err(e) = self.ctx.registry.meta.put(keys::CATALOGUE, &self.rep.config().encode()) {
                         tracing::warn!(error = %e, "could not save the namespace catalogue; peers will resend it");
                     }
+                }
+                Action::ReadBlob { peer, link, hash, offset, len } => {
+                    let (env, blobs, tx) =
+                        (self.ctx.registry.env.clone(), self.ctx.registry.blobs.clone(), self.tx.clone());
+                    tokio::spawn(async move {
+                        let read = env.run_blocking(move || blobs.read_range(&hash, offset, len)).await;
+                        let read = read.unwrap_or_else(|e| {
+                            tracing::warn!(%peer, error = %e, "could not read a blob a peer asked for");
+                            None
+                        });
+                        let _ = tx.send(Event::BlobRead { peer, link, hash, offset, read }).await;
+                    });
+                }
+                Action::StoreBlob { hash, bytes } => {
+                    let (env, blobs, tx) =
+                        (self.ctx.registry.env.clone(), self.ctx.registry.blobs.clone(), self.tx.clone());
+                    tokio::spawn(async move {
+                        let stored = env.run_blocking(move || blobs.put(&bytes)).await;
+                        if let Err(e) = &stored {
+                            tracing::warn!(error = %e, "could not store a blob fetched from a peer; will fetch it again");
+                        }
+                        let _ = tx.send(Event::BlobStored { hash, stored: stored.is_ok() }).await;
+                    });
                 }
                 Action::CloseLink { peer, link, reason } => {
                     if let Some(l) = self.links.remove(&link) {
@@ -463,6 +544,18 @@ impl Driver {
             let _ = reply.send(peers);
         });
     }
+}
+
+/// The blobs held whole at start: each is read and checked against its name, so a file
+/// torn by a crash is removed (and fetched again) rather than offered to peers.
+fn whole_blobs(blobs: &rill_storage::blobs::Blobs) -> Result<Vec<Hash>, StorageError> {
+    let mut whole = Vec::new();
+    for hash in blobs.list()? {
+        if blobs.get(&hash)?.is_some() {
+            whole.push(hash);
+        }
+    }
+    Ok(whole)
 }
 
 /// One lane's figures, without those read from the log.

@@ -12,8 +12,9 @@ use crate::{
 impl Replicator {
     /// harmless from anywhere).
     pub fn handle_message(&mut self, now_ms: u64, peer: &NodeName, link: LinkId, message: PeerMessage) {
+        self.blobs.saw_time(now_ms);
         let Some(p) = self.peers.get_mut(peer) else { return };
-        if let PeerMessage::Hello { boot, config, holds, links } = message {
+        if let PeerMessage::Hello { boot, config, holds, links, blobs } = message {
             let we_are_smaller = self.node < *peer;
             match p.links.hello(now_ms, link, boot, we_are_smaller) {
                 Greeting::Greeted => {}
@@ -29,7 +30,8 @@ impl Replicator {
                 }
                 Greeting::Stale => return,
             }
-            return self.greeted(peer, &config, holds, links);
+            self.greeted(peer, &config, holds, links);
+            return self.blobs_greeted(peer, blobs);
         }
         if let PeerMessage::Config(delta) = &message {
             return self.merge_config(peer, delta);
@@ -48,6 +50,10 @@ impl Replicator {
                 self.actions.push_back(Action::Append { peer: peer.clone(), link, topic, batch, messages });
             }
             PeerMessage::Ack { topic, batch } => self.handle_ack(now_ms, peer, link, &topic, batch),
+            message @ (PeerMessage::Blobs(_)
+            | PeerMessage::BlobWant { .. }
+            | PeerMessage::BlobChunk { .. }
+            | PeerMessage::BlobMissing { .. }) => self.handle_blob_message(peer, link, message),
         }
     }
 

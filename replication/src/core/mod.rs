@@ -43,13 +43,17 @@ use std::{
 
 use rill_storage::{Message, NamespaceName, NodeName, TopicName};
 
+mod blobs;
 mod lane;
 mod message;
 #[cfg(test)]
 mod tests;
 
-use self::lane::Lane;
-pub use self::lane::{LaneCounters, LaneStats};
+use self::{blobs::BlobSync, lane::Lane};
+pub use self::{
+    blobs::{BLOB_BYTES_MAX, BLOB_CHUNK_BYTES, blob_chunks},
+    lane::{LaneCounters, LaneStats},
+};
 use crate::{
     access::{EntryError, Signed, Verify},
     hlc::HlcClock,
@@ -154,6 +158,30 @@ pub enum Action {
         /// The link.
         link: LinkId,
     },
+    /// Read the bytes `offset..offset + len` of a blob this node holds (fewer at its end)
+    /// and send them to `peer` on `link` as [`PeerMessage::BlobChunk`]s of at most
+    /// [`BLOB_CHUNK_BYTES`], in order (one empty chunk for an empty blob); if the blob
+    /// cannot be read, send [`PeerMessage::BlobMissing`].
+    ReadBlob {
+        /// The peer.
+        peer: NodeName,
+        /// The link.
+        link: LinkId,
+        /// The blob.
+        hash: rill_storage::blobs::Hash,
+        /// The first byte.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// Store a blob fetched whole (its hash checked) durably, then report with
+    /// [`Replicator::handle_blob_stored`] (or [`Replicator::handle_blob_store_failed`]).
+    StoreBlob {
+        /// The blob.
+        hash: rill_storage::blobs::Hash,
+        /// Its bytes.
+        bytes: Vec<u8>,
+    },
     /// Close a link (the core already treats it as closed). Log the reason.
     CloseLink {
         /// The peer.
@@ -191,6 +219,8 @@ pub struct Replicator {
     /// Each peer's live links, from its Hello and Links messages.
     links_of: BTreeMap<NodeName, BTreeSet<NodeName>>,
     next_ticket: u64,
+    /// Which blobs this node and its peers hold, and the fetches under way.
+    blobs: BlobSync,
     actions: VecDeque<Action>,
 }
 
@@ -206,6 +236,7 @@ impl Replicator {
         if let Some(s) = config.max_stamp() {
             clock.observe(s.hlc);
         }
+        let blobs = BlobSync::new(&config);
         Replicator {
             node,
             boot,
@@ -218,6 +249,7 @@ impl Replicator {
             peers: BTreeMap::new(),
             links_of: BTreeMap::new(),
             next_ticket: 0,
+            blobs,
             actions: VecDeque::new(),
         }
     }
@@ -284,7 +316,8 @@ impl Replicator {
     /// This node's Hello, for an [`Action::Greet`]: `holds` is what it durably holds now
     /// (a [`Summary`] of synced data per topic).
     pub fn hello(&self, holds: Vec<(TopicName, Summary)>) -> PeerMessage {
-        PeerMessage::Hello { boot: self.boot, config: self.config.clone(), holds, links: self.live_links() }
+        let (config, links, blobs) = (self.config.clone(), self.live_links(), self.held_blobs());
+        PeerMessage::Hello { boot: self.boot, config, holds, links, blobs }
     }
 
     pub(super) fn close(&mut self, peer: &NodeName, link: LinkId, reason: CloseReason) {
@@ -311,6 +344,7 @@ impl Replicator {
             return;
         }
         p.lanes.values_mut().for_each(Lane::restart);
+        self.blobs_link_lost(peer);
         // Without the link we no longer know the peer's links: relay for it again, and
         // first rewind past whatever we skipped because it was to deliver it.
         self.learn_links(peer, BTreeSet::new());
@@ -333,6 +367,7 @@ impl Replicator {
         for (peer, link) in expired {
             self.close(&peer, link, CloseReason::NoHello);
         }
+        self.blobs_tick(now_ms);
     }
 
     /// Peers with a live, greeted link.
@@ -395,8 +430,10 @@ impl Replicator {
                 self.actions.push_back(Action::Send { peer: peer.clone(), link, message });
             }
         }
-        // Clusters may have changed: every lane may now ship (or stop).
+        // Clusters may have changed: every lane may now ship (or stop); functions and
+        // their modules may have changed too.
         self.pump_all();
+        self.blobs_config_changed();
     }
 
     pub(super) fn pump_all(&mut self) {

@@ -35,12 +35,15 @@ struct Node {
     cursors: BTreeMap<(String, TopicName), u64>,
     /// Appends fail while set (a failing disk).
     disk_fails: bool,
+    /// The blob store, by hash (a test may damage one's bytes).
+    blobs: BTreeMap<rill_storage::blobs::Hash, Vec<u8>>,
 }
 
 impl Node {
     fn new(name: &str, boot: u64, settings: Settings, config: ConfigDoc) -> Node {
         let rep = Replicator::new(nn(name), boot, settings, config, Arc::new(SignedOk));
-        Node { rep, logs: BTreeMap::new(), dedup: BTreeMap::new(), cursors: BTreeMap::new(), disk_fails: false }
+        let (logs, dedup, cursors, blobs) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        Node { rep, logs, dedup, cursors, disk_fails: false, blobs }
     }
 
     /// Appends what is not held yet; returns the new end offset and the duplicates.
@@ -249,6 +252,21 @@ impl Mesh {
                 }
                 Action::SaveConfig => {}
                 Action::EntryRefused { .. } => {}
+                Action::ReadBlob { peer, link, hash, offset, len } => {
+                    let read = self.node(name).blobs.get(&hash).map(|bytes| {
+                        let end = (offset + len).min(bytes.len() as u64);
+                        (bytes.len() as u64, bytes[offset.min(end) as usize..end as usize].to_vec())
+                    });
+                    let messages = blobs::blob_chunks(hash, offset, read);
+                    for message in messages {
+                        self.send(name, peer.as_str(), link, message);
+                    }
+                }
+                Action::StoreBlob { hash, bytes } => {
+                    let n = self.node(name);
+                    n.blobs.insert(hash, bytes);
+                    n.rep.handle_blob_stored(hash);
+                }
                 Action::CloseLink { peer, link, reason } => {
                     self.closed.push((name.to_string(), link, reason));
                     let _ = peer;
@@ -802,4 +820,125 @@ fn grants_made_apart_converge_and_a_forged_one_is_refused_and_goes_no_further() 
     assert!(actions.iter().any(|a| matches!(a, Action::EntryRefused { why, .. } if why.contains("bad signature"))));
     assert!(!actions.iter().any(|a| matches!(a, Action::Send { .. } | Action::SaveConfig)), "{actions:?}");
     assert!(!crate::access::Access::of(c.rep.config().records()).holds_any("mallory"));
+}
+
+/// A function in namespace `t/ns` whose module is `module`, signed by a superuser.
+fn signed_function(incarnation: u64, module: &[u8]) -> crate::access::Signed {
+    use crate::{
+        access::{Body, Entry, Incarnation, Signer},
+        function::{FunctionDef, Start},
+    };
+    let def = FunctionDef {
+        name: "t/ns/f".into(),
+        module: rill_storage::blobs::hash(module),
+        inputs: vec!["t/ns/in".into()],
+        outputs: vec!["t/ns/out".into()],
+        nodes: None,
+        start: Start::Earliest,
+        params: Vec::new(),
+        paused: false,
+    };
+    crate::access::Signed {
+        body: Body::Create { incarnation: Incarnation(incarnation), entry: Entry::Function(def) },
+        by: Signer { principal: "root".into(), superuser: true },
+        at_ms: 1,
+        cert: Vec::new(),
+        signature: b"ok".to_vec(),
+    }
+}
+
+/// A module of `len` bytes that is not all one value.
+fn module_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+#[test]
+fn a_module_reaches_every_node_of_its_namespace_in_chunks_through_a_relay_and_flapping_links() {
+    let mut mesh = Mesh::new(&["a", "b", "c"], &[("a", "b"), ("b", "c")], 11);
+    mesh.heal();
+    // Past one window of chunks, and not a whole number of chunks.
+    let module = module_bytes(5 * BLOB_CHUNK_BYTES as usize + 123);
+    let hash = rill_storage::blobs::hash(&module);
+    let a = mesh.node("a");
+    a.blobs.insert(hash, module.clone());
+    a.rep.handle_blob_stored(hash);
+    a.rep.apply_signed(signed_function(1, &module)).unwrap();
+    mesh.run(5);
+    mesh.heal();
+    for n in ["a", "b", "c"] {
+        assert_eq!(mesh.nodes[n].blobs.get(&hash), Some(&module), "{n} holds the module whole");
+        assert!(mesh.nodes[n].rep.missing_blobs().is_empty(), "{n}");
+    }
+}
+
+#[test]
+fn a_node_outside_the_functions_namespaces_neither_fetches_nor_is_sent_its_module() {
+    let mut mesh = Mesh::new(&["a", "b", "c"], &[("a", "b"), ("a", "c")], 12);
+    let two: BTreeSet<NodeName> = [nn("a"), nn("b")].into();
+    mesh.node("a").rep.edit_config(&ns("t/ns"), Edit::SetClusters(two), 3).unwrap();
+    mesh.heal();
+    let module = module_bytes(1000);
+    let hash = rill_storage::blobs::hash(&module);
+    let a = mesh.node("a");
+    a.blobs.insert(hash, module.clone());
+    a.rep.handle_blob_stored(hash);
+    a.rep.apply_signed(signed_function(1, &module)).unwrap();
+    mesh.heal();
+    assert!(mesh.nodes["b"].blobs.contains_key(&hash));
+    assert!(!mesh.nodes["c"].blobs.contains_key(&hash), "c is not in t/ns's clusters");
+    // c asks anyway (a misbehaving node): a refuses.
+    let link = mesh.open_conns("a", "c")[0];
+    let a = mesh.node("a");
+    a.rep.handle_message(0, &nn("c"), link, PeerMessage::BlobWant { hash, offset: 0, len: 1000 });
+    let actions: Vec<Action> = std::iter::from_fn(|| a.rep.poll_action()).collect();
+    let missing = PeerMessage::BlobMissing { hash };
+    assert_eq!(actions, vec![Action::Send { peer: nn("c"), link, message: missing }]);
+}
+
+#[test]
+fn a_module_damaged_on_one_peer_is_refused_whole_and_fetched_from_another() {
+    let mut mesh = Mesh::new(&["a", "b", "c"], &[("a", "c"), ("b", "c")], 13);
+    mesh.heal();
+    let module = module_bytes(3000);
+    let hash = rill_storage::blobs::hash(&module);
+    let mut damaged = module.clone();
+    damaged[1500] ^= 1;
+    // a ("first by name", so c asks it first) holds a damaged copy; b a whole one.
+    for (n, bytes) in [("a", &damaged), ("b", &module)] {
+        let node = mesh.node(n);
+        node.blobs.insert(hash, bytes.clone());
+        node.rep.handle_blob_stored(hash);
+    }
+    mesh.node("b").rep.apply_signed(signed_function(1, &module)).unwrap();
+    mesh.heal();
+    assert_eq!(mesh.nodes["c"].blobs.get(&hash), Some(&module));
+    assert_eq!(mesh.nodes["c"].rep.refused_blobs(), 1, "a's damaged copy was refused");
+}
+
+#[test]
+fn a_fetch_whose_link_drops_mid_blob_starts_again_and_ends_whole() {
+    let mut mesh = Mesh::new(&["a", "b"], &[("a", "b")], 14);
+    mesh.heal();
+    let module = module_bytes(9 * BLOB_CHUNK_BYTES as usize);
+    let hash = rill_storage::blobs::hash(&module);
+    let a = mesh.node("a");
+    a.blobs.insert(hash, module.clone());
+    a.rep.handle_blob_stored(hash);
+    a.rep.apply_signed(signed_function(1, &module)).unwrap();
+    // Deliver until b has some chunks but not all, then cut the link.
+    for _ in 0..10_000 {
+        mesh.now_ms += 1;
+        for n in ["a", "b"] {
+            mesh.drain(n);
+        }
+        mesh.deliver_one();
+        let b = &mesh.nodes["b"].rep;
+        if b.blobs.fetches.get(&hash).is_some_and(|f| f.bytes.len() > BLOB_CHUNK_BYTES as usize) {
+            break;
+        }
+    }
+    assert!(mesh.nodes["b"].rep.blobs.fetches.contains_key(&hash), "the fetch was under way");
+    mesh.set_link("a", "b", false);
+    mesh.heal();
+    assert_eq!(mesh.nodes["b"].blobs.get(&hash), Some(&module));
 }

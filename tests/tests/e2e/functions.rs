@@ -141,3 +141,77 @@ async fn a_function_killed_mid_batch_stores_each_output_once() {
         text(&printed.stdout)
     );
 }
+
+/// Waits until the output topic holds `want` messages on every node (bounded).
+async fn wait_for_outputs(nodes: &[&crate::support::TestNode], topic: &str, want: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let mut ends = Vec::new();
+        for n in nodes {
+            let topics = n.client().await.list_topics().await.expect("topics");
+            ends.push(topics.iter().find(|t| t.topic == topic).map_or(0, |t| t.end_offset));
+        }
+        assert!(ends.iter().all(|&e| e <= want), "more outputs than inputs: {ends:?} > {want}");
+        if ends.iter().all(|&e| e == want) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "outputs reached only {ends:?} of {want}\n{}", nodes[1].log());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_on_two_nodes_gets_its_module_by_replication_and_each_output_is_stored_once_on_both() {
+    use rill_node::client::Outgoing;
+    let mesh = crate::mesh::MeshDir::on(&[("a", "127.0.0.1"), ("b", "127.0.0.1")]);
+    mesh.configure("a", &["b"], &[]);
+    mesh.configure("b", &[], &["a"]);
+    let a = mesh.start("a");
+    let mut b = mesh.start("b");
+    crate::mesh::create_namespace(&a, &["a", "b"]).await;
+    let scale = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/examples/scale.wasm");
+    let scale = scale.display().to_string();
+    // The module goes to a alone; b must fetch it. Default nodes: a and b.
+    let args = ["fn", "create", "acme/sensors/norm", "--wasm", &scale, "--input", "acme/sensors/temp"];
+    let out = a.cli(&[&args[..], &["--output", "acme/sensors/clean", "--param", "scale=0.5"]].concat(), "");
+    assert!(out.status.success(), "fn create: {}", text(&out.stderr));
+    const N: u64 = 5_000;
+    for (node, producer) in [(&a, "pa"), (&b, "pb")] {
+        let client = node.client().await;
+        let mut p = client.producer_with_seqs(crate::mesh::TOPIC, producer.into()).await.expect("producer");
+        for chunk in 0..(N / 500) {
+            let batch = (chunk * 500..(chunk + 1) * 500)
+                .map(|i| Outgoing::payload(format!("{{\"seq\":{i},\"t\":{i}}}")).with_seq(i));
+            p.send(batch.collect()).await.expect("send");
+        }
+        p.close().await.expect("acked");
+        client.close().await;
+    }
+    // b processes its own inputs (it is their origin); kill it once while it does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !b.log().contains("starting function") {
+        assert!(std::time::Instant::now() < deadline, "b never started the function\n{}", b.log());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    b.kill9();
+    b.start_again();
+    wait_for_outputs(&[&a, &b], "acme/sensors/clean", 2 * N).await;
+    for node in [&a, &b] {
+        let seen = crate::support::read_seqs(node, "acme/sensors/clean", 2 * N, |_| {}).await;
+        let by_input: Vec<(String, Vec<u64>)> = seen
+            .into_iter()
+            .map(|(producer, mut seqs)| {
+                seqs.sort_unstable();
+                (producer.rsplit('/').next().expect("input producer").to_string(), seqs)
+            })
+            .collect();
+        let want: Vec<(String, Vec<u64>)> = ["pa", "pb"].iter().map(|p| (p.to_string(), (0..N).collect())).collect();
+        assert_eq!(by_input, want, "on {}: every input's output once, from one producer per input producer", node.addr);
+    }
+    // Both nodes run it, caught up, with nothing failed.
+    for node in [&a, &b] {
+        let stats = node.client().await.stats().await.expect("stats");
+        let f = stats.functions.iter().find(|f| f.name == "acme/sensors/norm").expect("function stats");
+        assert_eq!((f.lag_messages, f.failed, f.dead_lettered), (0, 0, 0), "{f:?}");
+    }
+}
