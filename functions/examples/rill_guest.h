@@ -91,4 +91,74 @@ static inline int64_t rill_fail(const char *why) {
     return rill_answer(out, out + 4 + n);
 }
 
+/* Parses an optionally signed decimal of at most 18 digits; returns its length, or 0. */
+static inline uint32_t rill_parse_decimal(const uint8_t *p, uint32_t n, int64_t *mantissa, uint32_t *decimals) {
+    uint32_t i = 0, digits = 0, dec = 0;
+    int neg = 0, dot = 0;
+    int64_t m = 0;
+    if (i < n && p[i] == '-') { neg = 1; i++; }
+    for (; i < n; i++) {
+        if (p[i] >= '0' && p[i] <= '9') {
+            if (++digits > 18) return 0;
+            m = m * 10 + (p[i] - '0');
+            if (dot) dec++;
+        } else if (p[i] == '.' && !dot) {
+            dot = 1;
+        } else {
+            break;
+        }
+    }
+    if (digits == 0) return 0;
+    *mantissa = neg ? -m : m;
+    *decimals = dec;
+    return i;
+}
+
+/* Writes mantissa x 10^-decimals without trailing zeros; returns the length. */
+static inline uint32_t rill_format_decimal(uint8_t *out, int64_t m, uint32_t decimals) {
+    while (decimals > 0 && m % 10 == 0) { m /= 10; decimals--; }
+    uint8_t digits[40];
+    uint32_t n = 0, len = 0;
+    uint64_t u = m < 0 ? (uint64_t)(-(m + 1)) + 1 : (uint64_t)m;
+    do { digits[n++] = (uint8_t)('0' + u % 10); u /= 10; } while (u > 0);
+    while (n <= decimals) digits[n++] = '0';
+    if (m < 0) out[len++] = '-';
+    while (n > 0) {
+        if (n == decimals) out[len++] = '.';
+        out[len++] = digits[--n];
+    }
+    return len;
+}
+
+/* Reads the parameter at *p (moving *p past it): the value's length if its name is
+ * `name`, else -1. */
+static inline int32_t rill_param(const uint8_t **p, const uint8_t *name, uint32_t name_len, const uint8_t **value) {
+    uint32_t klen = rill_u32(*p);
+    const uint8_t *k = *p + 4;
+    uint32_t vlen = rill_u32(k + klen);
+    *value = k + klen + 4;
+    *p = *value + vlen;
+    if (klen != name_len) return -1;
+    for (uint32_t i = 0; i < klen; i++) if (k[i] != name[i]) return -1;
+    return (int32_t)vlen;
+}
+
+/* Where the value of `field` (quoted, as it appears in JSON) starts in the payload s, or
+ * -1: the bytes of field, optional spaces, ':' and optional spaces. It can also match
+ * inside a string value, which a real parser would rule out. */
+static inline int64_t rill_find_field(const uint8_t *s, uint32_t n, const uint8_t *field, uint32_t field_len) {
+    for (uint32_t i = 0; i + field_len <= n; i++) {
+        uint32_t j = 0;
+        while (j < field_len && s[i + j] == field[j]) j++;
+        if (j < field_len) continue;
+        uint32_t k = i + field_len;
+        while (k < n && s[k] == ' ') k++;
+        if (k >= n || s[k] != ':') continue;
+        k++;
+        while (k < n && s[k] == ' ') k++;
+        return k;
+    }
+    return -1;
+}
+
 #endif

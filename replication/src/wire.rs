@@ -85,7 +85,8 @@ pub enum PeerMessage {
         topic: TopicName,
         /// The batch number.
         batch: u64,
-    },    /// The sender now holds these blobs too.
+    },
+    /// The sender now holds these blobs too.
     Blobs(Vec<Hash>),
     /// Send the bytes `offset..offset + len` of a blob, as chunks in order.
     BlobWant {

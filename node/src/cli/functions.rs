@@ -16,7 +16,7 @@ use crate::client::Client;
 
 use crate::functions::{
     abi::Input,
-    core::{Action, Core, Destination, Settings},
+    core::{Action, Core, Destination, Settings, States},
     ids::Deriver,
     runtime::{Limits, Module, Running},
 };
@@ -267,6 +267,10 @@ pub(crate) struct TestArgs {
     /// Sample input: one message payload per line (for example JSON lines).
     #[arg(long)]
     input: PathBuf,
+    /// Each line is `KEY<SEP>PAYLOAD`: the text before the first SEP is the message's key
+    /// (an aggregate keeps its state per key). Without it messages have no key.
+    #[arg(long)]
+    key_sep: Option<char>,
     /// A parameter for the module's `rill_init`, `key=value`; repeat for more.
     #[arg(long = "param", value_parser = parse_param)]
     params: Vec<(String, String)>,
@@ -317,7 +321,7 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
     let limits = Limits { fuel_per_call: a.fuel, memory_bytes: a.memory_mib << 20, ..Limits::default() };
     let mut running = Running::start(&module, &a.params, limits).context("starting the module")?;
     print_logs(&mut running);
-    let input = read_input(&a.input)?;
+    let input = read_input(&a.input, a.key_sep)?;
     let local = NodeName::parse("local")?;
     let settings = Settings {
         name: a.name.clone(),
@@ -328,7 +332,8 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
         retries_max: a.retries,
     };
     let dead_letters = format!("fn.{}.dlq", a.name);
-    let mut core = Core::new(settings, 0);
+    let mut core = Core::new(settings, 0, Default::default());
+    let mut states = States::new();
     core.handle_log_grew();
     let (mut runs, started) = (0usize, Instant::now());
     while let Some(action) = core.poll_action() {
@@ -336,16 +341,24 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
             Action::Read { from } => {
                 core.handle_read(input.iter().skip(from as usize).take(a.batch).cloned().collect());
             }
-            Action::Run { inputs } => {
+            Action::Run { inputs, states } => {
                 let records: Vec<Input<'_>> = inputs.iter().map(Input::from).collect();
                 let t = Instant::now();
-                let result = running.process(&records, a.outputs.len());
+                let result = running.process(&records, &states, a.outputs.len());
                 let took = t.elapsed().as_secs_f64() * 1000.0;
                 print_logs(&mut running);
                 runs += 1;
                 let (first, last) = (inputs[0].offset + 1, inputs[inputs.len() - 1].offset + 1);
                 match &result {
-                    Ok(out) => eprintln!("run {runs}: lines {first}..={last}, {} out, {took:.3} ms", out.len()),
+                    Ok(ran) => eprintln!(
+                        "run {runs}: lines {first}..={last}, {} out{}, {took:.3} ms",
+                        ran.outputs.len(),
+                        if ran.states.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", {} states changed", ran.states.len())
+                        }
+                    ),
                     Err(e) => eprintln!("run {runs}: lines {first}..={last} failed, {took:.3} ms: {e}"),
                 }
                 core.handle_run(result, 0);
@@ -371,8 +384,13 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
                 }
                 core.handle_written(Ok(()));
             }
-            Action::Commit { .. } => {}
+            Action::Commit { states: committed, .. } => states = committed,
         }
+    }
+    let states: States = states;
+    for (key, state) in &states {
+        let key = key.as_deref().map_or("(no key)".into(), String::from_utf8_lossy);
+        eprintln!("state of {key}: {} bytes", state.len());
     }
     let c = core.counters();
     eprintln!(
@@ -393,7 +411,7 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
 
 /// The file's lines as the messages `<file name>:<line>`, as `rill produce --seq-from-line`
 /// would store them.
-fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<StoredMessage>> {
+fn read_input(path: &std::path::Path, key_sep: Option<char>) -> anyhow::Result<Vec<StoredMessage>> {
     let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let name: std::sync::Arc<str> = path.file_name().map_or("input".into(), |n| n.to_string_lossy().into());
     let origin: std::sync::Arc<str> = "local".into();
@@ -401,13 +419,22 @@ fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<StoredMessage>> {
         .split(b'\n')
         .enumerate()
         .map(|(i, line)| {
-            let payload = line.with_context(|| format!("reading {}", path.display()))?;
+            let mut payload = line.with_context(|| format!("reading {}", path.display()))?;
+            let mut key = None;
+            if let Some(sep) = key_sep {
+                let mut buf = [0; 4];
+                let sep = sep.encode_utf8(&mut buf).as_bytes();
+                if let Some(at) = payload.windows(sep.len()).position(|w| w == sep) {
+                    key = Some(payload[..at].to_vec());
+                    payload.drain(..at + sep.len());
+                }
+            }
             let id = MessageId::chosen(std::sync::Arc::clone(&name), i as u64 + 1);
             let message = Message {
                 id,
                 origin: std::sync::Arc::clone(&origin),
                 publish_time_ms: 0,
-                key: None,
+                key,
                 headers: Vec::new(),
                 payload,
             };

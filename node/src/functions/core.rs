@@ -11,18 +11,35 @@
 //!    `retries_max` times, then dead-lettered.
 //! 3. `Write` the outputs under ids derived from their inputs ([`super::ids`]), and the
 //!    dead letters (under derived ids too), durably.
-//! 4. Only then `Commit` the cursor past the batch.
+//! 4. Only then `Commit` the cursor past the batch, with an aggregate's states as they
+//!    stand after it (one record, so the two never disagree).
 //!
 //! A crash anywhere before 4 runs the batch again after the restart; its outputs carry
-//! the same ids, so the log stores them once (the driver writes with "skip held ids").
+//! the same ids, so the log stores them once (the driver writes with "skip held ids"). An
+//! aggregate runs it again from the states committed with the cursor, so a deterministic
+//! guest gives the same outputs.
 //! Call contract: after each `handle_*`, take every action with [`Core::poll_action`] and
 //! answer `Read`, `Run` and `Write` with the matching `handle_*` call; `Commit` needs no
 //! answer (a lost commit only repeats work).
-use std::{collections::VecDeque, sync::Arc};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+};
 
 use rill_storage::{Message, NodeName, StoredMessage};
 
-use super::{abi::Output, ids::Deriver, runtime::FnError};
+use super::{
+    abi::StateKey,
+    ids::Deriver,
+    runtime::{FnError, Ran},
+};
+
+/// The most state an aggregate may keep over all keys of one input topic, bytes: it is
+/// written whole with every cursor commit.
+pub(crate) const STATES_BYTES_MAX: usize = 16 << 20;
+
+/// An aggregate's states, by key.
+pub(crate) type States = BTreeMap<StateKey, Vec<u8>>;
 
 /// The output rank a dead letter's id is derived with: no input has that many outputs.
 const DEAD_LETTER_RANK: u32 = u32::MAX;
@@ -38,6 +55,11 @@ pub(crate) const HEADER_INPUT: &str = "rill-fn-input";
 /// its origin if the function runs there, else the first node in name order.
 pub(crate) fn owner<'a>(origin: &str, nodes: &'a [NodeName]) -> Option<&'a NodeName> {
     nodes.iter().find(|n| n.as_str() == origin).or_else(|| nodes.first())
+}
+
+/// What a key's state counts against [`STATES_BYTES_MAX`].
+fn state_bytes(key: &StateKey, state: &[u8]) -> usize {
+    key.as_ref().map_or(0, Vec::len) + state.len()
 }
 
 /// Where a written message goes.
@@ -61,6 +83,8 @@ pub(crate) enum Action {
     Run {
         /// The inputs, in log order.
         inputs: Vec<StoredMessage>,
+        /// An aggregate's state of each of their keys that has one, as it stands before them.
+        states: States,
     },
     /// Store these messages durably (skipping ids already held); answer with
     /// [`Core::handle_written`].
@@ -68,10 +92,13 @@ pub(crate) enum Action {
         /// Each message and its destination.
         messages: Vec<(Destination, Message)>,
     },
-    /// Persist the cursor: every input below `offset` is done.
+    /// Persist the cursor and the states in one record: every input below `offset` is
+    /// done, and an aggregate's states are those after it.
     Commit {
         /// The new cursor.
         offset: u64,
+        /// Every key's state (empty unless the function is an aggregate).
+        states: States,
     },
 }
 
@@ -125,6 +152,26 @@ struct Batch {
     /// Inputs settled so far with outputs, and with none.
     emitted: u64,
     filtered: u64,
+    /// State changes of the inputs settled so far (`None`: forgotten).
+    changed: BTreeMap<StateKey, Option<Vec<u8>>>,
+}
+
+impl Batch {
+    /// The state of each key of `inputs`, committed then changed by this batch so far.
+    fn states_for(&self, committed: &States, inputs: &[StoredMessage]) -> States {
+        let mut out = States::new();
+        for m in inputs {
+            let key = m.message.key.clone();
+            let state = match self.changed.get(&key) {
+                Some(changed) => changed.clone(),
+                None => committed.get(&key).cloned(),
+            };
+            if let Some(state) = state {
+                out.insert(key, state);
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug)]
@@ -145,6 +192,9 @@ pub(crate) struct Core {
     settings: Settings,
     /// Every input below this is done (committed or about to be).
     cursor: u64,
+    /// An aggregate's states as of `cursor`, and their size.
+    states: States,
+    states_bytes: usize,
     state: State,
     actions: VecDeque<Action>,
     counters: Counters,
@@ -155,11 +205,14 @@ pub(crate) struct Core {
 impl Core {
     /// A core resuming from the committed `cursor`. It reads once told the log may hold
     /// something ([`Core::handle_log_grew`]; the driver says so at start).
-    pub(crate) fn new(settings: Settings, cursor: u64) -> Core {
+    pub(crate) fn new(settings: Settings, cursor: u64, states: States) -> Core {
         let origin = settings.node.as_str().into();
+        let states_bytes = states.iter().map(|(k, v)| state_bytes(k, v)).sum();
         Core {
             settings,
             cursor,
+            states,
+            states_bytes,
             state: State::CaughtUp,
             actions: VecDeque::new(),
             counters: Counters::default(),
@@ -196,21 +249,32 @@ impl Core {
         let (inputs, others): (Vec<_>, Vec<_>) =
             read.into_iter().partition(|m| owner(&m.message.origin, &self.settings.nodes) == Some(node));
         self.counters.not_owned += others.len() as u64;
-        let batch = Batch { inputs, end, single: None, attempts: 0, writes: Vec::new(), emitted: 0, filtered: 0 };
+        let batch = Batch {
+            inputs,
+            end,
+            single: None,
+            attempts: 0,
+            writes: Vec::new(),
+            emitted: 0,
+            filtered: 0,
+            changed: BTreeMap::new(),
+        };
         if batch.inputs.is_empty() {
             return self.commit(batch.end);
         }
-        self.actions.push_back(Action::Run { inputs: batch.inputs.clone() });
+        let states = batch.states_for(&self.states, &batch.inputs);
+        self.actions.push_back(Action::Run { inputs: batch.inputs.clone(), states });
         self.state = State::Running(batch);
     }
 
     /// The answer to `Run`, at `now_ms` (the outputs' publish time).
-    pub(crate) fn handle_run(&mut self, result: Result<Vec<Output>, FnError>, now_ms: u64) {
+    pub(crate) fn handle_run(&mut self, result: Result<Ran, FnError>, now_ms: u64) {
         let State::Running(mut batch) = std::mem::replace(&mut self.state, State::Reading) else { return };
+        let result = result.and_then(|ran| self.check_states(&batch, ran));
         match (batch.single, result) {
-            (None, Ok(outputs)) => {
+            (None, Ok(ran)) => {
                 let all: Vec<usize> = (0..batch.inputs.len()).collect();
-                self.settle(&mut batch, &all, &outputs, now_ms);
+                self.settle(&mut batch, &all, ran, now_ms);
                 self.write(batch);
             }
             (None, Err(_)) if batch.inputs.len() > 1 => {
@@ -219,9 +283,9 @@ impl Core {
                 batch.single = Some(0);
                 self.run_single(batch);
             }
-            (single, Ok(outputs)) => {
+            (single, Ok(ran)) => {
                 let i = single.unwrap_or(0);
-                self.settle(&mut batch, &[i], &outputs, now_ms);
+                self.settle(&mut batch, &[i], ran, now_ms);
                 self.next_single(batch, i);
             }
             (single, Err(e)) => {
@@ -252,19 +316,52 @@ impl Core {
         self.counters.processed += batch.inputs.len() as u64;
         self.counters.emitted += batch.emitted;
         self.counters.filtered += batch.filtered;
+        for (key, state) in batch.changed {
+            self.states_bytes -= self.states.get(&key).map_or(0, |v| state_bytes(&key, v));
+            match state {
+                Some(s) => {
+                    self.states_bytes += state_bytes(&key, &s);
+                    self.states.insert(key, s);
+                }
+                None => {
+                    self.states.remove(&key);
+                }
+            }
+        }
         self.commit(batch.end);
+    }
+
+    /// A run whose states would take the input's states past [`STATES_BYTES_MAX`] fails.
+    fn check_states(&self, batch: &Batch, ran: Ran) -> Result<Ran, FnError> {
+        if ran.states.is_empty() {
+            return Ok(ran);
+        }
+        let mut after: BTreeMap<&StateKey, usize> = BTreeMap::new();
+        for (key, state) in
+            batch.changed.iter().map(|(k, s)| (k, s.as_ref())).chain(ran.states.iter().map(|(k, s)| (k, s.as_ref())))
+        {
+            after.insert(key, state.map_or(0, |s| state_bytes(key, s)));
+        }
+        let before: usize = after.keys().map(|k| self.states.get(*k).map_or(0, |v| state_bytes(k, v))).sum();
+        let total = self.states_bytes - before + after.values().sum::<usize>();
+        if total > STATES_BYTES_MAX {
+            return Err(FnError::StatesTooLarge { bytes: total, max: STATES_BYTES_MAX });
+        }
+        Ok(ran)
     }
 
     fn commit(&mut self, end: u64) {
         self.cursor = end;
-        self.actions.push_back(Action::Commit { offset: end });
+        self.actions.push_back(Action::Commit { offset: end, states: self.states.clone() });
         self.actions.push_back(Action::Read { from: end });
         self.state = State::Reading;
     }
 
     fn run_single(&mut self, batch: Batch) {
         let i = batch.single.unwrap_or(0);
-        self.actions.push_back(Action::Run { inputs: vec![batch.inputs[i].clone()] });
+        let inputs = vec![batch.inputs[i].clone()];
+        let states = batch.states_for(&self.states, &inputs);
+        self.actions.push_back(Action::Run { inputs, states });
         self.state = State::Running(batch);
     }
 
@@ -284,10 +381,13 @@ impl Core {
         self.state = State::Writing(batch);
     }
 
-    /// Adds the outputs of a run over `ran` (positions in the batch) to the batch's writes.
-    fn settle(&mut self, batch: &mut Batch, ran: &[usize], outputs: &[Output], now_ms: u64) {
+    /// Adds the outputs of a run over `ran` (positions in the batch) to the batch's writes,
+    /// and its state changes to the batch's.
+    fn settle(&mut self, batch: &mut Batch, ran: &[usize], result: Ran, now_ms: u64) {
+        let Ran { outputs, states } = result;
+        batch.changed.extend(states);
         let mut rank = vec![0u32; ran.len()];
-        for o in outputs {
+        for o in &outputs {
             let slot = o.input as usize;
             let input = &batch.inputs[ran[slot]].message;
             let id = self.settings.deriver.derive(&input.id, self.settings.input_topic, rank[slot]);

@@ -227,6 +227,15 @@ fn start(
         .collect()
 }
 
+/// What a function's task stores after each batch, under
+/// [`keys::function_cursor`]: its position in the input and, for an aggregate, every
+/// key's state as of that position. One record, so the two never disagree after a crash.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    cursor: u64,
+    states: Vec<(super::abi::StateKey, Vec<u8>)>,
+}
+
 /// One function over one of its input topics.
 struct Task {
     registry: Arc<Registry>,
@@ -249,13 +258,14 @@ impl Task {
         let input = TopicName::parse(input_name).map_err(|e| e.to_string())?;
         let topic = registry.topic(&input).await.map_err(|e| e.to_string())?;
         let key = keys::function_cursor(&self.def.name, self.incarnation.0, self.settings.input_topic);
-        let cursor = match meta::get_record::<u64>(registry.meta.as_ref(), &key).map_err(|e| e.to_string())? {
-            Some(c) => c,
-            None => match self.def.start {
+        let saved = meta::get_record::<Checkpoint>(registry.meta.as_ref(), &key).map_err(|e| e.to_string())?;
+        let Checkpoint { cursor, states } = saved.unwrap_or_else(|| {
+            let cursor = match self.def.start {
                 rill_replication::function::Start::Earliest => 0,
                 rill_replication::function::Start::Latest => topic.bounds().1,
-            },
-        };
+            };
+            Checkpoint { cursor, states: Vec::new() }
+        });
         let params = self.def.params.clone();
         let mut running = registry
             .env
@@ -272,7 +282,7 @@ impl Task {
             runs: hdrhistogram::Histogram::new(3).map_err(|e| e.to_string())?,
         };
         self.reports.0.lock().expect("reports lock").insert(report_key.clone(), report);
-        let mut core = Core::new(self.settings.clone(), cursor);
+        let mut core = Core::new(self.settings.clone(), cursor, states.into_iter().collect());
         core.handle_log_grew();
         loop {
             if registry.is_closing() {
@@ -292,9 +302,9 @@ impl Task {
                         topic.read(from, BATCH_MESSAGES_MAX, BATCH_BYTES_MAX).await.map_err(|e| e.to_string())?;
                     core.handle_read(read);
                 }
-                Action::Run { inputs } => {
+                Action::Run { inputs, states } => {
                     let started = std::time::Instant::now();
-                    let (result, back) = self.process(running, inputs).await;
+                    let (result, back) = self.process(running, inputs, states).await;
                     running = back;
                     let took = started.elapsed().as_micros() as u64;
                     self.reports.update(&report_key, |r| {
@@ -316,8 +326,9 @@ impl Task {
                     }
                     core.handle_written(written);
                 }
-                Action::Commit { offset } => {
-                    meta::put_record(registry.meta.as_ref(), &key, &offset).map_err(|e| e.to_string())?;
+                Action::Commit { offset, states } => {
+                    let checkpoint = Checkpoint { cursor: offset, states: states.into_iter().collect() };
+                    meta::put_record(registry.meta.as_ref(), &key, &checkpoint).map_err(|e| e.to_string())?;
                     let counters = core.counters();
                     self.reports.update(&report_key, |r| {
                         r.cursor = offset;
@@ -333,13 +344,14 @@ impl Task {
         &self,
         mut running: Running,
         inputs: Vec<rill_storage::StoredMessage>,
-    ) -> (Result<Vec<super::abi::Output>, FnError>, Running) {
+        states: super::core::States,
+    ) -> (Result<super::runtime::Ran, FnError>, Running) {
         let topics = self.def.outputs.len();
         self.registry
             .env
             .run_blocking(move || {
                 let records: Vec<Input<'_>> = inputs.iter().map(Input::from).collect();
-                let result = running.process(&records, topics);
+                let result = running.process(&records, &states, topics);
                 let (lines, dropped) = running.take_logs();
                 for line in lines {
                     tracing::info!(target: "rill::function", "{line}");

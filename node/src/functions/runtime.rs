@@ -2,11 +2,11 @@
 //! fuel per call (so an endless loop stops), memory (so a guest cannot take the node's),
 //! the size of an answer and the lines it may log. Whatever a guest does, the caller gets
 //! a [`FnError`] and the node goes on.
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use wasmi::{Caller, Config, Engine, Instance, Linker, Memory, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
 
-use super::abi::{self, Answer, Input, Output};
+use super::abi::{self, Answer, Input, Output, StateKey};
 
 /// What one instance may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +63,14 @@ pub(crate) enum FnError {
         /// The limit.
         max: usize,
     },
+    /// An aggregate's states grew past the limit.
+    #[error("would keep {bytes} bytes of state, more than the {max} allowed per input topic")]
+    StatesTooLarge {
+        /// The states' size after the run.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The answer did not decode.
     #[error("gave a malformed answer: {0}")]
     Malformed(String),
@@ -77,6 +85,15 @@ pub(crate) enum FnError {
         /// What it logged, one line after another (its reason, if it gave one).
         log: String,
     },
+}
+
+/// What one run of a function gave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Ran {
+    /// Its outputs.
+    pub(crate) outputs: Vec<Output>,
+    /// An aggregate's states that changed, by key (`None`: forgotten).
+    pub(crate) states: Vec<(StateKey, Option<Vec<u8>>)>,
 }
 
 /// A compiled module, ready to be instantiated (cheap to clone).
@@ -120,6 +137,8 @@ pub(crate) struct Running {
     memory: Memory,
     alloc: TypedFunc<i32, i32>,
     process: TypedFunc<(i32, i32), i64>,
+    /// True for an aggregate (`rill_aggregate`, with states).
+    aggregate: bool,
     limits: Limits,
 }
 
@@ -183,10 +202,10 @@ impl Running {
         let memory = instance.get_memory(&store, "memory").ok_or(FnError::Abi("no exported 'memory'".into()))?;
         let export = |name: &str, e: wasmi::Error| FnError::Abi(format!("export '{name}': {e}"));
         let alloc = instance.get_typed_func::<i32, i32>(&store, "rill_alloc").map_err(|e| export("rill_alloc", e))?;
-        let process = instance
-            .get_typed_func::<(i32, i32), i64>(&store, "rill_process")
-            .map_err(|e| export("rill_process", e))?;
-        let mut running = Running { store, memory, alloc, process, limits };
+        let aggregate = instance.get_export(&store, "rill_aggregate").is_some();
+        let entry = if aggregate { "rill_aggregate" } else { "rill_process" };
+        let process = instance.get_typed_func::<(i32, i32), i64>(&store, entry).map_err(|e| export(entry, e))?;
+        let mut running = Running { store, memory, alloc, process, aggregate, limits };
         if instance.get_export(&running.store, "rill_init").is_some() {
             let init = instance
                 .get_typed_func::<(i32, i32), i32>(&running.store, "rill_init")
@@ -215,10 +234,22 @@ impl Running {
         Ok((ptr, len))
     }
 
-    /// Runs one batch: the guest's outputs, or why it failed. `topics` is the number of
-    /// output topics the function has.
-    pub(crate) fn process(&mut self, inputs: &[Input<'_>], topics: usize) -> Result<Vec<Output>, FnError> {
-        let (ptr, len) = self.write(&abi::encode_batch(inputs))?;
+    /// Runs one batch: the guest's outputs (and an aggregate's changed states), or why it
+    /// failed. `states` holds each key's state before the batch (an aggregate's; others
+    /// ignore it); `topics` is the number of output topics the function has.
+    pub(crate) fn process(
+        &mut self,
+        inputs: &[Input<'_>],
+        states: &BTreeMap<StateKey, Vec<u8>>,
+        topics: usize,
+    ) -> Result<Ran, FnError> {
+        let (batch, slots) = if self.aggregate {
+            let (bytes, slots) = abi::encode_aggregate_batch(inputs, states);
+            (bytes, Some(slots))
+        } else {
+            (abi::encode_batch(inputs), None)
+        };
+        let (ptr, len) = self.write(&batch)?;
         self.store.set_fuel(self.limits.fuel_per_call).map_err(|e| FnError::Trap(e.to_string()))?;
         let packed = self.process.call(&mut self.store, (ptr, len)).map_err(|e| call_error(&e, &self.limits))?;
         let (out_ptr, out_len) = ((packed as u64 >> 32) as usize, (packed as u64 & 0xffff_ffff) as usize);
@@ -229,8 +260,13 @@ impl Running {
         self.memory.read(&self.store, out_ptr, &mut answer).map_err(|_| {
             FnError::Malformed(format!("its answer ({out_len} bytes at {out_ptr}) lies outside its memory"))
         })?;
-        match abi::decode_answer(&answer, inputs.len(), topics).map_err(FnError::Malformed)? {
-            Answer::Outputs(outputs) => Ok(outputs),
+        let slot_count = slots.as_ref().map(Vec::len);
+        match abi::decode_answer(&answer, inputs.len(), topics, slot_count).map_err(FnError::Malformed)? {
+            Answer::Outputs(outputs, changed) => {
+                let slots = slots.unwrap_or_default();
+                let states = changed.into_iter().map(|(slot, state)| (slots[slot as usize].clone(), state)).collect();
+                Ok(Ran { outputs, states })
+            }
             Answer::Failed(why) => Err(FnError::Failed(why)),
         }
     }

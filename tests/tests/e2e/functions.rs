@@ -69,6 +69,26 @@ async fn wait_for_end(node: &crate::support::TestNode, topic: &str, count: u64) 
     }
 }
 
+/// Kills the node (kill -9) twice while the function has written some but not all of its
+/// `count` outputs to `output`, then waits for all of them.
+async fn kill_twice_partway(node: &mut crate::support::TestNode, output: &str, count: u64) {
+    for _ in 0..2 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let topics = node.client().await.list_topics().await.expect("topics");
+            let end = topics.iter().find(|t| t.topic == output).map_or(0, |t| t.end_offset);
+            if end > 0 && end < count {
+                break;
+            }
+            assert!(end < count, "the function finished before the kill; make the input larger");
+            assert!(std::time::Instant::now() < deadline, "the function made no progress");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        node.restart();
+    }
+    wait_for_end(node, output, count).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_killed_mid_batch_stores_each_output_once() {
     use rill_node::client::Outgoing;
@@ -101,22 +121,7 @@ async fn a_function_killed_mid_batch_stores_each_output_once() {
     }
     p.close().await.expect("acked");
     client.close().await;
-    // Kill the node while the function is part way through, twice.
-    for _ in 0..2 {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let topics = node.client().await.list_topics().await.expect("topics");
-            let end = topics.iter().find(|t| t.topic == "acme/clean/t").map_or(0, |t| t.end_offset);
-            if end > 0 && end < N {
-                break;
-            }
-            assert!(end < N, "the function finished before the kill; make the input larger");
-            assert!(std::time::Instant::now() < deadline, "the function made no progress");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        node.restart();
-    }
-    wait_for_end(&node, "acme/clean/t", N).await;
+    kill_twice_partway(&mut node, "acme/clean/t", N).await;
     let mut seen = std::collections::BTreeMap::new();
     crate::support::read_seqs(&node, "acme/clean/t", N, |m| {
         let payload = text(&m.message.payload);
@@ -214,4 +219,66 @@ async fn a_function_on_two_nodes_gets_its_module_by_replication_and_each_output_
         let f = stats.functions.iter().find(|f| f.name == "acme/sensors/norm").expect("function stats");
         assert_eq!((f.lag_messages, f.failed, f.dead_lettered), (0, 0, 0), "{f:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_killed_mid_run_emits_each_rolling_mean_once_and_right() {
+    use rill_node::client::Outgoing;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = crate::support::TestNode::start(dir.path(), "agg");
+    let wasm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/examples/rolling_mean.wasm");
+    let wasm = wasm.display().to_string();
+    let args = ["fn", "create", "acme/fx/mean", "--wasm", &wasm, "--input", "acme/raw/t", "--output", "acme/mean/t"];
+    let out = node.cli(&[&args[..], &["--param", "window=5"]].concat(), "");
+    assert!(out.status.success(), "fn create: {}", text(&out.stderr));
+    // Reading i comes from device i % 10 and reads i.
+    const N: u64 = 30_000;
+    const DEVICES: u64 = 10;
+    let produce = async |node: &crate::support::TestNode, seqs: std::ops::Range<u64>| {
+        let client = node.client().await;
+        let mut p = client.producer_with_seqs("acme/raw/t", "sensors".into()).await.expect("producer");
+        for chunk in seqs.step_by(1000) {
+            let batch = (chunk..chunk + 1000).map(|i| {
+                let mut m = Outgoing::payload(format!("{{\"t\":{i}}}")).with_seq(i);
+                m.key = Some(format!("dev-{}", i % DEVICES).into_bytes());
+                m
+            });
+            p.send(batch.collect()).await.expect("send");
+        }
+        p.close().await.expect("acked");
+        client.close().await;
+    };
+    // A third of the readings, all processed, and time for the checkpoint to reach the
+    // disk (the metadata store syncs every 500 ms); then kill -9: the restarted node must
+    // carry on from the states stored with its cursor.
+    produce(&node, 0..N / 3).await;
+    wait_for_end(&node, "acme/mean/t", N / 3).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    node.restart();
+    // The rest, with two more kills while the function works through them.
+    produce(&node, N / 3..N).await;
+    kill_twice_partway(&mut node, "acme/mean/t", N).await;
+    // The mean at reading i: of the device's last five readings i, i - 10, ... (fewer at
+    // first), exactly, as the guest formats it.
+    let want = |i: u64| {
+        let window: Vec<u64> = (0..5).map(|k| i as i64 - 10 * k).filter(|v| *v >= 0).map(|v| v as u64).collect();
+        let (sum, n) = (window.iter().sum::<u64>() * 1_000_000, window.len() as u64);
+        let micros = (sum + n / 2) / n;
+        let mean = if micros % 1_000_000 == 0 {
+            (micros / 1_000_000).to_string()
+        } else {
+            format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000).trim_end_matches('0').to_string()
+        };
+        format!("{{\"mean\":{mean},\"n\":{n}}}")
+    };
+    let mut seen = std::collections::BTreeMap::new();
+    crate::support::read_seqs(&node, "acme/mean/t", N, |m| {
+        let seq = m.message.id.seq;
+        assert_eq!(text(&m.message.payload), want(seq), "the rolling mean at reading {seq}");
+        assert_eq!(m.message.key.as_deref(), Some(format!("dev-{}", seq % DEVICES).as_bytes()));
+        *seen.entry(seq).or_insert(0) += 1;
+    })
+    .await;
+    assert_eq!(seen.len() as u64, N, "every reading's mean");
+    assert!(seen.values().all(|n| *n == 1), "each once");
 }

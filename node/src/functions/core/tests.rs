@@ -2,6 +2,8 @@ use std::collections::BTreeMap;
 
 use rill_storage::MessageId;
 
+use crate::functions::abi::Output;
+
 use super::*;
 
 fn nn(name: &str) -> NodeName {
@@ -10,7 +12,7 @@ fn nn(name: &str) -> NodeName {
 
 /// A core from `cursor`, told the log holds something (as the driver does at start).
 fn start(settings: Settings, cursor: u64) -> Core {
-    let mut core = Core::new(settings, cursor);
+    let mut core = Core::new(settings, cursor, States::new());
     core.handle_log_grew();
     core
 }
@@ -52,7 +54,7 @@ struct Doubler {
 }
 
 impl Doubler {
-    fn run(&mut self, inputs: &[StoredMessage]) -> Result<Vec<Output>, FnError> {
+    fn run(&mut self, inputs: &[StoredMessage]) -> Result<Ran, FnError> {
         for m in inputs {
             if let Some(left) = self.bad.get_mut(&m.offset)
                 && *left > 0
@@ -71,7 +73,7 @@ impl Doubler {
                 outputs.push(Output { input: i as u32, topic: 0, key: None, headers: Vec::new(), payload });
             }
         }
-        Ok(outputs)
+        Ok(Ran { outputs, states: Vec::new() })
     }
 }
 
@@ -81,13 +83,32 @@ impl Doubler {
 struct Durable {
     held: BTreeMap<MessageId, (Destination, Vec<u8>)>,
     cursor: u64,
+    /// An aggregate's states, committed with the cursor.
+    states: States,
     skipped: u64,
+}
+
+/// Runs a function: inputs and their keys' states in, outputs and changed states out.
+trait Function {
+    fn run(&mut self, inputs: &[StoredMessage], states: &States) -> Result<Ran, FnError>;
+}
+
+impl Function for Doubler {
+    fn run(&mut self, inputs: &[StoredMessage], _: &States) -> Result<Ran, FnError> {
+        Doubler::run(self, inputs)
+    }
 }
 
 /// Drives `core` until it is caught up, or until it has carried out `crash_after` actions
 /// (then it stops, as a crash would: nothing more happens, what was durable stays).
 /// Bounded.
-fn drive(core: &mut Core, input: &[StoredMessage], f: &mut Doubler, durable: &mut Durable, crash_after: Option<usize>) {
+fn drive(
+    core: &mut Core,
+    input: &[StoredMessage],
+    f: &mut dyn Function,
+    durable: &mut Durable,
+    crash_after: Option<usize>,
+) {
     for done in 0..10_000 {
         if crash_after == Some(done) {
             return;
@@ -98,7 +119,7 @@ fn drive(core: &mut Core, input: &[StoredMessage], f: &mut Doubler, durable: &mu
                 let batch: Vec<StoredMessage> = input.iter().filter(|m| m.offset >= from).take(4).cloned().collect();
                 core.handle_read(batch);
             }
-            Action::Run { inputs } => core.handle_run(f.run(&inputs), 99),
+            Action::Run { inputs, states } => core.handle_run(f.run(&inputs, &states), 99),
             Action::Write { messages } => {
                 for (dest, m) in messages {
                     match durable.held.entry(m.id) {
@@ -110,7 +131,7 @@ fn drive(core: &mut Core, input: &[StoredMessage], f: &mut Doubler, durable: &mu
                 }
                 core.handle_written(Ok(()));
             }
-            Action::Commit { offset } => durable.cursor = offset,
+            Action::Commit { offset, states } => (durable.cursor, durable.states) = (offset, states),
         }
     }
     panic!("the core never caught up");
@@ -142,7 +163,7 @@ fn every_input_is_processed_once_and_the_cursor_moves_only_after_the_write() {
     // Read, run, write: the cursor has not moved yet; the commit comes next.
     drive(&mut core, &input, &mut f, &mut durable, Some(3));
     assert_eq!((durable.cursor, durable.held.len()), (0, 6));
-    assert_eq!(core.poll_action(), Some(Action::Commit { offset: 4 }));
+    assert_eq!(core.poll_action(), Some(Action::Commit { offset: 4, states: States::new() }));
     drive(&mut core, &input, &mut f, &mut durable, None);
     assert_eq!(payloads(&durable, &Destination::Output(0)), want(10, &[]));
     assert_eq!(durable.cursor, 10);
@@ -264,5 +285,110 @@ fn a_failed_write_is_asked_for_again_and_nothing_moves_meanwhile() {
     core.handle_written(Err("disk full".into()));
     assert_eq!(core.poll_action(), first, "the same write again");
     core.handle_written(Ok(()));
-    assert_eq!(core.poll_action(), Some(Action::Commit { offset: 2 }));
+    assert_eq!(core.poll_action(), Some(Action::Commit { offset: 2, states: States::new() }));
+}
+
+/// An aggregate: per key, the sum of the inputs so far (payloads are numbers); each input
+/// emits "key=sum". Fails (the whole batch) on an input listed in `bad`, every time.
+struct Summer {
+    bad: Vec<u64>,
+}
+
+impl Function for Summer {
+    fn run(&mut self, inputs: &[StoredMessage], states: &States) -> Result<Ran, FnError> {
+        if let Some(m) = inputs.iter().find(|m| self.bad.contains(&m.offset)) {
+            return Err(FnError::Failed(format!("bad input {}", m.offset)));
+        }
+        let mut sums: BTreeMap<StateKey, u64> = BTreeMap::new();
+        let mut outputs = Vec::new();
+        for (i, m) in inputs.iter().enumerate() {
+            let key = m.message.key.clone();
+            let before = sums
+                .get(&key)
+                .copied()
+                .or_else(|| states.get(&key).map(|s| u64::from_le_bytes(s.as_slice().try_into().expect("8 bytes"))));
+            let sum =
+                before.unwrap_or(0) + String::from_utf8_lossy(&m.message.payload).parse::<u64>().expect("a number");
+            sums.insert(key.clone(), sum);
+            let name = String::from_utf8_lossy(key.as_deref().unwrap_or(b"-")).into_owned();
+            let payload = format!("{name}={sum}").into_bytes();
+            outputs.push(Output { input: i as u32, topic: 0, key, headers: Vec::new(), payload });
+        }
+        let states = sums.into_iter().map(|(k, s)| (k, Some(s.to_le_bytes().to_vec()))).collect();
+        Ok(Ran { outputs, states })
+    }
+}
+
+/// Inputs keyed "k0", "k1", "k2" in turn, payload the offset.
+fn keyed_log(n: u64) -> Vec<StoredMessage> {
+    let mut input = log(n, &["a"]);
+    for m in &mut input {
+        m.message.key = Some(format!("k{}", m.offset % 3).into_bytes());
+    }
+    input
+}
+
+/// The sums an aggregate must emit over `keyed_log(n)`, leaving out `skip`.
+fn sums(n: u64, skip: &[u64]) -> Vec<String> {
+    let mut total = [0u64; 3];
+    let mut out = Vec::new();
+    for i in (0..n).filter(|i| !skip.contains(i)) {
+        total[(i % 3) as usize] += i;
+        out.push(format!("k{}={}", i % 3, total[(i % 3) as usize]));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn an_aggregate_keeps_state_per_key_committed_with_the_cursor_through_crashes() {
+    let input = keyed_log(20);
+    for first_crash in 1..16 {
+        let mut durable = Durable::default();
+        let mut crash = first_crash;
+        for _ in 0..12 {
+            let mut core = Core::new(settings("a", &["a"], 1), durable.cursor, durable.states.clone());
+            core.handle_log_grew();
+            drive(&mut core, &input, &mut Summer { bad: vec![] }, &mut durable, Some(crash));
+            crash = crash % 5 + 1;
+        }
+        let mut core = Core::new(settings("a", &["a"], 1), durable.cursor, durable.states.clone());
+        core.handle_log_grew();
+        drive(&mut core, &input, &mut Summer { bad: vec![] }, &mut durable, None);
+        assert_eq!(payloads(&durable, &Destination::Output(0)), sums(20, &[]), "crashes from step {first_crash}");
+        let state = |k: &str| durable.states.get(&Some(k.as_bytes().to_vec())).cloned();
+        assert_eq!(state("k1"), Some((1 + 4 + 7 + 10 + 13 + 16 + 19u64).to_le_bytes().to_vec()));
+    }
+}
+
+#[test]
+fn an_aggregate_input_dead_lettered_leaves_its_keys_state_alone() {
+    let input = keyed_log(9);
+    let mut durable = Durable::default();
+    let mut core = start(settings("a", &["a"], 1), 0);
+    // Input 4 (key k1) always fails: its batch is run input by input, each from the state
+    // the inputs before it left.
+    drive(&mut core, &input, &mut Summer { bad: vec![4] }, &mut durable, None);
+    assert_eq!(payloads(&durable, &Destination::Output(0)), sums(9, &[4]));
+    assert_eq!(core.counters().dead_lettered, 1);
+}
+
+#[test]
+fn an_aggregate_whose_states_outgrow_the_limit_fails_that_run() {
+    struct Hoarder;
+    impl Function for Hoarder {
+        fn run(&mut self, inputs: &[StoredMessage], _: &States) -> Result<Ran, FnError> {
+            let states =
+                inputs.iter().map(|m| (m.message.key.clone(), Some(vec![0; STATES_BYTES_MAX / 2 - 8]))).collect();
+            Ok(Ran { outputs: Vec::new(), states })
+        }
+    }
+    let input = keyed_log(3);
+    let mut durable = Durable::default();
+    let mut core = start(settings("a", &["a"], 0), 0);
+    drive(&mut core, &input, &mut Hoarder, &mut durable, None);
+    // Two keys' states fit; the third input's would pass the limit: dead-lettered.
+    assert_eq!((core.counters().dead_lettered, durable.states.len()), (1, 2));
+    let letter = durable.held.values().find(|(d, _)| *d == Destination::DeadLetter).expect("a dead letter");
+    assert_eq!(letter.1, b"2");
 }
