@@ -127,7 +127,13 @@ impl Node {
         // Retention, dedup horizons and backlog quotas; dedup checkpoints.
         let backlog = Arc::new(BacklogGate::default());
         let every = Duration::from_millis(config.storage.retention_check_interval_ms);
-        let enforce = retention::run(Arc::clone(&registry), mesh.clone(), Arc::clone(&backlog), every);
+        let enforce = retention::run(
+            Arc::clone(&registry),
+            mesh.clone(),
+            (name.clone(), Arc::clone(&authz)),
+            Arc::clone(&backlog),
+            every,
+        );
         tokio::spawn(enforce.instrument(span.clone()));
         let every = Duration::from_millis(config.storage.checkpoint_interval_ms);
         tokio::spawn(Arc::clone(&registry).checkpoint_loop(every).instrument(span.clone()));

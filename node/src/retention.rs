@@ -1,8 +1,9 @@
 //! Retention and backlog quotas, enforced every `retention_check_interval_ms` in whole
 //! sealed segments (the active segment is never deleted).
 //!
-//! A topic's *protected* offset is the lowest offset some subscription has not acked or
-//! some peer of its namespace's clusters may still need from this node. Below it a message
+//! A topic's *protected* offset is the lowest offset some subscription has not acked,
+//! some peer of its namespace's clusters may still need from this node, or a stream
+//! function running here (paused or not) has not processed. Below it a message
 //! is consumed; at or past it, it is backlog.
 //! - Retention (namespace policy: age, bytes, messages per topic) deletes the oldest
 //!   segments while one of its limits is exceeded, but only segments wholly below the
@@ -20,9 +21,9 @@ use std::{
 };
 
 use rill_replication::namespace::{NamespacePolicy, OnFull};
-use rill_storage::{NamespaceName, StorageError, keys, subscription::CursorState};
+use rill_storage::{NamespaceName, NodeName, StorageError, keys, subscription::CursorState};
 
-use crate::{mesh::MeshHandle, registry::Registry, topic::Topic};
+use crate::{authz::Authz, functions::driver, mesh::MeshHandle, registry::Registry, topic::Topic};
 
 /// Namespaces whose backlog quota is full with `on_full = reject`, with the refusal a
 /// producer gets. Retention fills it; the server reads it on every produce.
@@ -44,13 +45,19 @@ impl BacklogGate {
 
 /// Enforces retention, dedup horizons and backlog quotas every `every` until the node
 /// closes.
-pub(crate) async fn run(registry: Arc<Registry>, mesh: MeshHandle, gate: Arc<BacklogGate>, every: Duration) {
+pub(crate) async fn run(
+    registry: Arc<Registry>,
+    mesh: MeshHandle,
+    functions: (NodeName, Arc<Authz>),
+    gate: Arc<BacklogGate>,
+    every: Duration,
+) {
     loop {
         tokio::time::sleep(every).await;
         if registry.is_closing() {
             return;
         }
-        enforce(&registry, &mesh, &gate).await;
+        enforce(&registry, &mesh, &functions, &gate).await;
     }
 }
 
@@ -78,16 +85,25 @@ fn subscriptions_need(registry: &Registry, topic: &Topic) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-async fn enforce(registry: &Arc<Registry>, mesh: &MeshHandle, gate: &Arc<BacklogGate>) {
+async fn enforce(
+    registry: &Arc<Registry>,
+    mesh: &MeshHandle,
+    (node, authz): &(NodeName, Arc<Authz>),
+    gate: &Arc<BacklogGate>,
+) {
     let topics = registry.list();
     if topics.is_empty() {
         return;
     }
     let config = mesh.config().await;
     let needed = mesh.retained_from(topics.iter().map(|t| t.name.clone()).collect()).await;
+    let meta = Arc::clone(&registry.meta);
+    let functions_need =
+        driver::inputs_needed(&authz.functions(), &config, node, |key| driver::stored_cursor(meta.as_ref(), key));
     let mut by_namespace: BTreeMap<NamespaceName, Vec<Backlog>> = BTreeMap::new();
     for (topic, peers_need) in topics.into_iter().zip(needed) {
-        let protected = peers_need.min(subscriptions_need(registry, &topic));
+        let functions = functions_need.get(&topic.name).copied().unwrap_or(u64::MAX);
+        let protected = peers_need.min(subscriptions_need(registry, &topic)).min(functions);
         by_namespace.entry(topic.name.namespace_name()).or_default().push(Backlog { topic, protected });
     }
     let now_ms = registry.env.clock.now_ms();

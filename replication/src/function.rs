@@ -39,7 +39,8 @@ pub struct FunctionDef {
     pub paused: bool,
 }
 
-/// The longest topic name part: a function's dead-letter topic `fn.NAME.dlq` must fit.
+/// The longest topic name part: a function's progress topic `fn.NAME.progress` (and its
+/// dead-letter topic `fn.NAME.dlq`) must fit.
 const PART_MAX: usize = 64;
 
 impl FunctionDef {
@@ -58,6 +59,13 @@ impl FunctionDef {
     pub fn dead_letter_topic(&self) -> String {
         let ns = self.name.rsplit_once('/').map_or("", |(ns, _)| ns);
         format!("{ns}/fn.{}.dlq", self.short_name())
+    }
+
+    /// The progress topic: `fn.NAME.progress` in the function's namespace, where each node
+    /// records the inputs it processed (DESIGN section 8).
+    pub fn progress_topic(&self) -> String {
+        let ns = self.name.rsplit_once('/').map_or("", |(ns, _)| ns);
+        format!("{ns}/fn.{}.progress", self.short_name())
     }
 
     /// Every namespace the function reads, writes or lives in: an admin of all of them
@@ -79,12 +87,12 @@ impl FunctionDef {
         for part in [tenant, ns, name] {
             check_part("function", part).map_err(|e| format!("function '{}': {e}", self.name))?;
         }
-        let dlq = format!("fn.{name}.dlq");
-        if dlq.len() > PART_MAX {
+        let progress = format!("fn.{name}.progress");
+        if progress.len() > PART_MAX {
             return Err(format!(
-                "function name '{name}' is too long: its dead-letter topic '{dlq}' must fit in {PART_MAX} characters \
+                "function name '{name}' is too long: its progress topic '{progress}' must fit in {PART_MAX} characters \
                  (at most {} for the name)",
-                PART_MAX - 7
+                PART_MAX - 12
             ));
         }
         if self.inputs.is_empty() || self.outputs.is_empty() {
@@ -129,6 +137,7 @@ mod tests {
         let d = def("acme/fx/norm", &["acme/raw/t"], &["acme/clean/t", "globex/x/t"]);
         assert_eq!(d.check(), Ok(()));
         assert_eq!(d.dead_letter_topic(), "acme/fx/fn.norm.dlq");
+        assert_eq!(d.progress_topic(), "acme/fx/fn.norm.progress");
         let ns: Vec<String> = d.namespaces().iter().map(|n| n.to_string()).collect();
         assert_eq!(ns, ["acme/clean", "acme/fx", "acme/raw", "globex/x"]);
     }
@@ -138,7 +147,7 @@ mod tests {
         let cases = [
             (def("acme/norm", &["a/b/c"], &["a/b/d"]), "tenant/namespace/name"),
             (def("acme/fx/no pe", &["a/b/c"], &["a/b/d"]), "no pe"),
-            (def(&format!("acme/fx/{}", "n".repeat(58)), &["a/b/c"], &["a/b/d"]), "too long"),
+            (def(&format!("acme/fx/{}", "n".repeat(53)), &["a/b/c"], &["a/b/d"]), "too long"),
             (def("acme/fx/n", &[], &["a/b/d"]), "at least one input"),
             (def("acme/fx/n", &["a/b"], &["a/b/d"]), "a/b"),
             (def("acme/fx/n", &["a/b/c"], &["a/b/c"]), "feed itself"),
@@ -149,7 +158,7 @@ mod tests {
         }
         let mut d = def("acme/fx/n", &["a/b/c"], &["a/b/d"]);
         assert!(
-            d.check().is_ok() && def(&format!("acme/fx/{}", "n".repeat(57)), &["a/b/c"], &["a/b/d"]).check().is_ok()
+            d.check().is_ok() && def(&format!("acme/fx/{}", "n".repeat(52)), &["a/b/c"], &["a/b/d"]).check().is_ok()
         );
         d.params = vec![("k".into(), "1".into()), ("k".into(), "2".into())];
         assert!(d.check().unwrap_err().contains("'k' is given twice"));

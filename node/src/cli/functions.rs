@@ -34,7 +34,11 @@ pub(crate) enum FnCommand {
     Create(CreateArgs),
     /// List the functions the principal may see.
     List(super::access::ListArgs),
-    /// Change a function's module or parameters; it keeps its position in its inputs.
+    /// Show one function's definition and, on the node asked, how it is doing.
+    Get(GetArgs),
+    /// Change a function's module, parameters or nodes; it keeps its position in its
+    /// inputs (a node that gains inputs from a change takes over where their last owner
+    /// left them).
     Update(UpdateArgs),
     /// Stop a function on every node; its position is kept.
     Pause(NameArgs),
@@ -83,8 +87,54 @@ pub(crate) struct UpdateArgs {
     /// New parameters (replacing all of the old ones when any is given).
     #[arg(long = "param", value_parser = parse_param)]
     params: Vec<(String, String)>,
+    /// The nodes that run it from now on, comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "default_nodes")]
+    nodes: Vec<String>,
+    /// Run it on its first input namespace's clusters again (the default at create).
+    #[arg(long)]
+    default_nodes: bool,
     #[command(flatten)]
     conn: Conn,
+}
+
+/// Flags of `rill fn get`.
+#[derive(Debug, Args)]
+pub(crate) struct GetArgs {
+    /// `tenant/namespace/name`.
+    name: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// A function as `rill fn list` and `rill fn get` print it.
+#[derive(serde::Serialize)]
+struct Row {
+    name: String,
+    entry: String,
+    module: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    nodes: Option<Vec<String>>,
+    params: Vec<(String, String)>,
+    paused: bool,
+}
+
+impl Row {
+    fn of(name: &str, incarnation: Incarnation, d: &FunctionDef) -> Row {
+        Row {
+            name: name.to_string(),
+            entry: incarnation.to_string(),
+            module: rill_storage::hex::encode(&d.module),
+            inputs: d.inputs.clone(),
+            outputs: d.outputs.clone(),
+            nodes: d.nodes.as_ref().map(|n| n.iter().map(ToString::to_string).collect()),
+            params: d.params.clone(),
+            paused: d.paused,
+        }
+    }
 }
 
 /// A function's name and where to send the command.
@@ -170,31 +220,7 @@ pub(crate) async fn manage(cmd: FnCommand) -> anyhow::Result<()> {
         }
         FnCommand::List(args) => {
             let (_, access) = args.conn.run(super::access::catalogue).await?;
-            #[derive(serde::Serialize)]
-            struct Row {
-                name: String,
-                entry: String,
-                module: String,
-                inputs: Vec<String>,
-                outputs: Vec<String>,
-                nodes: Option<Vec<String>>,
-                params: Vec<(String, String)>,
-                paused: bool,
-            }
-            let rows: Vec<Row> = access
-                .functions()
-                .iter()
-                .map(|(name, (i, d))| Row {
-                    name: name.clone(),
-                    entry: i.to_string(),
-                    module: rill_storage::hex::encode(&d.module),
-                    inputs: d.inputs.clone(),
-                    outputs: d.outputs.clone(),
-                    nodes: d.nodes.as_ref().map(|n| n.iter().map(ToString::to_string).collect()),
-                    params: d.params.clone(),
-                    paused: d.paused,
-                })
-                .collect();
+            let rows: Vec<Row> = access.functions().iter().map(|(name, (i, d))| Row::of(name, *i, d)).collect();
             let header = format!("{:<32} {:<8} {:<12} {}", "FUNCTION", "STATE", "MODULE", "INPUTS -> OUTPUTS");
             super::access::print_rows(&rows, args.json, &header, |r| {
                 let state = if r.paused { "paused" } else { "active" };
@@ -207,8 +233,55 @@ pub(crate) async fn manage(cmd: FnCommand) -> anyhow::Result<()> {
                 )
             })
         }
+        FnCommand::Get(a) => {
+            let name = &a.name;
+            let ((incarnation, def), stats) =
+                a.conn.run(async |client| Ok((current(client, name).await?, client.stats().await?))).await?;
+            let tasks: Vec<&crate::protocol::FunctionStats> =
+                stats.functions.iter().filter(|f| f.name == *name).collect();
+            if a.json {
+                #[derive(serde::Serialize)]
+                struct Got<'a> {
+                    #[serde(flatten)]
+                    def: Row,
+                    here: Vec<&'a crate::protocol::FunctionStats>,
+                }
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&Got { def: Row::of(name, incarnation, &def), here: tasks })?
+                );
+                return Ok(());
+            }
+            let row = Row::of(name, incarnation, &def);
+            println!("function {} (entry {})", row.name, row.entry);
+            println!("  module   {}", row.module);
+            println!("  inputs   {}", row.inputs.join(", "));
+            println!("  outputs  {}", row.outputs.join(", "));
+            let nodes = row.nodes.map_or("the first input namespace's clusters".into(), |n| n.join(", "));
+            println!("  nodes    {nodes}");
+            let params: Vec<String> = row.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("  params   {}", if params.is_empty() { "(none)".into() } else { params.join(" ") });
+            println!("  state    {}", if row.paused { "paused" } else { "active" });
+            if tasks.is_empty() {
+                println!("  on this node: not running (not one of its nodes, paused, or waiting for its module)");
+            }
+            for t in tasks {
+                println!(
+                    "  on this node, input {}: processed {}, out {}, filtered {}, failed runs {}, dead-lettered {}, lag {} messages / {} ms",
+                    t.input, t.processed, t.emitted, t.filtered, t.failed, t.dead_lettered, t.lag_messages, t.lag_ms
+                );
+            }
+            Ok(())
+        }
         FnCommand::Update(a) => {
             let wasm = a.wasm.as_deref().map(load_module).transpose()?;
+            let nodes: Option<Option<std::collections::BTreeSet<NodeName>>> = if a.default_nodes {
+                Some(None)
+            } else if a.nodes.is_empty() {
+                None
+            } else {
+                Some(Some(a.nodes.iter().map(|n| NodeName::parse(n)).collect::<Result<_, _>>()?))
+            };
             let (name, params) = (&a.name, a.params);
             a.conn
                 .run(async |client| {
@@ -226,6 +299,9 @@ pub(crate) async fn manage(cmd: FnCommand) -> anyhow::Result<()> {
                         }
                         if !params.is_empty() {
                             d.params = params;
+                        }
+                        if let Some(nodes) = nodes {
+                            d.nodes = nodes;
                         }
                     })
                     .await
@@ -330,14 +406,17 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
         node: local.clone(),
         nodes: vec![local],
         retries_max: a.retries,
+        incarnation: 0,
+        progress_epoch: 0,
     };
     let dead_letters = format!("fn.{}.dlq", a.name);
-    let mut core = Core::new(settings, 0, Default::default());
+    let mut core = Core::new(settings, None, 0);
     let mut states = States::new();
     core.handle_log_grew();
     let (mut runs, started) = (0usize, Instant::now());
     while let Some(action) = core.poll_action() {
         match action {
+            Action::ReadProgress => core.handle_progress(Default::default(), Default::default()),
             Action::Read { from } => {
                 core.handle_read(input.iter().skip(from as usize).take(a.batch).cloned().collect());
             }
@@ -368,6 +447,7 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
                     let topic = match destination {
                         Destination::Output(i) => a.outputs[*i as usize].as_str(),
                         Destination::DeadLetter => dead_letters.as_str(),
+                        Destination::Progress => continue,
                     };
                     let printed = Printed {
                         id: m.id.to_string(),
@@ -384,7 +464,7 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
                 }
                 core.handle_written(Ok(()));
             }
-            Action::Commit { states: committed, .. } => states = committed,
+            Action::Commit(checkpoint) => states = checkpoint.states.into_iter().collect(),
         }
     }
     let states: States = states;

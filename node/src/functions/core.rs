@@ -5,12 +5,13 @@
 //! exactly once whatever crashes:
 //!
 //! 1. `Read` from the committed cursor; the batch that comes back keeps only the inputs
-//!    this node owns ([`owner`]).
+//!    this node owns ([`owner`]) that no progress record covers (see below).
 //! 2. `Run` the function over them. If the batch fails, each input runs alone, so one bad
 //!    input cannot hold the others back; an input that fails alone is run again up to
 //!    `retries_max` times, then dead-lettered.
-//! 3. `Write` the outputs under ids derived from their inputs ([`super::ids`]), and the
-//!    dead letters (under derived ids too), durably.
+//! 3. `Write` the outputs under ids derived from their inputs ([`super::ids`]), the
+//!    dead letters (under derived ids too) and a progress record naming the inputs
+//!    processed ([`super::progress`]), durably.
 //! 4. Only then `Commit` the cursor past the batch, with an aggregate's states as they
 //!    stand after it (one record, so the two never disagree).
 //!
@@ -18,19 +19,30 @@
 //! the same ids, so the log stores them once (the driver writes with "skip held ids"). An
 //! aggregate runs it again from the states committed with the cursor, so a deterministic
 //! guest gives the same outputs.
+//! When ownership may have moved (the function's nodes differ from those the checkpoint
+//! was made with, or the function starts here for the first time), the core first asks
+//! for every progress record (`ReadProgress`) and skips the inputs they cover. After a
+//! change of nodes it also makes a *takeover* pass over the inputs below its cursor, for
+//! those it owns now that no record covers (inputs of a node that left, or of this node
+//! when another processed them until now); the pass's position is in the checkpoint, so a
+//! crash resumes it. Inputs processed twice around a change (a record not yet replicated
+//! here) get the same derived ids, so a deterministic function stores them once.
+//!
 //! Call contract: after each `handle_*`, take every action with [`Core::poll_action`] and
-//! answer `Read`, `Run` and `Write` with the matching `handle_*` call; `Commit` needs no
-//! answer (a lost commit only repeats work).
+//! answer `ReadProgress`, `Read`, `Run` and `Write` with the matching `handle_*` call;
+//! `Commit` needs no answer (a lost commit only repeats work).
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::Arc,
 };
 
 use rill_storage::{Message, NodeName, StoredMessage};
+use serde::{Deserialize, Serialize};
 
 use super::{
     abi::StateKey,
     ids::Deriver,
+    progress::{Covered, Record},
     runtime::{FnError, Ran},
 };
 
@@ -69,11 +81,41 @@ pub(crate) enum Destination {
     Output(u32),
     /// The function's dead-letter topic.
     DeadLetter,
+    /// The function's progress topic.
+    Progress,
+}
+
+/// What a task stores after each batch, in one record: its position in the input, an
+/// aggregate's states as of that position, the nodes ownership was decided with, and an
+/// unfinished takeover pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Checkpoint {
+    /// Every input below this is done.
+    pub(crate) cursor: u64,
+    /// Every key's state (empty unless the function is an aggregate).
+    pub(crate) states: Vec<(StateKey, Vec<u8>)>,
+    /// The function's nodes when this was written.
+    pub(crate) nodes: Vec<NodeName>,
+    /// A takeover pass under way.
+    pub(crate) takeover: Option<Takeover>,
+}
+
+/// A pass over inputs below the cursor for those this node owns since its function's
+/// nodes changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Takeover {
+    /// The next offset to look at.
+    pub(crate) from: u64,
+    /// Where the pass ends (the cursor when it began).
+    pub(crate) until: u64,
 }
 
 /// What the driver does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Action {
+    /// Read every record of the function's progress topic and answer with the ids they
+    /// cover for this input topic ([`Core::handle_progress`]).
+    ReadProgress,
     /// Read input messages from this offset on; answer with [`Core::handle_read`].
     Read {
         /// The first offset wanted.
@@ -92,14 +134,8 @@ pub(crate) enum Action {
         /// Each message and its destination.
         messages: Vec<(Destination, Message)>,
     },
-    /// Persist the cursor and the states in one record: every input below `offset` is
-    /// done, and an aggregate's states are those after it.
-    Commit {
-        /// The new cursor.
-        offset: u64,
-        /// Every key's state (empty unless the function is an aggregate).
-        states: States,
-    },
+    /// Persist the checkpoint (one record).
+    Commit(Checkpoint),
 }
 
 /// The core's settings.
@@ -117,6 +153,10 @@ pub(crate) struct Settings {
     pub(crate) nodes: Vec<NodeName>,
     /// Runs of an input that fails alone after its first, before it is dead-lettered.
     pub(crate) retries_max: u32,
+    /// The function's incarnation, named in progress records.
+    pub(crate) incarnation: u64,
+    /// The epoch of this run's progress records (drawn when the task starts).
+    pub(crate) progress_epoch: u64,
 }
 
 /// Counters for statistics.
@@ -134,6 +174,9 @@ pub(crate) struct Counters {
     pub(crate) dead_lettered: u64,
     /// Inputs another node owns.
     pub(crate) not_owned: u64,
+    /// Inputs a progress record covers (another node, or this one before a takeover,
+    /// processed them).
+    pub(crate) covered: u64,
 }
 
 /// The batch in progress.
@@ -176,6 +219,8 @@ impl Batch {
 
 #[derive(Debug)]
 enum State {
+    /// Waiting for the answer to a `ReadProgress`.
+    ReadingProgress,
     /// Waiting for the answer to a `Read`.
     Reading,
     /// Read everything there was; waiting for the log to grow.
@@ -195,6 +240,16 @@ pub(crate) struct Core {
     /// An aggregate's states as of `cursor`, and their size.
     states: States,
     states_bytes: usize,
+    /// A takeover pass under way.
+    takeover: Option<Takeover>,
+    /// Before the first read: ask for the progress records first.
+    needs_progress: bool,
+    /// The ids other nodes' progress records cover (empty unless they were asked for).
+    covered: Covered,
+    /// The ids this node's own records cover; they count only below the cursor.
+    covered_here: Covered,
+    /// The next progress record's seq.
+    progress_seq: u64,
     state: State,
     actions: VecDeque<Action>,
     counters: Counters,
@@ -205,14 +260,36 @@ pub(crate) struct Core {
 impl Core {
     /// A core resuming from the committed `cursor`. It reads once told the log may hold
     /// something ([`Core::handle_log_grew`]; the driver says so at start).
-    pub(crate) fn new(settings: Settings, cursor: u64, states: States) -> Core {
+    /// A core resuming from its `saved` checkpoint, or starting at offset `start` when it
+    /// has none.
+    pub(crate) fn new(settings: Settings, saved: Option<Checkpoint>, start: u64) -> Core {
         let origin = settings.node.as_str().into();
+        let (checkpoint, needs_progress) = match saved {
+            // First start here: another node may have processed what this one owns.
+            None => (Checkpoint { cursor: start, ..Checkpoint::default() }, true),
+            Some(mut c) if c.nodes != settings.nodes => {
+                if c.cursor > 0 {
+                    c.takeover = Some(Takeover { from: 0, until: c.cursor });
+                }
+                (c, true)
+            }
+            Some(c) => {
+                let pending = c.takeover.is_some();
+                (c, pending)
+            }
+        };
+        let states: States = checkpoint.states.into_iter().collect();
         let states_bytes = states.iter().map(|(k, v)| state_bytes(k, v)).sum();
         Core {
             settings,
-            cursor,
+            cursor: checkpoint.cursor,
             states,
             states_bytes,
+            takeover: checkpoint.takeover,
+            needs_progress,
+            covered: Covered::default(),
+            covered_here: Covered::default(),
+            progress_seq: 0,
             state: State::CaughtUp,
             actions: VecDeque::new(),
             counters: Counters::default(),
@@ -232,23 +309,62 @@ impl Core {
 
     /// The input log grew (or the driver started): read if everything was read.
     pub(crate) fn handle_log_grew(&mut self) {
-        if matches!(self.state, State::CaughtUp) {
-            self.state = State::Reading;
-            self.actions.push_back(Action::Read { from: self.cursor });
+        if !matches!(self.state, State::CaughtUp) {
+            return;
         }
+        if self.needs_progress {
+            self.state = State::ReadingProgress;
+            self.actions.push_back(Action::ReadProgress);
+            return;
+        }
+        self.state = State::Reading;
+        self.actions.push_back(Action::Read { from: self.position() });
+    }
+
+    /// The answer to `ReadProgress`: the ids the function's progress records (of this
+    /// incarnation) cover for this input topic: this node's, and other nodes'.
+    pub(crate) fn handle_progress(&mut self, here: Covered, others: Covered) {
+        if !matches!(self.state, State::ReadingProgress) {
+            return;
+        }
+        self.covered_here = here;
+        self.covered = others;
+        self.needs_progress = false;
+        self.state = State::Reading;
+        self.actions.push_back(Action::Read { from: self.position() });
+    }
+
+    /// Where the next read starts: in the takeover pass, else at the cursor.
+    fn position(&self) -> u64 {
+        self.takeover.map_or(self.cursor, |t| t.from)
     }
 
     /// The answer to `Read`: the messages from the cursor on (empty: nothing new).
-    pub(crate) fn handle_read(&mut self, read: Vec<StoredMessage>) {
+    pub(crate) fn handle_read(&mut self, mut read: Vec<StoredMessage>) {
+        if let Some(t) = self.takeover {
+            read.retain(|m| m.offset < t.until);
+            if read.is_empty() {
+                // The pass is over: on from the cursor.
+                self.takeover = None;
+                return self.commit(self.cursor);
+            }
+        }
         let Some(last) = read.last() else {
             self.state = State::CaughtUp;
             return;
         };
         let end = last.offset + 1;
         let node = &self.settings.node;
-        let (inputs, others): (Vec<_>, Vec<_>) =
+        let (owned, others): (Vec<_>, Vec<_>) =
             read.into_iter().partition(|m| owner(&m.message.origin, &self.settings.nodes) == Some(node));
         self.counters.not_owned += others.len() as u64;
+        let cursor = self.cursor;
+        let is_covered = |m: &StoredMessage| {
+            let id = &m.message.id;
+            self.covered.contains(id) || (m.offset < cursor && self.covered_here.contains(id))
+        };
+        let (covered, inputs): (Vec<_>, Vec<_>) = owned.into_iter().partition(is_covered);
+        self.counters.covered += covered.len() as u64;
         let batch = Batch {
             inputs,
             end,
@@ -350,10 +466,20 @@ impl Core {
         Ok(ran)
     }
 
+    /// Everything below `end` (of the pass under way) is done: commit and read on.
     fn commit(&mut self, end: u64) {
-        self.cursor = end;
-        self.actions.push_back(Action::Commit { offset: end, states: self.states.clone() });
-        self.actions.push_back(Action::Read { from: end });
+        match &mut self.takeover {
+            Some(t) => t.from = end,
+            None => self.cursor = end,
+        }
+        let checkpoint = Checkpoint {
+            cursor: self.cursor,
+            states: self.states.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            nodes: self.settings.nodes.clone(),
+            takeover: self.takeover,
+        };
+        self.actions.push_back(Action::Commit(checkpoint));
+        self.actions.push_back(Action::Read { from: self.position() });
         self.state = State::Reading;
     }
 
@@ -376,7 +502,25 @@ impl Core {
         }
     }
 
-    fn write(&mut self, batch: Batch) {
+    /// Writes the batch's outputs and dead letters, and its progress record.
+    fn write(&mut self, mut batch: Batch) {
+        let mut processed = Covered::default();
+        for m in &batch.inputs {
+            processed.insert(&m.message.id);
+        }
+        let s = &self.settings;
+        let record = Record { incarnation: s.incarnation, node: s.node.to_string(), input: s.input_topic, processed };
+        let id = s.deriver.progress(s.node.as_str(), s.input_topic, s.progress_epoch, self.progress_seq);
+        self.progress_seq += 1;
+        let progress = Message {
+            id,
+            origin: Arc::clone(&self.origin),
+            publish_time_ms: batch.inputs.last().map_or(0, |m| m.message.publish_time_ms),
+            key: Some(s.node.as_str().as_bytes().to_vec()),
+            headers: Vec::new(),
+            payload: record.encode(),
+        };
+        batch.writes.push((Destination::Progress, progress));
         self.actions.push_back(Action::Write { messages: batch.writes.clone() });
         self.state = State::Writing(batch);
     }

@@ -4,8 +4,9 @@
 //! ([`rill_replication::access::Access::functions`]), is not paused, names this node (or,
 //! naming none, this node is in its first input namespace's clusters), and its module is
 //! in the blob store. It gets one task per input topic, each with its own module instance
-//! and core; a changed definition restarts them (an update keeps the incarnation, so the
-//! cursors stay), a deleted one stops them. A task that stops on an error (a module that
+//! and core; a changed definition or a change of its nodes (its clusters, when it names
+//! none) restarts them (an update keeps the incarnation, so the cursors stay; the core
+//! takes over what the new nodes give this one), a deleted one stops them. A task that stops on an error (a module that
 //! will not start) stays stopped until the definition changes.
 use std::{
     collections::BTreeMap,
@@ -22,8 +23,9 @@ use tokio::task::JoinHandle;
 
 use super::{
     abi::Input,
-    core::{Action, Core, Counters, Destination, Settings},
+    core::{Action, Checkpoint, Core, Counters, Destination, Settings},
     ids::Deriver,
+    progress::{Covered, Record},
     runtime::{FnError, Limits, Module, Running},
 };
 use crate::{authz::Authz, mesh::MeshHandle, protocol::FunctionStats, registry::Registry, topic::Topic};
@@ -93,6 +95,8 @@ impl Reports {
 struct Runner {
     incarnation: Incarnation,
     def: FunctionDef,
+    /// The nodes it runs on (ownership is decided among them).
+    nodes: Vec<NodeName>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -131,7 +135,8 @@ pub(crate) async fn supervise(
             .filter(|(_, (_, def, nodes))| !def.paused && nodes.contains(&node))
             .collect();
         runners.retain(|name, r| {
-            let keep = wanted.get(name).is_some_and(|(i, d, _)| *i == r.incarnation && *d == r.def);
+            // A change of nodes restarts the tasks: ownership moves (see `core`).
+            let keep = wanted.get(name).is_some_and(|(i, d, n)| *i == r.incarnation && *d == r.def && *n == r.nodes);
             if !keep {
                 tracing::info!(function = %name, "stopping function");
                 r.stop();
@@ -160,8 +165,8 @@ pub(crate) async fn supervise(
             };
             waiting_for.remove(&name);
             tracing::info!(function = %name, incarnation = %incarnation, "starting function");
-            let tasks = start(&registry, &node, nodes, incarnation, &def, &wasm, &reports);
-            runners.insert(name, Runner { incarnation, def, tasks });
+            let tasks = start(&registry, &node, nodes.clone(), incarnation, &def, &wasm, &reports);
+            runners.insert(name, Runner { incarnation, def, nodes, tasks });
         }
         // Look again at the next catalogue change; while a module is awaited, also
         // every RECHECK (blobs arrive without a catalogue change).
@@ -176,6 +181,39 @@ pub(crate) async fn supervise(
             }
         }
     }
+}
+
+/// Per input topic, the lowest position of the functions that run on `node` over it,
+/// paused or not: retention keeps everything from there (DESIGN section 8: an input is
+/// never deleted before its function has processed it). `cursor` reads a task's stored
+/// checkpoint; a task that never stored one needs its whole input.
+pub(crate) fn inputs_needed(
+    functions: &BTreeMap<String, (Incarnation, FunctionDef)>,
+    config: &rill_replication::namespace::ConfigDoc,
+    node: &NodeName,
+    cursor: impl Fn(&str) -> Option<u64>,
+) -> BTreeMap<TopicName, u64> {
+    let mut needed: BTreeMap<TopicName, u64> = BTreeMap::new();
+    for (incarnation, def) in functions.values() {
+        if !nodes_of(def, config, node).contains(node) {
+            continue;
+        }
+        for (i, input) in def.inputs.iter().enumerate() {
+            let Ok(topic) = TopicName::parse(input) else { continue };
+            let at = cursor(&keys::function_cursor(&def.name, incarnation.0, i as u32)).unwrap_or(0);
+            let entry = needed.entry(topic).or_insert(u64::MAX);
+            *entry = (*entry).min(at);
+        }
+    }
+    needed
+}
+
+/// A task's stored position, for [`inputs_needed`] (`None`: none stored, or unreadable).
+pub(crate) fn stored_cursor(meta: &dyn meta::MetaStore, key: &str) -> Option<u64> {
+    meta::get_record::<Checkpoint>(meta, key)
+        .ok()
+        .flatten()
+        .map(|c| c.takeover.map_or(c.cursor, |t| t.from.min(c.cursor)))
 }
 
 /// The nodes a function runs on, in name order: those it names, else its first input
@@ -214,6 +252,8 @@ fn start(
                 node: node.clone(),
                 nodes: nodes.clone(),
                 retries_max: RETRIES_MAX,
+                incarnation: incarnation.0,
+                progress_epoch: registry.env.random.next_u64(),
             };
             let task = Task {
                 registry: Arc::clone(registry),
@@ -225,15 +265,6 @@ fn start(
             tokio::spawn(task.run(module.clone()))
         })
         .collect()
-}
-
-/// What a function's task stores after each batch, under
-/// [`keys::function_cursor`]: its position in the input and, for an aggregate, every
-/// key's state as of that position. One record, so the two never disagree after a crash.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct Checkpoint {
-    cursor: u64,
-    states: Vec<(super::abi::StateKey, Vec<u8>)>,
 }
 
 /// One function over one of its input topics.
@@ -259,13 +290,10 @@ impl Task {
         let topic = registry.topic(&input).await.map_err(|e| e.to_string())?;
         let key = keys::function_cursor(&self.def.name, self.incarnation.0, self.settings.input_topic);
         let saved = meta::get_record::<Checkpoint>(registry.meta.as_ref(), &key).map_err(|e| e.to_string())?;
-        let Checkpoint { cursor, states } = saved.unwrap_or_else(|| {
-            let cursor = match self.def.start {
-                rill_replication::function::Start::Earliest => 0,
-                rill_replication::function::Start::Latest => topic.bounds().1,
-            };
-            Checkpoint { cursor, states: Vec::new() }
-        });
+        let start = match self.def.start {
+            rill_replication::function::Start::Earliest => 0,
+            rill_replication::function::Start::Latest => topic.bounds().1,
+        };
         let params = self.def.params.clone();
         let mut running = registry
             .env
@@ -278,11 +306,11 @@ impl Task {
             input: Arc::clone(&topic),
             counters: Counters::default(),
             skipped_held: 0,
-            cursor,
+            cursor: saved.as_ref().map_or(start, |c| c.cursor),
             runs: hdrhistogram::Histogram::new(3).map_err(|e| e.to_string())?,
         };
         self.reports.0.lock().expect("reports lock").insert(report_key.clone(), report);
-        let mut core = Core::new(self.settings.clone(), cursor, states.into_iter().collect());
+        let mut core = Core::new(self.settings.clone(), saved, start);
         core.handle_log_grew();
         loop {
             if registry.is_closing() {
@@ -297,6 +325,10 @@ impl Task {
                 continue;
             };
             match action {
+                Action::ReadProgress => {
+                    let (here, others) = self.read_progress().await?;
+                    core.handle_progress(here, others);
+                }
                 Action::Read { from } => {
                     let read =
                         topic.read(from, BATCH_MESSAGES_MAX, BATCH_BYTES_MAX).await.map_err(|e| e.to_string())?;
@@ -326,9 +358,9 @@ impl Task {
                     }
                     core.handle_written(written);
                 }
-                Action::Commit { offset, states } => {
-                    let checkpoint = Checkpoint { cursor: offset, states: states.into_iter().collect() };
+                Action::Commit(checkpoint) => {
                     meta::put_record(registry.meta.as_ref(), &key, &checkpoint).map_err(|e| e.to_string())?;
+                    let offset = checkpoint.cursor;
                     let counters = core.counters();
                     self.reports.update(&report_key, |r| {
                         r.cursor = offset;
@@ -337,6 +369,34 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// The ids the progress records of this incarnation cover for this task's input
+    /// topic: this node's, and other nodes'. A record that does not decode is logged and
+    /// left out (its inputs are processed again, under the same derived ids).
+    async fn read_progress(&self) -> Result<(Covered, Covered), String> {
+        let name = TopicName::parse(&self.def.progress_topic()).map_err(|e| e.to_string())?;
+        let topic = self.registry.topic(&name).await.map_err(|e| e.to_string())?;
+        let (mut here, mut others) = (Covered::default(), Covered::default());
+        let (mut from, end) = (topic.bounds().0, topic.bounds().1);
+        while from < end {
+            let read = topic.read(from, BATCH_MESSAGES_MAX, BATCH_BYTES_MAX).await.map_err(|e| e.to_string())?;
+            let Some(last) = read.last() else { break };
+            from = last.offset + 1;
+            for m in read {
+                match Record::decode(&m.message.payload) {
+                    Ok(r) if r.input == self.settings.input_topic && r.incarnation == self.incarnation.0 => {
+                        let mine = r.node == self.settings.node.as_str();
+                        if mine { &mut here } else { &mut others }.extend(&r.processed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(function = %self.def.name, offset = m.offset, error = %e, "skipping a progress record")
+                    }
+                }
+            }
+        }
+        Ok((here, others))
     }
 
     /// Runs the module over `inputs` off the async threads; hands the instance back.
@@ -364,25 +424,35 @@ impl Task {
             .await
     }
 
-    /// Stores outputs and dead letters durably, per destination topic; an id already held
-    /// (a re-run) is skipped. Returns how many were.
+    /// Stores outputs and dead letters durably, per destination topic, and only then the
+    /// progress record (it must never name inputs whose outputs are not on disk); an
+    /// output already held (a re-run) is skipped. Returns how many were.
     async fn write(&self, messages: Vec<(Destination, rill_storage::Message)>) -> Result<u64, String> {
         let mut held = 0;
         let mut by_topic: BTreeMap<String, Vec<rill_storage::Message>> = BTreeMap::new();
+        let mut progress = Vec::new();
         for (destination, m) in messages {
             let topic = match destination {
                 Destination::Output(i) => self.def.outputs[i as usize].clone(),
                 Destination::DeadLetter => self.def.dead_letter_topic(),
+                Destination::Progress => {
+                    progress.push(m);
+                    continue;
+                }
             };
             by_topic.entry(topic).or_default().push(m);
         }
-        for (name, batch) in by_topic {
+        let last = (!progress.is_empty()).then(|| (self.def.progress_topic(), progress));
+        for (name, batch) in by_topic.into_iter().chain(last) {
+            let is_progress = name == self.def.progress_topic();
             let name = TopicName::parse(&name).map_err(|e| e.to_string())?;
             let topic = self.registry.topic(&name).await.map_err(|e: StorageError| e.to_string())?;
             let reply = topic.append(batch, OnConflict::SetAside).await.ok_or("the topic is closing")?;
             let appended = reply.await.map_err(|_| "the write was abandoned".to_string())?;
             let outcomes = appended.result.map_err(|e| e.to_string())?;
-            held += outcomes.iter().filter(|o| !matches!(o, AppendOutcome::Appended { .. })).count() as u64;
+            if !is_progress {
+                held += outcomes.iter().filter(|o| !matches!(o, AppendOutcome::Appended { .. })).count() as u64;
+            }
             if !appended.set_aside.is_empty() {
                 // A re-run that gave other contents: the function is not deterministic.
                 tracing::warn!(
@@ -394,5 +464,61 @@ impl Task {
             }
         }
         Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(name: &str, input: &str, nodes: &[&str], paused: bool) -> FunctionDef {
+        FunctionDef {
+            name: name.into(),
+            module: [0; 32],
+            inputs: vec![input.into()],
+            outputs: vec!["t/n/out".into()],
+            nodes: Some(nodes.iter().map(|n| NodeName::parse(n).unwrap()).collect()),
+            start: rill_replication::function::Start::Earliest,
+            params: Vec::new(),
+            paused,
+        }
+    }
+
+    #[test]
+    fn retention_waits_for_every_function_running_here_paused_or_not() {
+        let functions: BTreeMap<String, (Incarnation, FunctionDef)> = [
+            ("t/n/f1", 1, def("t/n/f1", "t/n/x", &["a", "b"], false)),
+            ("t/n/f2", 2, def("t/n/f2", "t/n/x", &["c"], false)),
+            ("t/n/f3", 3, def("t/n/f3", "t/n/y", &["a"], true)),
+        ]
+        .into_iter()
+        .map(|(n, i, d)| (n.to_string(), (Incarnation(i), d)))
+        .collect();
+        let stored = BTreeMap::from([(keys::function_cursor("t/n/f1", 1, 0), 50u64)]);
+        let cursor = |key: &str| stored.get(key).copied();
+        let config = rill_replication::namespace::ConfigDoc::default();
+        let topic = |t: &str| TopicName::parse(t).unwrap();
+        let on_a = inputs_needed(&functions, &config, &NodeName::parse("a").unwrap(), cursor);
+        assert_eq!(
+            on_a,
+            BTreeMap::from([(topic("t/n/x"), 50), (topic("t/n/y"), 0)]),
+            "f3 is paused and has run nowhere yet"
+        );
+        let on_c = inputs_needed(&functions, &config, &NodeName::parse("c").unwrap(), cursor);
+        assert_eq!(on_c, BTreeMap::from([(topic("t/n/x"), 0)]), "f2 has stored no position on c");
+        let on_d = inputs_needed(&functions, &config, &NodeName::parse("d").unwrap(), cursor);
+        assert!(on_d.is_empty(), "no function runs on d");
+    }
+
+    #[test]
+    fn a_stored_position_is_the_lower_of_the_cursor_and_a_takeover_pass() {
+        let meta = rill_storage::meta::MemMeta::default();
+        let mut c = Checkpoint { cursor: 90, ..Checkpoint::default() };
+        meta::put_record(&meta, "k", &c).unwrap();
+        assert_eq!(stored_cursor(&meta, "k"), Some(90));
+        c.takeover = Some(super::super::core::Takeover { from: 10, until: 90 });
+        meta::put_record(&meta, "k", &c).unwrap();
+        assert_eq!(stored_cursor(&meta, "k"), Some(10));
+        assert_eq!(stored_cursor(&meta, "none"), None);
     }
 }

@@ -39,6 +39,14 @@ impl Deriver {
         Deriver { prefix: format!("{name}.{incarnation:016x}/") }
     }
 
+    /// The id of progress record number `seq` that `node` writes for input topic number
+    /// `topic` in its session `epoch` (see [`super::progress`]): producer
+    /// `$fn/NAME.INC/T.p/NODE`, never an output's (whose `T.K` has a decimal K).
+    pub(crate) fn progress(&self, node: &str, topic: u32, epoch: u64, seq: u64) -> MessageId {
+        let producer = format!("$fn/{}{topic}.p/{node}", self.prefix);
+        MessageId { producer: ProducerId(producer.into()), epoch, seq }
+    }
+
     /// The id of output `output` (counted per input) of `input`, read from input topic
     /// number `topic`.
     pub(crate) fn derive(&self, input: &MessageId, topic: u32, output: u32) -> MessageId {
@@ -77,6 +85,7 @@ mod tests {
         assert!(out.producer.0.starts_with("$fn#/norm.00000000000000ab/0.0/"), "{}", out.producer.0);
         assert!(out.producer.0.len() <= PRODUCER_ID_BYTES_MAX);
         assert_eq!(d.derive(&id(&long, 0, 1), 0, 0), out, "derived the same way every time");
+        assert_eq!(d.progress("edge-1", 2, 9, 4), id("$fn/norm.00000000000000ab/2.p/edge-1", 9, 4));
     }
 
     #[test]

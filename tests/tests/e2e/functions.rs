@@ -282,3 +282,64 @@ async fn an_aggregate_killed_mid_run_emits_each_rolling_mean_once_and_right() {
     assert_eq!(seen.len() as u64, N, "every reading's mean");
     assert!(seen.values().all(|n| *n == 1), "each once");
 }
+
+/// Produces readings `seqs` on `node` as `producer` (payload `{"seq":i,"t":i}`).
+async fn produce_readings(node: &crate::support::TestNode, topic: &str, producer: &str, seqs: std::ops::Range<u64>) {
+    use rill_node::client::Outgoing;
+    let client = node.client().await;
+    let mut p = client.producer_with_seqs(topic, producer.into()).await.expect("producer");
+    for chunk in seqs.clone().step_by(500) {
+        let batch = (chunk..(chunk + 500).min(seqs.end))
+            .map(|i| Outgoing::payload(format!("{{\"seq\":{i},\"t\":{i}}}")).with_seq(i));
+        p.send(batch.collect()).await.expect("send");
+    }
+    p.close().await.expect("acked");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_node_leaves_a_function_another_takes_over_what_it_left_undone_once() {
+    let mesh = crate::mesh::MeshDir::on(&[("a", "127.0.0.1"), ("b", "127.0.0.1")]);
+    mesh.configure("a", &["b"], &[]);
+    mesh.configure("b", &[], &["a"]);
+    let a = mesh.start("a");
+    let mut b = mesh.start("b");
+    crate::mesh::create_namespace(&a, &["a", "b"]).await;
+    let scale = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/examples/scale.wasm");
+    let scale = scale.display().to_string();
+    let out_topic = "acme/sensors/clean";
+    let fn_cli = |node: &crate::support::TestNode, args: &[&str]| {
+        let out = node.cli(&[&["fn"][..], args].concat(), "");
+        assert!(out.status.success(), "fn {args:?}: {}", text(&out.stderr));
+    };
+    let create =
+        ["create", "acme/sensors/norm", "--wasm", &scale, "--input", crate::mesh::TOPIC, "--output", out_topic];
+    fn_cli(&a, &create);
+    // b processes its first 2,000 readings itself (it is their origin).
+    while !b.log().contains("starting function") {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    produce_readings(&b, crate::mesh::TOPIC, "pb", 0..2_000).await;
+    wait_for_outputs(&[&a, &b], out_topic, 2_000).await;
+    // Paused, b takes 3,000 more and a 5,000; both replicate; then b is gone for good.
+    fn_cli(&a, &["pause", "acme/sensors/norm"]);
+    produce_readings(&b, crate::mesh::TOPIC, "pb", 2_000..5_000).await;
+    produce_readings(&a, crate::mesh::TOPIC, "pa", 0..5_000).await;
+    wait_for_end(&a, crate::mesh::TOPIC, 10_000).await;
+    b.kill9();
+    // a resumes among {a, b}: it does its own 5,000 and leaves b's alone.
+    fn_cli(&a, &["resume", "acme/sensors/norm"]);
+    wait_for_outputs(&[&a], out_topic, 7_000).await;
+    // b leaves the function: a takes over b's 3,000 undone, and not b's 2,000 done.
+    fn_cli(&a, &["update", "acme/sensors/norm", "--nodes", "a"]);
+    wait_for_outputs(&[&a], out_topic, 10_000).await;
+    let seen = crate::support::read_seqs(&a, out_topic, 10_000, |_| {}).await;
+    let counts: Vec<(String, usize)> =
+        seen.iter().map(|(p, s)| (p.rsplit('/').next().expect("producer").to_string(), s.len())).collect();
+    assert_eq!(counts, [("pa".to_string(), 5_000), ("pb".to_string(), 5_000)]);
+    let stats = a.client().await.stats().await.expect("stats");
+    let f = stats.functions.iter().find(|f| f.name == "acme/sensors/norm").expect("function stats");
+    assert_eq!((f.processed, f.skipped_held, f.lag_messages), (3_000, 0, 0), "only b's undone inputs: {f:?}");
+    let got = a.cli(&["fn", "get", "acme/sensors/norm"], "");
+    assert!(text(&got.stdout).contains("nodes    a"), "{}", text(&got.stdout));
+}

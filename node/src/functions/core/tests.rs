@@ -12,10 +12,14 @@ fn nn(name: &str) -> NodeName {
 
 /// A core from `cursor`, told the log holds something (as the driver does at start).
 fn start(settings: Settings, cursor: u64) -> Core {
-    let mut core = Core::new(settings, cursor, States::new());
+    let nodes = settings.nodes.clone();
+    let checkpoint = Checkpoint { cursor, nodes, ..Checkpoint::default() };
+    let mut core = Core::new(settings, Some(checkpoint), 0);
     core.handle_log_grew();
     core
 }
+
+static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn settings(node: &str, nodes: &[&str], retries_max: u32) -> Settings {
     let mut nodes: Vec<NodeName> = nodes.iter().map(|n| nn(n)).collect();
@@ -27,6 +31,9 @@ fn settings(node: &str, nodes: &[&str], retries_max: u32) -> Settings {
         node: nn(node),
         nodes,
         retries_max,
+        incarnation: 7,
+        // Drawn at each start, as the driver does.
+        progress_epoch: NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -83,9 +90,33 @@ impl Doubler {
 struct Durable {
     held: BTreeMap<MessageId, (Destination, Vec<u8>)>,
     cursor: u64,
-    /// An aggregate's states, committed with the cursor.
-    states: States,
+    /// The whole checkpoint last committed.
+    checkpoint: Option<Checkpoint>,
     skipped: u64,
+}
+
+impl Durable {
+    /// An aggregate's states, committed with the cursor.
+    fn states(&self) -> States {
+        self.checkpoint.iter().flat_map(|c| c.states.iter().cloned()).collect()
+    }
+
+    /// What the progress records written cover: those of `node`, and the others'.
+    fn covered(&self, node: &str) -> (Covered, Covered) {
+        let (mut here, mut others) = (Covered::default(), Covered::default());
+        for (dest, payload) in self.held.values() {
+            if *dest == Destination::Progress {
+                let record = Record::decode(payload).expect("a progress record");
+                if record.node == node { &mut here } else { &mut others }.extend(&record.processed);
+            }
+        }
+        (here, others)
+    }
+
+    /// How many outputs (not dead letters or progress records) are held.
+    fn outputs(&self) -> usize {
+        self.held.values().filter(|(d, _)| matches!(d, Destination::Output(_))).count()
+    }
 }
 
 /// Runs a function: inputs and their keys' states in, outputs and changed states out.
@@ -115,6 +146,10 @@ fn drive(
         }
         let Some(action) = core.poll_action() else { return };
         match action {
+            Action::ReadProgress => {
+                let (here, others) = durable.covered(core.settings.node.as_str());
+                core.handle_progress(here, others);
+            }
             Action::Read { from } => {
                 let batch: Vec<StoredMessage> = input.iter().filter(|m| m.offset >= from).take(4).cloned().collect();
                 core.handle_read(batch);
@@ -131,7 +166,7 @@ fn drive(
                 }
                 core.handle_written(Ok(()));
             }
-            Action::Commit { offset, states } => (durable.cursor, durable.states) = (offset, states),
+            Action::Commit(c) => (durable.cursor, durable.checkpoint) = (c.cursor, Some(c)),
         }
     }
     panic!("the core never caught up");
@@ -162,8 +197,8 @@ fn every_input_is_processed_once_and_the_cursor_moves_only_after_the_write() {
     let (mut f, mut durable) = (Doubler { bad: BTreeMap::new() }, Durable::default());
     // Read, run, write: the cursor has not moved yet; the commit comes next.
     drive(&mut core, &input, &mut f, &mut durable, Some(3));
-    assert_eq!((durable.cursor, durable.held.len()), (0, 6));
-    assert_eq!(core.poll_action(), Some(Action::Commit { offset: 4, states: States::new() }));
+    assert_eq!((durable.cursor, durable.outputs()), (0, 6));
+    assert!(matches!(core.poll_action(), Some(Action::Commit(c)) if c.cursor == 4 && c.states.is_empty()));
     drive(&mut core, &input, &mut f, &mut durable, None);
     assert_eq!(payloads(&durable, &Destination::Output(0)), want(10, &[]));
     assert_eq!(durable.cursor, 10);
@@ -285,7 +320,7 @@ fn a_failed_write_is_asked_for_again_and_nothing_moves_meanwhile() {
     core.handle_written(Err("disk full".into()));
     assert_eq!(core.poll_action(), first, "the same write again");
     core.handle_written(Ok(()));
-    assert_eq!(core.poll_action(), Some(Action::Commit { offset: 2, states: States::new() }));
+    assert!(matches!(core.poll_action(), Some(Action::Commit(c)) if c.cursor == 2));
 }
 
 /// An aggregate: per key, the sum of the inputs so far (payloads are numbers); each input
@@ -347,16 +382,16 @@ fn an_aggregate_keeps_state_per_key_committed_with_the_cursor_through_crashes() 
         let mut durable = Durable::default();
         let mut crash = first_crash;
         for _ in 0..12 {
-            let mut core = Core::new(settings("a", &["a"], 1), durable.cursor, durable.states.clone());
+            let mut core = Core::new(settings("a", &["a"], 1), durable.checkpoint.clone(), 0);
             core.handle_log_grew();
             drive(&mut core, &input, &mut Summer { bad: vec![] }, &mut durable, Some(crash));
             crash = crash % 5 + 1;
         }
-        let mut core = Core::new(settings("a", &["a"], 1), durable.cursor, durable.states.clone());
+        let mut core = Core::new(settings("a", &["a"], 1), durable.checkpoint.clone(), 0);
         core.handle_log_grew();
         drive(&mut core, &input, &mut Summer { bad: vec![] }, &mut durable, None);
         assert_eq!(payloads(&durable, &Destination::Output(0)), sums(20, &[]), "crashes from step {first_crash}");
-        let state = |k: &str| durable.states.get(&Some(k.as_bytes().to_vec())).cloned();
+        let state = |k: &str| durable.states().get(&Some(k.as_bytes().to_vec())).cloned();
         assert_eq!(state("k1"), Some((1 + 4 + 7 + 10 + 13 + 16 + 19u64).to_le_bytes().to_vec()));
     }
 }
@@ -388,7 +423,88 @@ fn an_aggregate_whose_states_outgrow_the_limit_fails_that_run() {
     let mut core = start(settings("a", &["a"], 0), 0);
     drive(&mut core, &input, &mut Hoarder, &mut durable, None);
     // Two keys' states fit; the third input's would pass the limit: dead-lettered.
-    assert_eq!((core.counters().dead_lettered, durable.states.len()), (1, 2));
+    assert_eq!((core.counters().dead_lettered, durable.states().len()), (1, 2));
     let letter = durable.held.values().find(|(d, _)| *d == Destination::DeadLetter).expect("a dead letter");
     assert_eq!(letter.1, b"2");
+}
+
+/// Runs `node` of a function on `nodes` over `input` from its own checkpoint in `saved`
+/// (none: a first start), crashing after `crash_after` actions if given. `durable` is
+/// what every node holds (outputs and progress records replicate).
+fn run_node(
+    node: &str,
+    nodes: &[&str],
+    input: &[StoredMessage],
+    durable: &mut Durable,
+    saved: &mut BTreeMap<String, Checkpoint>,
+    crash_after: Option<usize>,
+) -> Counters {
+    let mut core = Core::new(settings(node, nodes, 1), saved.get(node).cloned(), 0);
+    core.handle_log_grew();
+    durable.checkpoint = None;
+    drive(&mut core, input, &mut Doubler { bad: BTreeMap::new() }, durable, crash_after);
+    if let Some(c) = durable.checkpoint.take() {
+        saved.insert(node.to_string(), c);
+    }
+    core.counters()
+}
+
+#[test]
+fn when_a_node_leaves_the_first_node_takes_over_what_it_left_undone_and_nothing_twice() {
+    // Inputs from a, b, c and a gateway x that runs no function (the first node, a, owns
+    // x's). b processes part of its inputs, then leaves the function.
+    let input = log(60, &["a", "b", "c", "x"]);
+    for b_crash in [1, 4, 9, 13, 1000] {
+        let mut durable = Durable::default();
+        let mut saved = BTreeMap::new();
+        for node in ["a", "c"] {
+            run_node(node, &["a", "b", "c"], &input, &mut durable, &mut saved, None);
+        }
+        run_node("b", &["a", "b", "c"], &input, &mut durable, &mut saved, Some(b_crash));
+        // Now a and c run it; a owns b's inputs (the first node), and crashes once mid-pass.
+        run_node("a", &["a", "c"], &input, &mut durable, &mut saved, Some(5));
+        let a = run_node("a", &["a", "c"], &input, &mut durable, &mut saved, None);
+        let c = run_node("c", &["a", "c"], &input, &mut durable, &mut saved, None);
+        assert_eq!(payloads(&durable, &Destination::Output(0)), want(60, &[]), "b stopped after {b_crash} actions");
+        assert_eq!(durable.skipped, 0, "no input ran twice (b stopped after {b_crash} actions)");
+        assert_eq!(c.processed, 0, "c's inputs were all done");
+        assert!(a.covered > 0, "a skipped what the records cover");
+        assert_eq!(saved["a"].takeover, None, "the pass is over");
+    }
+}
+
+#[test]
+fn a_node_that_joins_takes_its_own_inputs_over_where_the_first_node_left_them() {
+    let mut durable = Durable::default();
+    let mut saved = BTreeMap::new();
+    // a runs it alone and processes everything, b's inputs too.
+    let first = log(20, &["a", "b"]);
+    run_node("a", &["a"], &first, &mut durable, &mut saved, None);
+    // b joins: a first start there; the records say a did b's inputs so far.
+    let more = log(40, &["a", "b"]);
+    let b = run_node("b", &["a", "b"], &more, &mut durable, &mut saved, None);
+    let a = run_node("a", &["a", "b"], &more, &mut durable, &mut saved, None);
+    assert_eq!(payloads(&durable, &Destination::Output(0)), want(40, &[]));
+    assert_eq!(durable.skipped, 0, "no input ran twice");
+    assert_eq!((b.covered, b.processed), (10, 10), "b skips the 10 a did and does the 10 new ones");
+    assert_eq!(a.processed, 10, "a does its own 10 new ones and no takeover work");
+}
+
+#[test]
+fn the_takeover_can_fail_its_test_without_the_progress_records() {
+    // Guard: with the records ignored, a takes b's inputs over from scratch and runs
+    // some a second time, which the same scenario above rules out.
+    let input = log(60, &["a", "b", "c", "x"]);
+    let mut durable = Durable::default();
+    let mut saved = BTreeMap::new();
+    for node in ["a", "b", "c"] {
+        run_node(node, &["a", "b", "c"], &input, &mut durable, &mut saved, None);
+    }
+    let mut core = Core::new(settings("a", &["a", "c"], 1), saved.get("a").cloned(), 0);
+    core.handle_log_grew();
+    assert_eq!(core.poll_action(), Some(Action::ReadProgress));
+    core.handle_progress(Covered::default(), Covered::default());
+    durable.checkpoint = None;
+    drive(&mut core, &input, &mut Doubler { bad: BTreeMap::new() }, &mut durable, None);
+    assert!(durable.skipped > 0, "b's outputs ran twice");
 }
