@@ -71,6 +71,8 @@ pub struct Bugs {
     /// highest seq its node holds, as wave 1's ids without epochs did: a producer that
     /// restarts through another node reuses ids for other messages.
     pub shared_epoch: bool,
+    /// Stream functions leave out the first output of every batch they write.
+    pub fn_drop_output: bool,
 }
 
 impl Env {

@@ -431,6 +431,12 @@ impl Task {
         let mut held = 0;
         let mut by_topic: BTreeMap<String, Vec<rill_storage::Message>> = BTreeMap::new();
         let mut progress = Vec::new();
+        let mut messages = messages;
+        if self.registry.env.bugs.fn_drop_output
+            && let Some(i) = messages.iter().position(|(d, _)| matches!(d, Destination::Output(_)))
+        {
+            messages.remove(i);
+        }
         for (destination, m) in messages {
             let topic = match destination {
                 Destination::Output(i) => self.def.outputs[i as usize].clone(),

@@ -31,6 +31,10 @@ impl fmt::Display for Violation {
 /// What a node holds under each (producer session, seq): the payload.
 pub(super) type Contents = BTreeMap<(String, u64), String>;
 
+/// A node's outputs of the sweep's function, by the (producer session, seq) of the input
+/// each derives from: (output rank, payload) of each.
+pub(super) type Outputs = BTreeMap<(String, u64), Vec<(u32, String)>>;
+
 /// What the checker read from the nodes after the heal.
 #[derive(Debug, Default)]
 pub(super) struct Collected {
@@ -40,6 +44,8 @@ pub(super) struct Collected {
     pub(super) holdings: BTreeMap<String, Vec<Held>>,
     /// Per node: the payload it holds under each (producer session, seq).
     pub(super) contents: BTreeMap<String, Contents>,
+    /// Per node: the function's outputs (none when it was never created).
+    pub(super) outputs: BTreeMap<String, Outputs>,
 }
 
 /// The namespace's clusters as the (first) node's catalogue has them.
@@ -48,14 +54,45 @@ pub(super) fn final_clusters(catalogues: &BTreeMap<String, ConfigDoc>) -> BTreeS
     policy.map(|p| p.clusters.val.iter().map(ToString::to_string).collect()).unwrap_or_default()
 }
 
-/// Invariants 1-4 over what the checker and the subscriber read.
+/// Invariant 6 on a node of the final clusters: each acknowledged input's output is there
+/// exactly once, carrying the input's payload, and nothing else is.
+fn check_outputs(node: &str, outputs: &Outputs, acked: &BTreeMap<(String, u64), String>) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let missing: Vec<&(String, u64)> = acked.keys().filter(|id| !outputs.contains_key(*id)).take(5).collect();
+    if !missing.is_empty() {
+        out.push(Violation { invariant: 6, detail: format!("{node} lacks the outputs of acknowledged {missing:?}") });
+    }
+    let wrong: Vec<(&(String, u64), &Vec<(u32, String)>)> = outputs
+        .iter()
+        .filter(|(id, outs)| match acked.get(*id) {
+            Some(payload) => **outs != [(0, payload.clone())],
+            None => outs.len() != 1 || outs[0].0 != 0 || id.0 == "?",
+        })
+        .take(5)
+        .collect();
+    if !wrong.is_empty() {
+        out.push(Violation {
+            invariant: 6,
+            detail: format!("{node}: outputs not once or not as their inputs: {wrong:?}"),
+        });
+    }
+    out
+}
+
+/// Invariants 1-4 and 6 over what the checker and the subscriber read.
 pub(super) fn check(plan: &Plan, collected: &Collected, record: &Record) -> Vec<Violation> {
     let mut out = Vec::new();
     let acked = lock(&record.acked);
     let clusters = final_clusters(&collected.catalogues);
     out.extend(twins(collected));
+    if !*lock(&record.function_created) {
+        out.push(Violation { invariant: 6, detail: "the stream function was never created".into() });
+    }
     for node in &plan.nodes {
         out.extend(check_node(node, collected, &acked, clusters.contains(node)));
+        if let Some(outputs) = collected.outputs.get(node).filter(|_| clusters.contains(node)) {
+            out.extend(check_outputs(node, outputs, &acked));
+        }
     }
     let node = &plan.consumer;
     let delivered = lock(&record.delivered);

@@ -3,7 +3,7 @@
 //! its hosts), heals, reads every node through the mesh's queries, and checks design
 //! section 5's invariants. The pieces, one per file:
 //! - `plan.rs`: what a seed runs, drawn from the seed alone;
-//! - `workload.rs`: the producers, the operator and the subscriber;
+//! - `workload.rs`: the producers, the operator, the function's admin and the subscriber;
 //! - `check.rs`: the invariants.
 mod check;
 mod plan;
@@ -22,8 +22,8 @@ pub use self::{
     plan::{ClustersEdit, Plan, ProducerPlan, Scheduled},
 };
 use self::{
-    check::{Collected, Contents, check, final_clusters},
-    workload::{Held, ProducerRun, Record, lock, session},
+    check::{Collected, Contents, Outputs, check, final_clusters},
+    workload::{Held, OUTPUT, ProducerRun, Record, lock, session},
 };
 use crate::{Mesh, StoredMessage, env::Bugs};
 
@@ -124,6 +124,12 @@ fn spawn_clients(mesh: &mut Mesh, plan: &Plan, record: &Arc<Record>) -> Vec<Stri
         Ok(())
     });
     workers.push("operator".to_string());
+    let (via, admin_record) = (plan.producers[0].home.clone(), Arc::clone(record));
+    mesh.client("fn-admin", |ctx| async move {
+        workload::create_function(&ctx, &via, give_up, &admin_record).await;
+        Ok(())
+    });
+    workers.push("fn-admin".to_string());
     let (node, record) = (plan.consumer.clone(), Arc::clone(record));
     mesh.client("consumer", |ctx| async move {
         workload::consume(&ctx, &node, &record).await;
@@ -154,21 +160,47 @@ fn collect(mesh: &mut Mesh, plan: &Plan, record: &Record) -> anyhow::Result<Coll
     };
     let clusters = final_clusters(&catalogues);
     let acked = lock(&record.acked).clone();
+    let function = *lock(&record.function_created);
     let mut collected = Collected { catalogues, ..Collected::default() };
     for node in &plan.nodes {
         loop {
             // A node that cannot serve the topic holds nothing, as far as the check goes.
             let (held, contents) = summarize(&mesh.holdings(node, TOPIC).unwrap_or_default());
-            let complete = acked.iter().all(|(id, payload)| contents.get(id) == Some(payload));
+            let outputs =
+                if function { outputs(&mesh.holdings(node, OUTPUT).unwrap_or_default()) } else { Outputs::new() };
+            let complete = acked.iter().all(|(id, payload)| {
+                contents.get(id) == Some(payload) && (!function || outputs.get(id).is_some_and(|o| !o.is_empty()))
+            });
             if complete || !clusters.contains(node) || mesh.now() >= deadline {
                 collected.holdings.insert(node.clone(), held);
                 collected.contents.insert(node.clone(), contents);
+                if function {
+                    collected.outputs.insert(node.clone(), outputs);
+                }
                 break;
             }
             mesh.run_for(POLL_EVERY)?;
         }
     }
     Ok(collected)
+}
+
+/// The sweep function's outputs on a node, by the input they derive from (producer
+/// session, seq): each output's rank and payload. Outputs of anything else are listed
+/// under the session "?" with their producer name as payload.
+fn outputs(messages: &[StoredMessage]) -> Outputs {
+    let mut out = Outputs::new();
+    for m in messages {
+        let id = &m.message.id;
+        let (input, entry) = match workload::output_of(id.producer.as_str()) {
+            Some((input, rank)) => {
+                (session(input, id.epoch), (rank, String::from_utf8_lossy(&m.message.payload).into_owned()))
+            }
+            None => ("?".to_string(), (u32::MAX, id.producer.to_string())),
+        };
+        out.entry((input, id.seq)).or_default().push(entry);
+    }
+    out
 }
 
 /// What a node holds, as the checker identifies it, and the payload under each id.

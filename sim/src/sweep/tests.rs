@@ -191,6 +191,12 @@ fn the_sweep_catches_a_replicator_that_skips_a_batch() {
 }
 
 #[test]
+fn the_sweep_catches_a_function_that_drops_outputs() {
+    let bugs = Bugs { node: NodeBugs { fn_drop_output: true, ..NodeBugs::default() }, ..Bugs::default() };
+    assert!(caught(bugs, 5, 6).is_some(), "5 seeds dropping function outputs and none missing: the checker is blind");
+}
+
+#[test]
 fn a_seed_replays_to_the_same_trace() {
     // A seed whose faults draw on every source of randomness: loss, torn writes, skew.
     let busy = |seed: &u64| {

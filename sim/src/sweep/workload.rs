@@ -1,5 +1,6 @@
 //! The sweep's clients, run on the mesh: producers that retry and fail over, the operator
-//! that changes the clusters, and a durable subscriber.
+//! that changes the clusters, the admin that creates a stream function, and a durable
+//! subscriber.
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Mutex,
@@ -10,7 +11,11 @@ use rill_node::{
     client::{Client, ClientError, Outgoing, Producer},
     protocol::StartPosition,
 };
-use rill_replication::namespace::Edit;
+use rill_replication::{
+    access::{Body, Entry, Incarnation},
+    function::{FunctionDef, Start},
+    namespace::Edit,
+};
 use rill_storage::NodeName;
 
 use super::{
@@ -58,6 +63,31 @@ pub(super) struct Record {
     pub(super) collected: Mutex<Option<(Duration, Vec<Held>)>>,
     /// The subscriber's first deliveries, in order.
     pub(super) delivered: Mutex<(BTreeSet<Held>, Vec<Held>)>,
+    /// The stream function was created (its definition is durable on a node).
+    pub(super) function_created: Mutex<bool>,
+}
+
+/// The sweep's stream function: the example normaliser with its defaults, over the
+/// topic into [`OUTPUT`], on the namespace's clusters (it names no nodes, so it moves
+/// when the operator changes them). The sweep's payloads have no "t" field, so each
+/// output carries its input's payload.
+pub(super) const FUNCTION: &str = "acme/sensors/copy";
+/// The function's output topic.
+pub(super) const OUTPUT: &str = "acme/sensors/out";
+/// The function's incarnation (fixed: a run draws nothing outside its seed).
+pub(super) const FUNCTION_INCARNATION: u64 = 0x5eed;
+const MODULE: &[u8] = include_bytes!("../../../functions/examples/scale.wasm");
+/// The admin creates the function this late (the first producer creates the namespace
+/// meanwhile).
+const FUNCTION_AFTER: Duration = Duration::from_secs(2);
+
+/// The producer name and rank of the input an output of the sweep's function derives
+/// from (see `rill_node`'s derived ids), if `producer` is one of its outputs.
+pub(super) fn output_of(producer: &str) -> Option<(&str, u32)> {
+    let prefix = format!("$fn/copy.{FUNCTION_INCARNATION:016x}/0.");
+    let rest = producer.strip_prefix(&prefix)?;
+    let (rank, input) = rest.split_once('/')?;
+    Some((input, rank.parse().ok()?))
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -194,6 +224,37 @@ pub(super) async fn produce(ctx: &Ctx, run: &ProducerRun, record: &Record) {
             }
         }
         tokio::time::sleep(BATCH_EVERY).await;
+    }
+}
+
+/// The admin: stores the function's module on `via` and creates its definition there,
+/// retried until both are taken (or `give_up`).
+pub(super) async fn create_function(ctx: &Ctx, via: &str, give_up: Duration, record: &Record) {
+    let def = FunctionDef {
+        name: FUNCTION.into(),
+        module: rill_storage::blobs::hash(MODULE),
+        inputs: vec![TOPIC.into()],
+        outputs: vec![OUTPUT.into()],
+        nodes: None,
+        start: Start::Earliest,
+        params: Vec::new(),
+        paused: false,
+    };
+    tokio::time::sleep(FUNCTION_AFTER).await;
+    while now() < give_up {
+        if let Some(client) = connect(ctx, via).await {
+            let body =
+                Body::Create { incarnation: Incarnation(FUNCTION_INCARNATION), entry: Entry::Function(def.clone()) };
+            let at_ms = crate::clock::EPOCH_S * 1000 + now().as_millis() as u64;
+            if client.put_blob(NAMESPACE, MODULE.to_vec()).await.is_ok()
+                && let Ok(signed) = client.sign(body, at_ms)
+                && client.catalogue_edit(signed).await.is_ok()
+            {
+                *lock(&record.function_created) = true;
+                return;
+            }
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
     }
 }
 
