@@ -62,7 +62,7 @@ fn check_outputs(node: &str, outputs: &Outputs, acked: &BTreeMap<(String, u64), 
     if !missing.is_empty() {
         out.push(Violation { invariant: 6, detail: format!("{node} lacks the outputs of acknowledged {missing:?}") });
     }
-    let wrong: Vec<(&(String, u64), &Vec<(u32, String)>)> = outputs
+    let wrong: Vec<_> = outputs
         .iter()
         .filter(|(id, outs)| match acked.get(*id) {
             Some(payload) => **outs != [(0, payload.clone())],
