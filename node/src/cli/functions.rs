@@ -408,6 +408,7 @@ fn test(a: TestArgs) -> anyhow::Result<()> {
         retries_max: a.retries,
         incarnation: 0,
         progress_epoch: 0,
+        progress_every_ms: u64::MAX,
     };
     let dead_letters = format!("fn.{}.dlq", a.name);
     let mut core = Core::new(settings, None, 0);

@@ -157,6 +157,9 @@ pub(crate) struct Settings {
     pub(crate) incarnation: u64,
     /// The epoch of this run's progress records (drawn when the task starts).
     pub(crate) progress_epoch: u64,
+    /// At most one progress record per this many milliseconds (and one when caught up):
+    /// a record costs a sync of the progress topic.
+    pub(crate) progress_every_ms: u64,
 }
 
 /// Counters for statistics.
@@ -250,6 +253,11 @@ pub(crate) struct Core {
     covered_here: Covered,
     /// The next progress record's seq.
     progress_seq: u64,
+    /// Inputs processed and written since the last progress record.
+    unrecorded: Covered,
+    /// When the last progress record was written, and the latest time seen.
+    recorded_ms: u64,
+    now_ms: u64,
     state: State,
     actions: VecDeque<Action>,
     counters: Counters,
@@ -290,6 +298,9 @@ impl Core {
             covered: Covered::default(),
             covered_here: Covered::default(),
             progress_seq: 0,
+            unrecorded: Covered::default(),
+            recorded_ms: 0,
+            now_ms: 0,
             state: State::CaughtUp,
             actions: VecDeque::new(),
             counters: Counters::default(),
@@ -350,6 +361,10 @@ impl Core {
             }
         }
         let Some(last) = read.last() else {
+            if let Some(record) = self.progress_record() {
+                // Caught up: record what is not recorded yet.
+                return self.write_progress(record);
+            }
             self.state = State::CaughtUp;
             return;
         };
@@ -386,6 +401,7 @@ impl Core {
     /// The answer to `Run`, at `now_ms` (the outputs' publish time).
     pub(crate) fn handle_run(&mut self, result: Result<Ran, FnError>, now_ms: u64) {
         let State::Running(mut batch) = std::mem::replace(&mut self.state, State::Reading) else { return };
+        self.now_ms = self.now_ms.max(now_ms);
         let result = result.and_then(|ran| self.check_states(&batch, ran));
         match (batch.single, result) {
             (None, Ok(ran)) => {
@@ -503,26 +519,57 @@ impl Core {
     }
 
     /// Writes the batch's outputs and dead letters, and its progress record.
+    /// Writes the batch's outputs and dead letters, and a progress record when one is due.
     fn write(&mut self, mut batch: Batch) {
-        let mut processed = Covered::default();
         for m in &batch.inputs {
-            processed.insert(&m.message.id);
+            self.unrecorded.insert(&m.message.id);
         }
+        if self.now_ms.saturating_sub(self.recorded_ms) >= self.settings.progress_every_ms
+            && let Some(record) = self.progress_record()
+        {
+            batch.writes.push(record);
+        }
+        self.actions.push_back(Action::Write { messages: batch.writes.clone() });
+        self.state = State::Writing(batch);
+    }
+
+    /// Writes only a progress record (the core is caught up), then reads on.
+    fn write_progress(&mut self, record: (Destination, Message)) {
+        let end = self.position();
+        let batch = Batch {
+            inputs: Vec::new(),
+            end,
+            single: None,
+            attempts: 0,
+            writes: vec![record],
+            emitted: 0,
+            filtered: 0,
+            changed: BTreeMap::new(),
+        };
+        self.actions.push_back(Action::Write { messages: batch.writes.clone() });
+        self.state = State::Writing(batch);
+    }
+
+    /// A progress record of the inputs written since the last one, if any.
+    fn progress_record(&mut self) -> Option<(Destination, Message)> {
+        if self.unrecorded.is_empty() {
+            return None;
+        }
+        let processed = std::mem::take(&mut self.unrecorded);
+        self.recorded_ms = self.now_ms;
         let s = &self.settings;
         let record = Record { incarnation: s.incarnation, node: s.node.to_string(), input: s.input_topic, processed };
         let id = s.deriver.progress(s.node.as_str(), s.input_topic, s.progress_epoch, self.progress_seq);
         self.progress_seq += 1;
-        let progress = Message {
+        let message = Message {
             id,
             origin: Arc::clone(&self.origin),
-            publish_time_ms: batch.inputs.last().map_or(0, |m| m.message.publish_time_ms),
+            publish_time_ms: self.now_ms,
             key: Some(s.node.as_str().as_bytes().to_vec()),
             headers: Vec::new(),
             payload: record.encode(),
         };
-        batch.writes.push((Destination::Progress, progress));
-        self.actions.push_back(Action::Write { messages: batch.writes.clone() });
-        self.state = State::Writing(batch);
+        Some((Destination::Progress, message))
     }
 
     /// Adds the outputs of a run over `ran` (positions in the batch) to the batch's writes,

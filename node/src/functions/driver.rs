@@ -36,6 +36,8 @@ const BATCH_MESSAGES_MAX: usize = 1024;
 const BATCH_BYTES_MAX: usize = 1 << 20;
 /// Runs of an input that fails alone, after its first, before it is dead-lettered.
 const RETRIES_MAX: u32 = 2;
+/// At most one progress record per this long (see `progress`).
+const PROGRESS_EVERY_MS: u64 = 1000;
 /// How often the supervisor looks again without a catalogue change (a module may have
 /// arrived).
 const RECHECK: Duration = Duration::from_secs(2);
@@ -254,6 +256,7 @@ fn start(
                 retries_max: RETRIES_MAX,
                 incarnation: incarnation.0,
                 progress_epoch: registry.env.random.next_u64(),
+                progress_every_ms: PROGRESS_EVERY_MS,
             };
             let task = Task {
                 registry: Arc::clone(registry),

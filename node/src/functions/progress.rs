@@ -7,9 +7,12 @@
 //! outputs, before the cursor (and an aggregate's states) are committed, so above the
 //! cursor it may name a batch whose commit a crash lost, and that batch must run again.
 //!
-//! Records are increments (one batch's ids each, as range sets per producer session), so
-//! a batch costs a record the size of its sessions, not of all history; a reader unions
-//! them all. Each record's id is `($fn/NAME.INC/T.p/NODE, E, n)`: `T.p` cannot be an
+//! Records are increments (the ids processed since the last record, as range sets per
+//! producer session), at most one a second and one when the node is caught up, so a
+//! record costs the size of its sessions, not of all history, and the sync of the
+//! progress topic is paid once a second, not once a batch; a reader unions them all. A
+//! crash loses at most the last second's record, which costs re-running those inputs
+//! after a takeover (under the same derived ids). Each record's id is `($fn/NAME.INC/T.p/NODE, E, n)`: `T.p` cannot be an
 //! output's `T.K` (K is decimal), E is drawn when the node starts the function and n
 //! counts records from 0, so a record written again after a crash is a new record, never
 //! a conflicting one. Losing a record (retention) costs only work: the inputs it covered
@@ -32,6 +35,11 @@ impl Covered {
     /// True when `id` is covered.
     pub(crate) fn contains(&self, id: &MessageId) -> bool {
         self.0.get(&(id.producer.clone(), id.epoch)).is_some_and(|s| s.contains(id.seq))
+    }
+
+    /// True when nothing is covered.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// Adds every id `other` covers.

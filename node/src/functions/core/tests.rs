@@ -34,6 +34,7 @@ fn settings(node: &str, nodes: &[&str], retries_max: u32) -> Settings {
         incarnation: 7,
         // Drawn at each start, as the driver does.
         progress_epoch: NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        progress_every_ms: 0,
     }
 }
 
@@ -507,4 +508,22 @@ fn the_takeover_can_fail_its_test_without_the_progress_records() {
     durable.checkpoint = None;
     drive(&mut core, &input, &mut Doubler { bad: BTreeMap::new() }, &mut durable, None);
     assert!(durable.skipped > 0, "b's outputs ran twice");
+}
+
+#[test]
+fn progress_is_recorded_at_most_once_a_period_and_when_caught_up() {
+    let input = log(10, &["a"]);
+    let mut s = settings("a", &["a"], 1);
+    s.progress_every_ms = 1_000;
+    let mut core = Core::new(s, None, 0);
+    core.handle_log_grew();
+    let mut durable = Durable::default();
+    // `drive` runs at time 99 and reads 4 inputs a batch: three batches, no period over.
+    drive(&mut core, &input, &mut Doubler { bad: BTreeMap::new() }, &mut durable, None);
+    let records: Vec<&(Destination, Vec<u8>)> =
+        durable.held.values().filter(|(d, _)| *d == Destination::Progress).collect();
+    assert_eq!(records.len(), 1, "one record, when caught up");
+    let (here, _) = durable.covered("a");
+    assert!(input.iter().all(|m| here.contains(&m.message.id)), "it covers every input");
+    assert_eq!(durable.cursor, 10);
 }
