@@ -143,6 +143,20 @@ static inline int32_t rill_param(const uint8_t **p, const uint8_t *name, uint32_
     return (int32_t)vlen;
 }
 
+/* Sets field (room for 64 bytes) to the JSON key `"NAME"` for the parameter value NAME of
+ * n bytes; 0 (and a log line) when NAME is longer than 60 bytes. */
+static inline int rill_set_field(uint8_t *field, uint32_t *field_len, const uint8_t *name, int32_t n) {
+    if (n > 60) {
+        rill_log("field name longer than 60 bytes", 31);
+        return 0;
+    }
+    field[0] = '"';
+    rill_copy(field + 1, name, (size_t)n);
+    field[n + 1] = '"';
+    *field_len = (uint32_t)n + 2;
+    return 1;
+}
+
 /* Where the value of `field` (quoted, as it appears in JSON) starts in the payload s, or
  * -1: the bytes of field, optional spaces, ':' and optional spaces. It can also match
  * inside a string value, which a real parser would rule out. */

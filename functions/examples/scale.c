@@ -21,11 +21,7 @@ __attribute__((export_name("rill_init"))) int32_t rill_init(const uint8_t *p, in
         const uint8_t *at = p, *value;
         int32_t n = rill_param(&p, (const uint8_t *)"field", 5, &value);
         if (n >= 0) {
-            if (n > 60) { rill_log("field name longer than 60 bytes", 31); return 1; }
-            field[0] = '"';
-            rill_copy(field + 1, value, (size_t)n);
-            field[n + 1] = '"';
-            field_len = (uint32_t)n + 2;
+            if (!rill_set_field(field, &field_len, value, n)) return 1;
             continue;
         }
         p = at;

@@ -77,8 +77,10 @@ pub(crate) async fn serve(
         None
     };
     // Whichever ends first (the client left, its stream broke, or its grant is gone: an
-    // ack or a delivery was refused) ends the consumer.
+    // ack or a delivery was refused) ends the consumer. Biased, so that the simulation
+    // polls them in the same order on every run.
     let refusal = tokio::select! {
+        biased;
         r = reader => r,
         r = writer => r,
     };

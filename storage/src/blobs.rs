@@ -66,11 +66,7 @@ impl Blobs {
     pub fn get(&self, hash: &Hash) -> Result<Option<Vec<u8>>> {
         let path = self.path(hash);
         let io = |e| StorageError::io(&path, e);
-        let file = match self.fs.open(&path, false) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(e)),
-        };
+        let Some(file) = self.open_held(&path)? else { return Ok(None) };
         let len = file.len().map_err(io)?;
         let mut bytes = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
         let mut at = 0;
@@ -94,11 +90,7 @@ impl Blobs {
     pub fn read_range(&self, hash: &Hash, offset: u64, len: u64) -> Result<Option<(u64, Vec<u8>)>> {
         let path = self.path(hash);
         let io = |e| StorageError::io(&path, e);
-        let file = match self.fs.open(&path, false) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(e)),
-        };
+        let Some(file) = self.open_held(&path)? else { return Ok(None) };
         let total = file.len().map_err(io)?;
         let end = offset.saturating_add(len).min(total);
         let mut bytes = vec![0; usize::try_from(end.saturating_sub(offset)).unwrap_or(0)];
@@ -111,6 +103,15 @@ impl Blobs {
         }
         bytes.truncate(at);
         Ok(Some((total, bytes)))
+    }
+
+    /// The blob file at `path` opened for reading; `None` when there is none.
+    fn open_held(&self, path: &Path) -> Result<Option<Arc<dyn crate::fs::LogFile>>> {
+        match self.fs.open(path, false) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io(path, e)),
+        }
     }
 
     /// The hashes of the blobs held (whole or not: [`Blobs::get`] checks).

@@ -177,7 +177,9 @@ pub(crate) async fn supervise(
                 return;
             }
         } else {
+            // Biased: the simulation needs the same choice on every run.
             tokio::select! {
+                biased;
                 _ = changes.changed() => {}
                 () = tokio::time::sleep(RECHECK) => {}
             }

@@ -63,6 +63,8 @@ pub(super) struct Record {
     pub(super) collected: Mutex<Option<(Duration, Vec<Held>)>>,
     /// The subscriber's first deliveries, in order.
     pub(super) delivered: Mutex<(BTreeSet<Held>, Vec<Held>)>,
+    /// The run has the stream function.
+    pub(super) function_wanted: bool,
     /// The stream function was created (its definition is durable on a node).
     pub(super) function_created: Mutex<bool>,
 }

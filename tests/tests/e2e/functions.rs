@@ -91,7 +91,6 @@ async fn kill_twice_partway(node: &mut crate::support::TestNode, output: &str, c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_killed_mid_batch_stores_each_output_once() {
-    use rill_node::client::Outgoing;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = crate::support::TestNode::start(dir.path(), "fx");
     let scale = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/examples/scale.wasm");
@@ -112,15 +111,7 @@ async fn a_function_killed_mid_batch_stores_each_output_once() {
     let out = node.cli(&args, "");
     assert!(out.status.success(), "fn create: {}", text(&out.stderr));
     const N: u64 = 30_000;
-    let client = node.client().await;
-    let mut p = client.producer_with_seqs("acme/raw/t", "sensor".into()).await.expect("producer");
-    for chunk in 0..(N / 1000) {
-        let batch = (chunk * 1000..(chunk + 1) * 1000)
-            .map(|i| Outgoing::payload(format!("{{\"seq\":{i},\"t\":{i}}}")).with_seq(i));
-        p.send(batch.collect()).await.expect("send");
-    }
-    p.close().await.expect("acked");
-    client.close().await;
+    produce_readings(&node, "acme/raw/t", "sensor", 0..N).await;
     kill_twice_partway(&mut node, "acme/clean/t", N).await;
     let mut seen = std::collections::BTreeMap::new();
     crate::support::read_seqs(&node, "acme/clean/t", N, |m| {
@@ -167,7 +158,6 @@ async fn wait_for_outputs(nodes: &[&crate::support::TestNode], topic: &str, want
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_on_two_nodes_gets_its_module_by_replication_and_each_output_is_stored_once_on_both() {
-    use rill_node::client::Outgoing;
     let mesh = crate::mesh::MeshDir::on(&[("a", "127.0.0.1"), ("b", "127.0.0.1")]);
     mesh.configure("a", &["b"], &[]);
     mesh.configure("b", &[], &["a"]);
@@ -182,15 +172,7 @@ async fn a_function_on_two_nodes_gets_its_module_by_replication_and_each_output_
     assert!(out.status.success(), "fn create: {}", text(&out.stderr));
     const N: u64 = 5_000;
     for (node, producer) in [(&a, "pa"), (&b, "pb")] {
-        let client = node.client().await;
-        let mut p = client.producer_with_seqs(crate::mesh::TOPIC, producer.into()).await.expect("producer");
-        for chunk in 0..(N / 500) {
-            let batch = (chunk * 500..(chunk + 1) * 500)
-                .map(|i| Outgoing::payload(format!("{{\"seq\":{i},\"t\":{i}}}")).with_seq(i));
-            p.send(batch.collect()).await.expect("send");
-        }
-        p.close().await.expect("acked");
-        client.close().await;
+        produce_readings(node, crate::mesh::TOPIC, producer, 0..N).await;
     }
     // b processes its own inputs (it is their origin); kill it once while it does.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
